@@ -1,0 +1,1 @@
+"""The Prefect layer: the `lr-sweep` flow, its config and its command line."""

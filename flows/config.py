@@ -1,0 +1,230 @@
+"""SweepConfig: the one place where every default of the sweep lives.
+
+The flow's parameters, the CLI flags, prefect.yaml and the README all read their defaults from
+this class. Every field can also be set from the environment as ``LR_SWEEP_<FIELD>`` (lists as
+JSON, e.g. ``LR_SWEEP_LEARNING_RATES='[0.01, 0.001]'``). Invalid values fail here, before any
+data is touched, with a message that names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATASETS = ("fashion-mnist", "mnist", "kmnist")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SELECTION_METRICS = ("val_accuracy", "val_loss")
+WANDB_MODES = ("offline", "online", "disabled")
+REGISTRIES = ("local", "wandb")
+
+MAX_LEARNING_RATES = 64
+MAX_SEEDS = 32
+# W&B accepts alias names of 1-128 characters without '/' or ':'; we also refuse whitespace so
+# that an alias can always be typed into a shell and a URL unquoted.
+ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+SWEEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,96}$")
+
+
+class SweepConfig(BaseSettings):
+    """Everything a learning-rate sweep needs to know, validated once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LR_SWEEP_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    # --- the experiment -------------------------------------------------------------------
+    learning_rates: list[float] = Field(
+        default=[0.001, 0.0005, 0.0001],
+        description="Learning rates to try, one trial per rate and seed.",
+    )
+    seeds: list[int] = Field(
+        default=[0], description="Seeds; every learning rate is trained once per seed."
+    )
+    epochs: int = Field(default=5, ge=1, le=1000, description="Training epochs per trial.")
+    batch_size: int = Field(default=64, ge=1, le=65536, description="Training batch size.")
+    hidden_units: int = Field(
+        default=128, ge=1, le=65536, description="Units in the CNN's hidden layer."
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        default="adam", description="Optimizer (sgd uses momentum 0.9)."
+    )
+    dataset: Literal["fashion-mnist", "mnist", "kmnist"] = Field(
+        default="fashion-mnist", description="Dataset (28x28 grey images, 10 classes)."
+    )
+    val_size: int = Field(
+        default=10000,
+        ge=1,
+        le=59000,
+        description="Images held out of the 60k training set for validation.",
+    )
+    split_seed: int = Field(
+        default=0,
+        ge=0,
+        description="Seed of the train/validation split (the same for every trial).",
+    )
+    train_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Train on at most this many images (smoke runs); none = all.",
+    )
+
+    # --- selection and promotion ------------------------------------------------------------
+    selection_metric: Literal["val_accuracy", "val_loss"] = Field(
+        default="val_accuracy", description="Metric that picks the best trial."
+    )
+    alias: str = Field(default="production", description="Alias given to the winning model.")
+    promotion_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="The challenger must beat the alias holder's test accuracy by more than "
+        "this to take the alias.",
+    )
+
+    # --- where it runs ----------------------------------------------------------------------
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    trials_per_device: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Trials that share one GPU at the same time (CPU runs trials one by one).",
+    )
+
+    # --- tracking and storage -----------------------------------------------------------------
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        default="offline", description="W&B mode; online needs WANDB_API_KEY."
+    )
+    wandb_project: str = Field(default="lr-sweep", min_length=1, description="W&B project.")
+    wandb_entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    registry: Literal["local", "wandb"] = Field(
+        default="local", description="Model registry backend."
+    )
+    registry_dir: Path = Field(
+        default=Path("registry"), description="Directory of the local model registry."
+    )
+    data_dir: Path = Field(default=Path("data"), description="Dataset cache directory.")
+    output_dir: Path = Field(
+        default=Path("runs"),
+        description="Sweep outputs go to OUTPUT_DIR/SWEEP_ID (report, charts, W&B runs).",
+    )
+    sweep_id: str | None = Field(
+        default=None, description="Name of this sweep; generated when not given."
+    )
+
+    # --- validators -------------------------------------------------------------------------
+    @field_validator("learning_rates")
+    @classmethod
+    def _check_learning_rates(cls, rates: list[float]) -> list[float]:
+        if not rates:
+            raise ValueError("give at least one learning rate")
+        if len(rates) > MAX_LEARNING_RATES:
+            raise ValueError(f"at most {MAX_LEARNING_RATES} learning rates, got {len(rates)}")
+        for rate in rates:
+            if not math.isfinite(rate) or rate <= 0 or rate > 100:
+                raise ValueError(f"{rate!r} is not allowed: each rate must be finite, > 0 and <= 100")
+        if len(set(rates)) != len(rates):
+            raise ValueError(f"learning rates must be unique, got {rates}")
+        return rates
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("give at least one seed")
+        if len(seeds) > MAX_SEEDS:
+            raise ValueError(f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
+        if any(seed < 0 or seed >= 2**31 for seed in seeds):
+            raise ValueError(f"seeds must be in [0, 2**31), got {seeds}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
+
+    @field_validator("alias")
+    @classmethod
+    def _check_alias(cls, alias: str) -> str:
+        if not ALIAS_PATTERN.match(alias) or alias in ("latest",) or re.match(r"^v\d+$", alias):
+            raise ValueError(
+                f"{alias!r} is not allowed: 1-128 characters of letters, digits, '_', '.', '-' "
+                "(no '/', ':' or spaces), and not 'latest' or a version name like 'v3'"
+            )
+        return alias
+
+    @field_validator("sweep_id")
+    @classmethod
+    def _check_sweep_id(cls, sweep_id: str | None) -> str | None:
+        if sweep_id is not None and not SWEEP_ID_PATTERN.match(sweep_id):
+            raise ValueError(
+                f"{sweep_id!r} is not allowed: 1-96 characters of letters, digits, '_', '.', '-'"
+            )
+        return sweep_id
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.match(device):
+            raise ValueError(f"{device!r} is not allowed: use auto, cpu, cuda or cuda:N")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"{device!r} is not available: this machine has no CUDA GPU")
+            index = int(device.split(":")[1]) if ":" in device else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"{device!r} is not available: this machine has "
+                    f"{torch.cuda.device_count()} GPU(s)"
+                )
+        return device
+
+    @field_validator("registry_dir", "data_dir", "output_dir")
+    @classmethod
+    def _check_writable(cls, path: Path) -> Path:
+        # Walk up to the first existing ancestor: that is where the directory will be created.
+        probe = path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise ValueError(f"{str(path)!r} is not a directory ({str(probe)!r} is a file)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ValueError(f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
+        return path
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> SweepConfig:
+        if self.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            raise ValueError(
+                "wandb_mode='online' needs a W&B API key: set WANDB_API_KEY "
+                "(or use wandb_mode='offline' and publish later)"
+            )
+        if self.registry == "wandb" and self.wandb_mode != "online":
+            raise ValueError(
+                "registry='wandb' needs wandb_mode='online' (offline W&B runs cannot fetch "
+                "artifacts); use registry='local' for offline sweeps"
+            )
+        return self
+
+    # --- derived values -----------------------------------------------------------------------
+    def trial_grid(self) -> list[tuple[float, int]]:
+        """(learning rate, seed) pairs in a fixed order: rates as given, then seeds."""
+        return [(rate, seed) for rate in self.learning_rates for seed in self.seeds]
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem: the field, the value it got and what is allowed."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "config"
+        message = problem["msg"].removeprefix("Value error, ")
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{field}: {message}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Network definitions, weight serialisation and the model registry (no Prefect in here)."""

@@ -1,0 +1,48 @@
+"""Weights as safetensors bytes and the content digest that every stored model carries.
+
+Nothing here unpickles: weights are safetensors, metadata is JSON. The digest of a stored model
+is the SHA-256 of its manifest (one line per file with that file's own SHA-256), in the spirit of
+W&B's artifact digest, so a change to any file of a version changes the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "metadata.json"
+
+
+def weights_to_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    # safetensors wants dense, CPU tensors; channels_last conv weights are not dense in the
+    # default layout, so they are copied to it (the values are unchanged).
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    return save_safetensors(tensors)
+
+
+def weights_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(data)
+
+
+def metadata_to_bytes(metadata: dict) -> bytes:
+    return json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_digest(file_hashes: dict[str, str]) -> str:
+    """Digest of a set of files, from their names and SHA-256s (order independent)."""
+    lines = "".join(f"{name}:{file_hashes[name]}\n" for name in sorted(file_hashes))
+    return sha256_hex(lines.encode())
+
+
+def model_files(state_dict: dict[str, torch.Tensor], metadata: dict) -> dict[str, bytes]:
+    """The files of one stored model, as both registry backends write them."""
+    return {WEIGHTS_FILE: weights_to_bytes(state_dict), METADATA_FILE: metadata_to_bytes(metadata)}

@@ -1,0 +1,269 @@
+"""Dataset files: found, verified and fingerprinted once; tensors loaded once per process.
+
+Sources, in order:
+1. the data directory, where torchvision keeps decompressed IDX files (DATA_DIR/FashionMNIST/raw);
+2. the system's dataset directory (Debian's `dataset-fashion-mnist` installs the .gz files under
+   /usr/share/datasets/fashion-mnist): their MD5s are checked against torchvision's and they are
+   decompressed into the data directory, where torchvision looks;
+3. torchvision's own download (needs internet; it checks the MD5s itself).
+
+The fingerprint of a dataset is the digest of its four raw files' SHA-256s. It goes into every
+model's metadata, so a model can always be traced to the exact bytes it was trained on. A
+SHA256SUMS file written next to the raw files catches later corruption before any training.
+
+Training wants the whole dataset on the device as one tensor with batches sliced from it (no
+DataLoader): see `load_splits`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+
+from models.serialization import manifest_digest
+
+TORCHVISION_CLASSES = {
+    "fashion-mnist": datasets.FashionMNIST,
+    "mnist": datasets.MNIST,
+    "kmnist": datasets.KMNIST,
+}
+# Directories where an operating system package may have put the .gz files.
+SYSTEM_DIRS = {
+    "fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")],
+    "mnist": [Path("/usr/share/datasets/mnist")],
+    "kmnist": [Path("/usr/share/datasets/kmnist")],
+}
+CHECKSUM_FILE = "SHA256SUMS"
+# SHA-256 of the decompressed raw files, where we know them. Debian re-compresses the upstream
+# .gz files, so their MD5s differ from torchvision's while the content is the same; these were
+# computed from Debian's dataset-fashion-mnist (0.0~git20200523), the zalandoresearch release.
+KNOWN_RAW_SHA256 = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+}
+TRAIN_SET_SIZE = 60000
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be found or its files are corrupt: a clear error before training."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Which data a sweep trains on; small and serialisable, passed to every task."""
+
+    name: str
+    root: str
+    fingerprint: str
+    val_size: int
+    split_seed: int
+    train_limit: int | None
+    train_size: int
+    test_size: int
+    mean: float
+    std: float
+
+    def as_metadata(self) -> dict:
+        data = asdict(self)
+        data.pop("root")  # where the files sit on one machine says nothing about the model
+        return data
+
+
+@dataclass
+class Splits:
+    """The three splits as tensors on one device: images (N, 1, 28, 28) float32, labels int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def raw_file_names(name: str) -> list[str]:
+    return [Path(url).stem for url, _ in TORCHVISION_CLASSES[name].resources]
+
+
+def raw_dir(name: str, data_dir: Path) -> Path:
+    return Path(data_dir) / TORCHVISION_CLASSES[name].__name__ / "raw"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(directory: Path, names: list[str]) -> dict[str, str]:
+    hashes = {name: _sha256_file(directory / name) for name in names}
+    text = "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes))
+    tmp = directory / f".{CHECKSUM_FILE}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / CHECKSUM_FILE)
+    return hashes
+
+
+def _read_checksums(directory: Path) -> dict[str, str] | None:
+    path = directory / CHECKSUM_FILE
+    if not path.exists():
+        return None
+    pairs = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {name.strip(): digest for digest, name in pairs}
+
+
+def _install_from_system(name: str, target: Path) -> bool:
+    """Decompress an OS package's .gz files into `target`; False when none are installed.
+
+    An archive is accepted when its MD5 is torchvision's or, decompressed, its SHA-256 is known.
+    """
+    expected_md5 = dict(TORCHVISION_CLASSES[name].resources)
+    known = KNOWN_RAW_SHA256.get(name, {})
+    for source in SYSTEM_DIRS.get(name, []):
+        archives = [source / gz for gz in expected_md5]
+        if not all(path.exists() for path in archives):
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for archive in archives:
+            # Decompress to a temporary name and rename, so an interrupted copy never looks done.
+            tmp = target / f".{archive.stem}.tmp"
+            with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            if _md5_file(archive) != expected_md5[archive.name] and known.get(archive.stem) != _sha256_file(tmp):
+                tmp.unlink()
+                raise DatasetError(
+                    f"{archive} is corrupt: neither its MD5 nor its decompressed SHA-256 matches "
+                    f"the published {name} files; reinstall the package that provides it")
+            os.replace(tmp, target / archive.stem)
+        return True
+    return False
+
+
+_locate_lock = threading.Lock()
+
+
+def locate_dataset(name: str, data_dir: Path, allow_download: bool = True) -> tuple[Path, str]:
+    """Make sure the raw files are in the data directory; returns (root, fingerprint)."""
+    if name not in TORCHVISION_CLASSES:
+        raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(TORCHVISION_CLASSES)}")
+    data_dir = Path(data_dir)
+    directory = raw_dir(name, data_dir)
+    names = raw_file_names(name)
+    with _locate_lock:
+        have_files = all((directory / n).exists() for n in names)
+        if not have_files:
+            installed = _install_from_system(name, directory)
+            if not installed and allow_download:
+                try:
+                    TORCHVISION_CLASSES[name](str(data_dir), train=True, download=True)
+                    TORCHVISION_CLASSES[name](str(data_dir), train=False, download=True)
+                except Exception as error:  # no network, mirror down, ...
+                    raise DatasetError(
+                        f"dataset {name!r} not found in {directory} nor in "
+                        f"{', '.join(map(str, SYSTEM_DIRS.get(name, [])))}, and torchvision's "
+                        f"download failed: {error}"
+                    ) from error
+            elif not installed:
+                raise DatasetError(f"dataset {name!r} not found in {directory} (download disabled)")
+            hashes = _write_checksums(directory, names)
+        else:
+            hashes = {n: _sha256_file(directory / n) for n in names}
+            recorded = KNOWN_RAW_SHA256.get(name) or _read_checksums(directory)
+            if recorded is None:
+                _write_checksums(directory, names)
+            else:
+                bad = [n for n in names if recorded.get(n) != hashes[n]]
+                if bad:
+                    raise DatasetError(
+                        f"dataset files {', '.join(bad)} in {directory} do not match {CHECKSUM_FILE}: "
+                        f"they are corrupt or were changed; delete {directory} to fetch them again"
+                    )
+    return data_dir, manifest_digest(hashes)
+
+
+def _read_raw(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        dataset = TORCHVISION_CLASSES[name](str(root), train=train, download=False)
+    except Exception as error:  # truncated or malformed IDX files
+        raise DatasetError(f"cannot read dataset {name!r} from {raw_dir(name, root)}: {error}") from error
+    return dataset.data, dataset.targets
+
+
+def split_indices(total: int, val_size: int, split_seed: int, train_limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation indices: a seeded permutation, the first `val_size` for validation."""
+    if val_size >= total:
+        raise DatasetError(f"val_size {val_size} leaves no training images out of {total}")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(split_seed))
+    val, train = order[:val_size], order[val_size:]
+    if train_limit is not None:
+        train = train[:train_limit]
+    return train, val
+
+
+def prepare_dataset(name: str, data_dir: Path, val_size: int, split_seed: int,
+                    train_limit: int | None, allow_download: bool = True) -> DatasetRef:
+    """Locate and verify the files, fix the split and the normalisation: the sweep's DatasetRef."""
+    root, fingerprint = locate_dataset(name, data_dir, allow_download)
+    images, _ = _read_raw(name, root, train=True)
+    test_images, _ = _read_raw(name, root, train=False)
+    train_idx, _ = split_indices(len(images), val_size, split_seed, train_limit)
+    pixels = images[train_idx].float() / 255.0
+    return DatasetRef(
+        name=name, root=str(Path(root).resolve()), fingerprint=fingerprint, val_size=val_size,
+        split_seed=split_seed, train_limit=train_limit, train_size=len(train_idx),
+        test_size=len(test_images), mean=round(pixels.mean().item(), 6), std=round(pixels.std().item(), 6),
+    )
+
+
+_splits_cache: dict[tuple, Splits] = {}
+_splits_lock = threading.Lock()
+
+
+def load_splits(ref: DatasetRef, device: str | torch.device) -> Splits:
+    """The splits of `ref` on `device`, loaded once per process and device, then shared."""
+    key = (ref, str(device))
+    with _splits_lock:
+        if key not in _splits_cache:
+            _splits_cache[key] = _build_splits(ref, torch.device(device))
+        return _splits_cache[key]
+
+
+def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
+    root = Path(ref.root)
+    images, labels = _read_raw(ref.name, root, train=True)
+    test_images, test_labels = _read_raw(ref.name, root, train=False)
+    train_idx, val_idx = split_indices(len(images), ref.val_size, ref.split_seed, ref.train_limit)
+
+    def to_device(raw: torch.Tensor) -> torch.Tensor:
+        pixels = (raw.float().div_(255.0).sub_(ref.mean).div_(ref.std)).unsqueeze(1)
+        # channels_last is the layout the convolutions run fastest in (measured on CPU, and the
+        # tensor-core layout on GPU); for one channel it costs nothing to store it that way.
+        return pixels.to(device).contiguous(memory_format=torch.channels_last)
+
+    return Splits(
+        train_x=to_device(images[train_idx]), train_y=labels[train_idx].to(device),
+        val_x=to_device(images[val_idx]), val_y=labels[val_idx].to(device),
+        test_x=to_device(test_images), test_y=test_labels.to(device),
+    )

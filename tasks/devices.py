@@ -1,0 +1,71 @@
+"""Which device each trial trains on, and how many trials share it.
+
+A GPU node runs trials concurrently, `trials_per_device` at a time on each GPU; a trial takes a
+slot, trains, and gives it back, so a sweep of many trials keeps every GPU busy without a
+scheduler of our own. A CPU runs one trial at a time with all its cores: two trials side by side
+on 2 cores were no faster than one after the other, and each would slow the other down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+
+def resolve_devices(device: str) -> list[str]:
+    """The devices a sweep may use: 'auto' and 'cuda' take every visible GPU, else the CPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return ["cpu"]
+    if device in ("auto", "cuda"):
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return [device]
+
+
+def slots_per_device(devices: list[str], trials_per_device: int) -> int:
+    return 1 if devices == ["cpu"] else trials_per_device
+
+
+def configure_cpu_threads(devices: list[str]) -> int:
+    """Give intra-op parallelism all cores when the trials run on the CPU (one at a time)."""
+    if devices != ["cpu"]:
+        return torch.get_num_threads()
+    threads = max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class DeviceSlots:
+    """A pool of (device, slot) places; `take()` blocks until one is free."""
+
+    def __init__(self, devices: list[str], per_device: int):
+        self._free = [device for _ in range(per_device) for device in devices]
+        self._condition = threading.Condition()
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[str]:
+        with self._condition:
+            self._condition.wait_for(lambda: bool(self._free))
+            device = self._free.pop(0)
+        try:
+            yield device
+        finally:
+            with self._condition:
+                self._free.append(device)
+                self._condition.notify()
+
+
+_pools: dict[tuple, DeviceSlots] = {}
+_pools_lock = threading.Lock()
+
+
+def device_slots(devices: list[str], per_device: int) -> DeviceSlots:
+    """The process's one pool for these devices: every task thread of a sweep shares it."""
+    key = (tuple(devices), per_device)
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = DeviceSlots(devices, per_device)
+        return _pools[key]

@@ -1,0 +1,42 @@
+"""Where a model came from: code version and package versions, stored in its metadata."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import subprocess
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The files whose content decides what a trained model is; a change to any of them means a
+# cached model of the same configuration is no longer the model this code would train.
+TRAINING_SOURCES = ("models/cnn.py", "tasks/data.py", "tasks/train.py", "tasks/evaluate.py")
+PACKAGES = ("torch", "torchvision", "prefect", "wandb", "pydantic", "safetensors")
+
+
+@functools.cache
+def code_version() -> dict:
+    digest = hashlib.sha256()
+    for relative in TRAINING_SOURCES:
+        digest.update(relative.encode() + b"\0" + (PROJECT_ROOT / relative).read_bytes() + b"\0")
+    try:
+        git = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None  # e.g. inside the Docker image, which carries no .git
+    return {"training_source_sha256": digest.hexdigest(), "git_commit": git}
+
+
+@functools.cache
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,298 @@
+"""The sweep's report: summary.json (read by other tools), report.md (read by people), PNG charts.
+
+Every sentence of the written verdict is generated from a figure that appears in the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and workers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.compare import higher_is_better  # noqa: E402
+
+CURVES = (
+    ("train_loss", "Training loss"),
+    ("train_accuracy", "Training accuracy"),
+    ("val_loss", "Validation loss"),
+    ("val_accuracy", "Validation accuracy"),
+)
+# A run "converged" at the first epoch whose validation accuracy reached this share of its final.
+CONVERGENCE_SHARE = 0.95
+# Still improving by more than this at the last epoch: more epochs would likely help.
+UNDERTRAINED_GAIN = 0.002
+# Train accuracy above validation accuracy by more than this: the model starts to memorise.
+OVERFIT_GAP = 0.03
+# Validation loss going up by more than this share from one epoch to the next: unstable run.
+UNSTABLE_RISE = 0.10
+
+
+def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[dict], decision: dict,
+                  wall_seconds: float, devices: list[str]) -> dict:
+    best = decision.get("best")
+    selection = decision.get("selection") or {}
+    return {
+        "sweep_id": sweep_id,
+        "config": config,
+        "dataset": dataset,
+        "trials": trials,
+        "best": ({"learning_rate": best["learning_rate"], "seed": best["seed"], "model": best["model"]}
+                 if best else None),
+        "aggregates": selection.get("ranking", []),
+        "significance": selection.get("significance"),
+        "promotion": decision["promotion"],
+        "wall_seconds": wall_seconds,
+        "devices": devices,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    tmp.replace(path)
+
+
+# --- observations per run ----------------------------------------------------------------------
+
+def convergence_epoch(history: list[dict]) -> int | None:
+    if not history:
+        return None
+    target = CONVERGENCE_SHARE * history[-1]["val_accuracy"]
+    return next(r["epoch"] for r in history if r["val_accuracy"] >= target)
+
+
+def observations(history: list[dict]) -> dict:
+    """Flags a reader should know about one run, each with the figure behind it."""
+    if not history:
+        return {}
+    last = history[-1]
+    gain = last["val_accuracy"] - history[-2]["val_accuracy"] if len(history) > 1 else None
+    gap = last["train_accuracy"] - last["val_accuracy"]
+    rises = [(b["epoch"], (b["val_loss"] - a["val_loss"]) / a["val_loss"])
+             for a, b in zip(history, history[1:]) if a["val_loss"] > 0]
+    worst_rise = max(rises, key=lambda item: item[1], default=None)
+    return {
+        "convergence_epoch": convergence_epoch(history),
+        "last_epoch_gain": gain,
+        "undertrained": gain is not None and gain > UNDERTRAINED_GAIN,
+        "train_val_gap": gap,
+        "overfitting": gap > OVERFIT_GAP,
+        "worst_val_loss_rise": worst_rise,
+        "unstable": worst_rise is not None and worst_rise[1] > UNSTABLE_RISE,
+    }
+
+
+# --- report.md ---------------------------------------------------------------------------------
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def trial_table(trials: list[dict]) -> list[dict]:
+    """The comparison table: one row per trial (also the Prefect table artifact)."""
+    rows = []
+    for t in trials:
+        last = t["history"][-1] if t["history"] else {}
+        ev = t.get("evaluation") or {}
+        rows.append({
+            "learning_rate": t["learning_rate"], "seed": t["seed"], "status": t["status"],
+            "train_accuracy": last.get("train_accuracy"), "val_accuracy": ev.get("val_accuracy"),
+            "test_accuracy": ev.get("test_accuracy"), "train_loss": last.get("train_loss"),
+            "val_loss": ev.get("val_loss"), "test_loss": ev.get("test_loss"),
+            "epochs": len(t["history"]), "train_seconds": t.get("train_seconds"),
+            "images_per_second": t.get("samples_per_second"), "model": t.get("model"),
+        })
+    return rows
+
+
+def verdict(summary: dict, metric: str) -> list[str]:
+    """The written verdict: which rate won, by how much, how sure we are, what else stands out."""
+    lines = []
+    ranking = summary["aggregates"]
+    best = summary["best"]
+    if not best:
+        lines.append("No trial produced a usable model, so there is no winner and the alias was not touched.")
+    else:
+        winner = ranking[0]
+        lines.append(
+            f"**Learning rate {winner['learning_rate']:g} won** with a mean {metric} of "
+            f"{_fmt(winner[metric]['mean'])} over {winner[metric]['n']} seed(s)."
+        )
+        if len(ranking) > 1:
+            runner = ranking[1]
+            lead = winner[metric]["mean"] - runner[metric]["mean"]
+            spread = max(winner[metric]["std"], runner[metric]["std"])
+            lines.append(
+                f"The runner-up, {runner['learning_rate']:g}, reached {_fmt(runner[metric]['mean'])}: "
+                f"a lead of {abs(lead):.4f} ({abs(lead) * 100:.2f} points"
+                f"{'' if higher_is_better(metric) else ' of loss'}); the larger seed-to-seed standard "
+                f"deviation of the two is {spread:.4f}."
+            )
+        if summary.get("significance"):
+            lines.append(summary["significance"]["note"][0].upper() + summary["significance"]["note"][1:] + ".")
+        lines.append(
+            f"The promoted candidate is seed {best['seed']} of that rate ({best['model']}), its best seed "
+            f"by {metric}."
+        )
+    for trial in summary["trials"]:
+        label = f"lr {trial['learning_rate']:g} (seed {trial['seed']})"
+        if trial["status"] != "completed":
+            lines.append(f"{label} {trial['status']}: {trial.get('error') or 'no detail'}.")
+            continue
+        obs = observations(trial["history"])
+        if not obs:
+            continue
+        parts = [f"reached {CONVERGENCE_SHARE:.0%} of its final validation accuracy at epoch "
+                 f"{obs['convergence_epoch']}",
+                 f"train-val accuracy gap {obs['train_val_gap'] * 100:+.2f} points"
+                 + (" (overfitting)" if obs["overfitting"] else "")]
+        if obs["undertrained"]:
+            parts.append(f"still improving at the last epoch (+{obs['last_epoch_gain'] * 100:.2f} points): "
+                         "likely under-trained, more epochs would help")
+        if obs["unstable"]:
+            epoch, rise = obs["worst_val_loss_rise"]
+            parts.append(f"unstable: validation loss rose {rise:.0%} at epoch {epoch}")
+        lines.append(f"{label}: " + "; ".join(parts) + ".")
+    promotion = summary["promotion"]
+    lines.append(
+        f"Promotion: {'moved' if promotion['promoted'] else 'did not move'} '{promotion['alias']}'"
+        + (f" to {promotion['model']}" if promotion["promoted"] else "")
+        + f" ({promotion['reason']})."
+    )
+    return lines
+
+
+def render_markdown(summary: dict, charts: dict[str, str]) -> str:
+    metric = summary["config"]["selection_metric"]
+    dataset = summary["dataset"]
+    out = [f"# Learning-rate sweep `{summary['sweep_id']}`", ""]
+    out.append(f"Dataset {dataset['name']} (fingerprint `{dataset['fingerprint'][:12]}`), "
+               f"{summary['config']['epochs']} epochs, batch {summary['config']['batch_size']}, "
+               f"{summary['config']['optimizer']}, selection by {metric}; devices {', '.join(summary['devices'])}; "
+               f"wall time {summary['wall_seconds']:.1f} s.")
+    out += ["", "## Verdict", ""] + [f"- {line}" for line in verdict(summary, metric)]
+    out += ["", "## Trials", "",
+            "| learning rate | seed | status | train acc | val acc | test acc | train loss | val loss | test loss | seconds | images/s | model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in trial_table(summary["trials"]):
+        out.append(
+            f"| {r['learning_rate']:g} | {r['seed']} | {r['status']} | {_pct(r['train_accuracy'])} | "
+            f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {_fmt(r['train_loss'])} | "
+            f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {_fmt(r['train_seconds'], 1)} | "
+            f"{_fmt(r['images_per_second'], 0)} | {r['model'] or '-'} |")
+    if summary["aggregates"]:
+        out += ["", "## Per learning rate (over seeds)", "",
+                "| learning rate | seeds | val acc mean ± std | 95% CI | test acc mean ± std | val loss mean ± std |",
+                "|---|---|---|---|---|---|"]
+        for row in summary["aggregates"]:
+            ci = row["val_accuracy"]["ci95"]
+            out.append(
+                f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])} ± "
+                f"{100 * row['val_accuracy']['std']:.2f} | "
+                f"{'-' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
+                f"{_pct(row['test_accuracy']['mean'])} ± {100 * row['test_accuracy']['std']:.2f} | "
+                f"{_fmt(row['val_loss']['mean'])} ± {_fmt(row['val_loss']['std'])} |")
+    promotion = summary["promotion"]
+    out += ["", "## Promotion", "",
+            f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
+            f"- previous holder: {promotion.get('previous') or '-'}",
+            f"- promoted: {'yes' if promotion['promoted'] else 'no'}", f"- reason: {promotion['reason']}"]
+    out += ["", "## Charts", ""] + [f"![{name}]({file})" for name, file in charts.items()]
+    return "\n".join(out) + "\n"
+
+
+# --- charts ------------------------------------------------------------------------------------
+
+def _curves_by_rate(trials: list[dict], key: str) -> dict[float, list[list[float]]]:
+    curves: dict[float, list[list[float]]] = {}
+    for t in trials:
+        if t["history"]:
+            curves.setdefault(t["learning_rate"], []).append([r[key] for r in t["history"]])
+    return curves
+
+
+def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
+    """One PNG per curve (one line per learning rate: mean over seeds, band = min..max), plus
+    the final validation accuracy against the learning rate on a log axis."""
+    files = {}
+    for key, title in CURVES:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for rate, runs in sorted(_curves_by_rate(trials, key).items()):
+            length = min(len(run) for run in runs)
+            epochs = list(range(1, length + 1))
+            columns = list(zip(*(run[:length] for run in runs)))
+            centre = [sum(c) / len(c) for c in columns]
+            line, = ax.plot(epochs, centre, marker="o", label=f"lr {rate:g} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        name = f"{key}.png"
+        fig.savefig(directory / name)
+        plt.close(fig)
+        files[key] = name
+    finals = [(t["learning_rate"], t["evaluation"]["val_accuracy"]) for t in trials if t.get("evaluation")]
+    if finals:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.scatter([r for r, _ in finals], [v for _, v in finals], alpha=0.6, label="seed")
+        by_rate: dict[float, list[float]] = {}
+        for rate, value in finals:
+            by_rate.setdefault(rate, []).append(value)
+        rates = sorted(by_rate)
+        ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], marker="s", label="mean")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final validation accuracy")
+        ax.set_title("Final validation accuracy vs learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / "val_accuracy_vs_lr.png")
+        plt.close(fig)
+        files["val_accuracy_vs_lr"] = "val_accuracy_vs_lr.png"
+    return files
+
+
+def write_report(summary: dict, sweep_dir: Path) -> dict[str, Path]:
+    """summary.json, report.md and the charts under the sweep's directory."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    charts = draw_charts(summary["trials"], sweep_dir)
+    markdown = render_markdown(summary, charts)
+    (sweep_dir / "report.md").write_text(markdown)
+    write_json(sweep_dir / "summary.json", summary)
+    return {"summary": sweep_dir / "summary.json", "report": sweep_dir / "report.md",
+            **{name: sweep_dir / file for name, file in charts.items()}}
+
+
+# --- Prefect ---------------------------------------------------------------------------------------
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="publish_report", cache_policy=NO_CACHE)
+def publish_report(summary: dict, sweep_dir: Path) -> dict[str, str]:
+    """Files on disk, plus the same report and table as Prefect artifacts for the UI."""
+    files = write_report(summary, sweep_dir)
+    create_markdown_artifact(markdown=files["report"].read_text(), key="lr-sweep-report",
+                             description=f"Learning-rate sweep {summary['sweep_id']}")
+    create_table_artifact(table=trial_table(summary["trials"]), key="lr-sweep-trials",
+                          description=f"Trials of sweep {summary['sweep_id']}")
+    return {name: str(path) for name, path in files.items()}

@@ -1,0 +1,99 @@
+"""Shared test set-up: quiet, local Prefect and W&B; real data; a temporary Prefect server.
+
+The environment is set before anything imports Prefect or W&B, since both read it at import.
+"""
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+_home = tempfile.mkdtemp(prefix="lr-sweep-tests-")
+os.environ.update({
+    "PREFECT_HOME": os.path.join(_home, "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "WANDB_SILENT": "true",
+    "WANDB_CONFIG_DIR": os.path.join(_home, "wandb-config"),
+    "WANDB_CACHE_DIR": os.path.join(_home, "wandb-cache"),
+    "WANDB_DATA_DIR": os.path.join(_home, "wandb-data"),
+})
+for _variable in ("WANDB_API_KEY", "PREFECT_API_URL", "PREFECT_API_KEY"):
+    os.environ.pop(_variable, None)
+for _variable in [v for v in os.environ if v.startswith("LR_SWEEP_")]:
+    os.environ.pop(_variable)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    """An IDX file as torchvision reads it: magic (0x08 = ubyte, dims), sizes, big-endian data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def make_idx_dataset(raw: Path, train: int = 600, test: int = 200, seed: int = 0, compress: bool = False) -> None:
+    """A small learnable 10-class dataset: class k is a bright bar at row 2k plus noise."""
+    rng = np.random.default_rng(seed)
+    raw.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if compress else ""
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, 10, size=count)
+        images = rng.integers(0, 60, size=(count, 28, 28))
+        for index, label in enumerate(labels):
+            images[index, 2 * label + 4: 2 * label + 7, 4:24] = 250
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+
+
+@pytest.fixture
+def synthetic_data_dir(tmp_path: Path) -> Path:
+    """A data directory holding small IDX files under the name 'mnist' (written by the test)."""
+    make_idx_dataset(tmp_path / "data" / "MNIST" / "raw")
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def fashion_data_dir(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST, decompressed once per test session from Debian's package."""
+    if not SYSTEM_FASHION_MNIST.exists():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
+    directory = tmp_path_factory.mktemp("fashion-data")
+    from tasks.data import locate_dataset
+
+    locate_dataset("fashion-mnist", directory, allow_download=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's temporary local server (a real API on SQLite), started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _reset_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
