@@ -3,6 +3,7 @@
     lr-sweep run [--learning-rates 0.001 0.0005 ...] [--epochs 5] ... [--dry-run]
     lr-sweep models [--collection NAME] [--json]
     lr-sweep promote COLLECTION:vN --alias NAME [--force]
+    lr-sweep publish SWEEP_ID [--output-dir DIR] [--dry-run]
 
 Every flag of `run` is a SweepConfig field with dashes, generated from the config class, so the
 flags, their defaults and their help can never drift from the config. A bad value exits with
@@ -96,10 +97,11 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     from flows.sweep import SweepFailed, lr_sweep
     from tasks.data import DatasetError
+    from tasks.tracking import WandbUnavailable
 
     try:
         summary = lr_sweep(config=config)
-    except (SweepFailed, DatasetError) as error:
+    except (SweepFailed, DatasetError, WandbUnavailable) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
     print()
@@ -160,8 +162,9 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def command_promote(args: argparse.Namespace) -> int:
+    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback)."""
     from models.registry import ModelNotFound, split_name
-    from tasks.compare import gate
+    from tasks.compare import decide_promotion
     from tasks.data import load_splits, prepare_dataset
     from tasks.evaluate import evaluate_stored_model
 
@@ -170,27 +173,52 @@ def command_promote(args: argparse.Namespace) -> int:
     ref = registry.resolve(collection, tag)
     if ref is None:
         raise ModelNotFound(f"no model {args.model!r} in {registry.root}")
-    holder = registry.resolve(collection, args.alias)
-    if holder == ref:
-        print(f"{ref} already holds '{args.alias}'")
+    if args.force:
+        previous = registry.move_alias(ref, args.alias, reason="manual promotion (--force)")
+        print(f"'{args.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
         return 0
-    if args.force or holder is None:
-        reason = "manual promotion (--force)" if args.force else "manual promotion; no model held the alias"
+    # Both models are measured on the test set of the candidate's dataset, as in the sweep.
+    dataset_meta = registry.fetch(ref).metadata["dataset"]
+    dataset = prepare_dataset(dataset_meta["name"], args.data_dir, dataset_meta["val_size"],
+                              dataset_meta["split_seed"], None)
+    splits = load_splits(dataset, "cpu")
+
+    def evaluate(name: str) -> dict:
+        return evaluate_stored_model(registry, name, splits, "cpu").as_dict()
+
+    promotion, holder = decide_promotion(registry, ref, evaluate(str(ref)), args.alias, args.margin, evaluate)
+    if not promotion["promoted"]:
+        print(f"lr-sweep: not promoted: {promotion['reason']}; use --force to promote anyway "
+              "(e.g. a rollback)", file=sys.stderr)
+        return 1
+    registry.move_alias(ref, args.alias, reason=f"manual promotion: {promotion['reason']}", expected_holder=holder)
+    print(f"'{args.alias}' -> {ref} (was {holder or 'unset'}): {promotion['reason']}")
+    return 0
+
+
+def command_publish(args: argparse.Namespace) -> int:
+    """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
+    from flows.publish import PublishError, plan_publish, publish
+    from tasks.tracking import WandbUnavailable
+
+    try:
+        plan = plan_publish(args.sweep_id, args.output_dir, registry_dir=args.registry_dir,
+                            project=args.wandb_project, entity=args.wandb_entity,
+                            registry_collection=args.wandb_registry_collection)
+        if args.dry_run:
+            print(json.dumps(plan.as_dict(), indent=2))
+            return 0
+        result = publish(plan)
+    except (PublishError, WandbUnavailable) as error:
+        print(f"lr-sweep: {error}", file=sys.stderr)
+        return 1
+    promotion = result["promotion"]
+    where = f"{plan.entity + '/' if plan.entity else ''}{plan.project}"
+    print(f"synced {len(plan.runs_to_sync)} run(s) to {where} ({len(plan.runs_already_synced)} already synced)")
+    if promotion["moved"]:
+        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'})")
     else:
-        # Same gate as the sweep: both measured on the same test set.
-        dataset_meta = registry.fetch(ref).metadata["dataset"]
-        dataset = prepare_dataset(dataset_meta["name"], args.data_dir, dataset_meta["val_size"],
-                                  dataset_meta["split_seed"], None)
-        splits = load_splits(dataset, "cpu")
-        candidate = evaluate_stored_model(registry, ref, splits, "cpu").as_dict()
-        current = evaluate_stored_model(registry, holder, splits, "cpu").as_dict()
-        promote, reason = gate(candidate, current, args.margin)
-        if not promote:
-            print(f"lr-sweep: not promoted: {reason}; use --force to promote anyway (e.g. a rollback)",
-                  file=sys.stderr)
-            return 1
-    previous = registry.move_alias(ref, args.alias, reason=reason)
-    print(f"'{args.alias}' -> {ref} (was {previous or 'unset'}): {reason}")
+        print(f"no alias moved in W&B: {promotion['reason']}")
     return 0
 
 
@@ -228,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
                              help="test-accuracy margin the gate requires")
             sub.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
                 "LR_SWEEP_DATA_DIR", defaults["data_dir"].default)), help="dataset directory (for the gate)")
+
+    publish = commands.add_parser("publish", help="upload an offline sweep to W&B and apply its promotion there")
+    publish.add_argument("sweep_id", help="the sweep to publish (its folder under the output directory)")
+    publish.add_argument("--output-dir", type=Path, default=Path(os.environ.get(
+        "LR_SWEEP_OUTPUT_DIR", defaults["output_dir"].default)), help=defaults["output_dir"].description)
+    publish.add_argument("--registry-dir", type=Path, default=None,
+                         help="local registry that recorded the promotion; default: the sweep's")
+    for name in ("wandb_project", "wandb_entity", "wandb_registry_collection"):
+        publish.add_argument(_flag(name), dest=name, default=None,
+                             help=f"{defaults[name].description} Default: the sweep's.")
+    publish.add_argument("--dry-run", action="store_true", help="check the sweep's files and print the plan; "
+                         "nothing is uploaded")
+    publish.set_defaults(handler=command_publish)
     return parser
 
 

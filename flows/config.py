@@ -30,6 +30,8 @@ MAX_SEEDS = 32
 ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 SWEEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,96}$")
+TRIAL_DEPLOYMENT_PATTERN = re.compile(r"^lr-sweep-trial/[A-Za-z0-9_.\-]{1,96}$")
+REGISTRY_COLLECTION_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+/)?wandb-registry-[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
 
 
 class SweepConfig(BaseSettings):
@@ -96,6 +98,15 @@ class SweepConfig(BaseSettings):
         le=64,
         description="Trials that share one GPU at the same time (CPU runs trials one by one).",
     )
+    dispatch: Literal["local", "deployment"] = Field(
+        default="local",
+        description="local: trials run in the sweep's own flow run; deployment: each trial is a "
+        "flow run of TRIAL_DEPLOYMENT, taken by any worker of its pool (several nodes).",
+    )
+    trial_deployment: str = Field(
+        default="lr-sweep-trial/gpu",
+        description="Per-trial deployment (lr-sweep-trial/NAME) used when dispatch is 'deployment'.",
+    )
 
     # --- tracking and storage -----------------------------------------------------------------
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
@@ -103,6 +114,11 @@ class SweepConfig(BaseSettings):
     )
     wandb_project: str = Field(default="lr-sweep", min_length=1, description="W&B project.")
     wandb_entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    wandb_registry_collection: str | None = Field(
+        default=None,
+        description="W&B Registry collection (e.g. wandb-registry-model/fashion-mnist-cnn) where "
+        "the promoted model is also linked with the alias; none = no link.",
+    )
     registry: Literal["local", "wandb"] = Field(
         default="local", description="Model registry backend."
     )
@@ -165,6 +181,27 @@ class SweepConfig(BaseSettings):
             )
         return sweep_id
 
+    @field_validator("wandb_registry_collection")
+    @classmethod
+    def _check_registry_collection(cls, path: str | None) -> str | None:
+        # W&B Registry paths: [ORG/]wandb-registry-REGISTRY/COLLECTION.
+        if path is not None and not REGISTRY_COLLECTION_PATTERN.match(path):
+            raise ValueError(
+                f"{path!r} is not allowed: use wandb-registry-REGISTRY/COLLECTION (optionally "
+                "ORG/ before it), letters, digits, '_', '.', '-'"
+            )
+        return path
+
+    @field_validator("trial_deployment")
+    @classmethod
+    def _check_trial_deployment(cls, name: str) -> str:
+        if not TRIAL_DEPLOYMENT_PATTERN.match(name):
+            raise ValueError(
+                f"{name!r} is not allowed: name a deployment of the per-trial flow as "
+                "lr-sweep-trial/NAME, e.g. lr-sweep-trial/gpu or lr-sweep-trial/local"
+            )
+        return name
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, device: str) -> str:
@@ -222,7 +259,8 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line per problem: the field, the value it got and what is allowed."""
     lines = []
     for problem in error.errors():
-        field = ".".join(str(part) for part in problem["loc"]) or "config"
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"])
+        field = field.lstrip(".") or "config"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"

@@ -57,6 +57,14 @@ class DigestMismatch(RegistryError):
     """A stored version's files do not match its digest: it is refused, never loaded."""
 
 
+class AliasConflict(RegistryError):
+    """The alias moved since the caller looked at it: its decision must be made again."""
+
+
+# `expected_holder` default of move_alias: move whoever holds the alias now.
+ANY_HOLDER = object()
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A reference to one stored version: what moves between tasks instead of weights."""
@@ -97,13 +105,16 @@ class ModelRegistry(Protocol):
     """What the tasks see of a registry; both backends implement it."""
 
     def log_model(self, collection: str, state_dict: dict[str, torch.Tensor], metadata: dict,
-                  aliases: tuple[str, ...] = ()) -> ModelRef: ...
+                  aliases: tuple[str, ...] = (), run=None) -> ModelRef:
+        """Store a new version. `run`: the W&B run that trained it; a backend that stores models
+        in W&B logs them as that run's output (lineage), the local one ignores it."""
 
     def fetch(self, ref: ModelRef | str) -> StoredModel: ...
 
     def resolve(self, collection: str, tag: str) -> ModelRef | None: ...
 
-    def move_alias(self, ref: ModelRef, alias: str, reason: str = "") -> ModelRef | None: ...
+    def move_alias(self, ref: ModelRef, alias: str, reason: str = "",
+                   expected_holder: ModelRef | None | object = ANY_HOLDER) -> ModelRef | None: ...
 
     def versions(self, collection: str) -> list[VersionInfo]: ...
 
@@ -166,7 +177,7 @@ class LocalRegistry:
 
     # --- the protocol -------------------------------------------------------------------------
     def log_model(self, collection: str, state_dict: dict[str, torch.Tensor], metadata: dict,
-                  aliases: tuple[str, ...] = ()) -> ModelRef:
+                  aliases: tuple[str, ...] = (), run=None) -> ModelRef:
         files = model_files(state_dict, metadata)
         hashes = {name: sha256_hex(data) for name, data in files.items()}
         digest = manifest_digest(hashes)
@@ -228,13 +239,24 @@ class LocalRegistry:
             aliases=aliases,
         )
 
-    def move_alias(self, ref: ModelRef, alias: str, reason: str = "") -> ModelRef | None:
-        """Give `alias` to `ref` (taking it from its holder); returns the previous holder."""
+    def move_alias(self, ref: ModelRef, alias: str, reason: str = "",
+                   expected_holder: ModelRef | None | object = ANY_HOLDER) -> ModelRef | None:
+        """Give `alias` to `ref` (taking it from its holder); returns the previous holder.
+
+        With `expected_holder` the move is a compare-and-set: if the alias is no longer held by
+        that version (None: held by nobody), AliasConflict is raised and nothing changes, so a
+        promotion decided against one holder never silently replaces another.
+        """
         with self._locked(ref.collection) as directory:
             if not (directory / ref.version / MANIFEST_FILE).exists():
                 raise ModelNotFound(f"no model {ref} in registry {self.root}")
             table = self._read_aliases(directory)
             previous_version = table.get(alias)
+            if expected_holder is not ANY_HOLDER:
+                expected_version = expected_holder.version if expected_holder is not None else None
+                if previous_version != expected_version:
+                    raise AliasConflict(f"'{alias}' of {ref.collection} is held by {previous_version}, "
+                                        f"not {expected_version}, any more")
             table[alias] = ref.version
             _atomic_write(directory / ALIASES_FILE, json.dumps(table, indent=2, sort_keys=True).encode())
             record = {"time": time.time(), "alias": alias, "version": ref.version,

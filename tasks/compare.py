@@ -16,12 +16,13 @@ Rules (also stated in every report):
 from __future__ import annotations
 
 import math
+import warnings
 from statistics import mean, stdev
 from typing import Callable
 
 from scipy import stats
 
-from models.registry import ModelRegistry, RegistryError, split_name
+from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError, split_name
 
 ALPHA = 0.05
 GATE_METRIC = "test_accuracy"
@@ -80,10 +81,14 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
         return {"test": None, "p_value": None, "significant": None,
                 "note": "one seed per learning rate: the lead cannot be told from seed noise; "
                         "repeat with several seeds (e.g. --seeds 0 1 2) to test it"}
-    result = stats.ttest_ind(winner, runner_up, equal_var=False)
-    p_value = float(result.pvalue)
-    if math.isnan(p_value):  # both groups without spread: identical values or a certain gap
+    if stdev(winner) == 0 and stdev(runner_up) == 0:
+        # No spread at all (e.g. deterministic CPU runs of one seed repeated): the t statistic is
+        # undefined; identical values are no lead, different ones are a certain one.
         p_value = 1.0 if mean(winner) == mean(runner_up) else 0.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # scipy's precision note for tiny spreads
+            p_value = float(stats.ttest_ind(winner, runner_up, equal_var=False).pvalue)
     significant = p_value < ALPHA
     note = (f"Welch's t-test p = {p_value:.3g}: " +
             (f"the lead is larger than the seed-to-seed spread (p < {ALPHA})" if significant
@@ -119,6 +124,11 @@ def select(trials: list[dict], metric: str) -> dict | None:
     return {"ranking": rows, "winner": winner, "best": chosen, "significance": test}
 
 
+# A competing sweep can move the alias between our look at the holder and our move; the decision
+# is then made again against the new holder, at most this many times.
+PROMOTION_ATTEMPTS = 5
+
+
 def compare_and_promote(registry: ModelRegistry, trials: list[dict], *, alias: str, metric: str,
                         margin: float, evaluate_ref: Callable[[str], dict]) -> dict:
     """Pick the best model and move the alias to it if it beats the holder; the sweep's decision."""
@@ -128,13 +138,33 @@ def compare_and_promote(registry: ModelRegistry, trials: list[dict], *, alias: s
                 "promotion": {"alias": alias, "model": None, "previous": None, "promoted": False,
                               "reason": "no trial produced a usable model; the alias stays where it was"}}
     best = selection["best"]
-    collection, _ = split_name(best["model"])
-    holder = registry.resolve(collection, alias)
-    promotion = {"alias": alias, "model": best["model"], "previous": str(holder) if holder else None,
-                 "promoted": False, "challenger_evaluation": best["evaluation"], "holder_evaluation": None}
-    if holder is not None and str(holder) == best["model"]:
-        promotion["reason"] = f"{best['model']} already holds '{alias}'"
-        return {"selection": selection, "best": best, "promotion": promotion}
+    candidate = registry.resolve(*split_name(best["model"]))
+    for _ in range(PROMOTION_ATTEMPTS):
+        promotion, holder = decide_promotion(registry, candidate, best["evaluation"], alias, margin, evaluate_ref)
+        if not promotion["promoted"]:
+            break
+        try:
+            registry.move_alias(candidate, alias, reason=promotion["reason"], expected_holder=holder)
+            break
+        except AliasConflict:
+            continue  # another sweep promoted meanwhile: judge again against its model
+    else:
+        promotion.update(promoted=False, reason=f"'{alias}' kept moving under concurrent promotions; "
+                                                "left where it is")
+    return {"selection": selection, "best": best, "promotion": promotion}
+
+
+def decide_promotion(registry: ModelRegistry, candidate: ModelRef, evaluation: dict, alias: str,
+                     margin: float, evaluate_ref: Callable[[str], dict]) -> tuple[dict, ModelRef | None]:
+    """The champion/challenger decision against the alias's current holder (nothing is moved).
+
+    Returns the promotion record and the holder it was decided against."""
+    holder = registry.resolve(candidate.collection, alias)
+    promotion = {"alias": alias, "model": str(candidate), "previous": str(holder) if holder else None,
+                 "promoted": False, "challenger_evaluation": evaluation, "holder_evaluation": None}
+    if holder == candidate:
+        promotion["reason"] = f"{candidate} already holds '{alias}'"
+        return promotion, holder
     champion = None
     if holder is not None:
         try:
@@ -143,14 +173,11 @@ def compare_and_promote(registry: ModelRegistry, trials: list[dict], *, alias: s
         except RegistryError as error:
             # A holder that fails its digest check cannot be served; it is no reason to keep it.
             promotion["holder_error"] = str(error)
-    promote, reason = gate(best["evaluation"], champion, margin)
+    promote, reason = gate(evaluation, champion, margin)
     if holder is not None and champion is None:
         reason = f"the holder {holder} could not be evaluated ({promotion['holder_error']})"
-    if promote:
-        ref = registry.resolve(*split_name(best["model"]))
-        registry.move_alias(ref, alias, reason=reason)
     promotion.update(promoted=promote, reason=reason)
-    return {"selection": selection, "best": best, "promotion": promotion}
+    return promotion, holder
 
 
 # --- Prefect ---------------------------------------------------------------------------------------

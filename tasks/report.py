@@ -131,14 +131,14 @@ def verdict(summary: dict, metric: str) -> list[str]:
         )
         if len(ranking) > 1:
             runner = ranking[1]
-            lead = winner[metric]["mean"] - runner[metric]["mean"]
-            spread = max(winner[metric]["std"], runner[metric]["std"])
-            lines.append(
-                f"The runner-up, {runner['learning_rate']:g}, reached {_fmt(runner[metric]['mean'])}: "
-                f"a lead of {abs(lead):.4f} ({abs(lead) * 100:.2f} points"
-                f"{'' if higher_is_better(metric) else ' of loss'}); the larger seed-to-seed standard "
-                f"deviation of the two is {spread:.4f}."
-            )
+            lead = abs(winner[metric]["mean"] - runner[metric]["mean"])
+            sentence = (f"The runner-up, {runner['learning_rate']:g}, reached {_fmt(runner[metric]['mean'])}: "
+                        f"a lead of {lead:.4f}" + (f" ({lead * 100:.2f} points)" if higher_is_better(metric) else ""))
+            if min(winner[metric]["n"], runner[metric]["n"]) > 1:
+                spread = max(winner[metric]["std"], runner[metric]["std"])
+                sentence += (f", {'more' if lead > spread else 'less'} than the larger seed-to-seed "
+                             f"standard deviation of the two ({spread:.4f})")
+            lines.append(sentence + ".")
         if summary.get("significance"):
             lines.append(summary["significance"]["note"][0].upper() + summary["significance"]["note"][1:] + ".")
         lines.append(
@@ -197,12 +197,16 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
                 "|---|---|---|---|---|---|"]
         for row in summary["aggregates"]:
             ci = row["val_accuracy"]["ci95"]
+            several = len(row["seeds"]) > 1  # a spread of one seed would read as a certainty
+
+            def spread(stats: dict, scale: float = 100.0, digits: int = 2) -> str:
+                return f" ± {scale * stats['std']:.{digits}f}" if several else ""
             out.append(
-                f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])} ± "
-                f"{100 * row['val_accuracy']['std']:.2f} | "
+                f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])}"
+                f"{spread(row['val_accuracy'])} | "
                 f"{'-' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
-                f"{_pct(row['test_accuracy']['mean'])} ± {100 * row['test_accuracy']['std']:.2f} | "
-                f"{_fmt(row['val_loss']['mean'])} ± {_fmt(row['val_loss']['std'])} |")
+                f"{_pct(row['test_accuracy']['mean'])}{spread(row['test_accuracy'])} | "
+                f"{_fmt(row['val_loss']['mean'])}{spread(row['val_loss'], 1.0, 4)} |")
     promotion = summary["promotion"]
     out += ["", "## Promotion", "",
             f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
@@ -241,7 +245,8 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         name = f"{key}.png"
         fig.savefig(directory / name)

@@ -1,0 +1,180 @@
+"""Statistics, selection, the champion/challenger gate and the written verdict, on fixed numbers."""
+
+import math
+
+import pytest
+import torch
+
+from models.cnn import architecture, build_model
+from models.registry import LocalRegistry
+from tasks.compare import (aggregate_by_rate, compare_and_promote, describe, gate, select,
+                           significance)
+from tasks.report import observations, verdict
+
+
+def trial(rate, seed, val_accuracy, test_accuracy=None, val_loss=0.3, model=None, status="completed"):
+    return {"learning_rate": rate, "seed": seed, "status": status, "model": model, "history": [],
+            "evaluation": {"val_accuracy": val_accuracy, "val_loss": val_loss,
+                           "test_accuracy": test_accuracy if test_accuracy is not None else val_accuracy,
+                           "test_loss": val_loss}}
+
+
+def test_describe_known_values():
+    stats = describe([0.90, 0.92, 0.94])
+    assert stats["n"] == 3
+    assert stats["mean"] == pytest.approx(0.92)
+    assert stats["std"] == pytest.approx(0.02)  # sample standard deviation
+    # t(0.975, 2) = 4.302653; half width = 4.302653 * 0.02 / sqrt(3)
+    assert stats["ci95"] == pytest.approx([0.92 - 0.049683, 0.92 + 0.049683], abs=1e-6)
+    assert describe([0.5])["ci95"] is None and describe([0.5])["std"] == 0
+
+
+def test_welch_test_known_p_value():
+    result = significance([0.90, 0.91, 0.92], [0.80, 0.81, 0.82])
+    # means differ by 0.1, both std 0.01, n 3: t = 12.247, df = 4, p = 2.55e-4
+    assert result["test"] == "welch_t"
+    assert result["p_value"] == pytest.approx(2.55e-4, rel=0.01)
+    assert result["significant"] is True
+
+
+def test_overlapping_seeds_are_not_significant():
+    result = significance([0.873, 0.861, 0.868], [0.870, 0.866, 0.859])
+    assert result["significant"] is False and "NOT larger" in result["note"]
+
+
+def test_one_seed_each_says_no_test_is_possible():
+    result = significance([0.9873], [0.9862])
+    assert result["p_value"] is None and "cannot be told from seed noise" in result["note"]
+
+
+def test_winner_is_best_mean_and_promoted_model_is_its_best_seed():
+    trials = [trial(0.01, 0, 0.90), trial(0.01, 1, 0.80),   # mean 0.85, one lucky seed
+              trial(0.001, 0, 0.87), trial(0.001, 1, 0.87)]  # mean 0.87
+    selection = select(trials, "val_accuracy")
+    assert selection["winner"]["learning_rate"] == 0.001
+    assert selection["best"]["seed"] == 0  # tie on accuracy and loss: the lower seed
+    assert [r["learning_rate"] for r in selection["ranking"]] == [0.001, 0.01]
+
+
+def test_loss_metric_prefers_lower_and_ties_are_deterministic():
+    trials = [trial(0.01, 0, 0.9, val_loss=0.5), trial(0.001, 0, 0.9, val_loss=0.4)]
+    assert select(trials, "val_loss")["winner"]["learning_rate"] == 0.001
+    tie = [trial(0.01, 0, 0.9), trial(0.001, 0, 0.9)]
+    assert select(tie, "val_accuracy")["winner"]["learning_rate"] == 0.001  # smaller rate wins a tie
+    assert select(list(reversed(tie)), "val_accuracy")["winner"]["learning_rate"] == 0.001
+
+
+def test_failed_trials_are_not_aggregated():
+    trials = [trial(0.01, 0, 0.9), {**trial(0.1, 0, 0.99), "status": "diverged", "evaluation": None}]
+    assert [r["learning_rate"] for r in aggregate_by_rate(trials)] == [0.01]
+
+
+@pytest.mark.parametrize("challenger, champion, margin, promoted", [
+    (0.90, None, 0.0, True),     # no champion
+    (0.89, 0.90, 0.0, False),    # worse
+    (0.90, 0.90, 0.0, False),    # equal: not better, the alias stays
+    (0.91, 0.90, 0.0, True),     # better
+    (0.905, 0.90, 0.01, False),  # better, but by less than the margin
+    (0.92, 0.90, 0.01, True),    # better by more than the margin
+])
+def test_gate(challenger, champion, margin, promoted):
+    decision, reason = gate({"test_accuracy": challenger},
+                            None if champion is None else {"test_accuracy": champion}, margin)
+    assert decision is promoted
+    assert reason
+
+
+def history(*val_accuracies, train_gap=0.0, val_losses=None):
+    losses = val_losses or [0.5 - 0.01 * i for i in range(len(val_accuracies))]
+    return [{"epoch": i + 1, "train_loss": loss, "train_accuracy": acc + train_gap,
+             "val_loss": loss, "val_accuracy": acc}
+            for i, (acc, loss) in enumerate(zip(val_accuracies, losses))]
+
+
+def test_observations_on_crafted_histories():
+    undertrained = observations(history(0.70, 0.78, 0.84, 0.88))
+    assert undertrained["undertrained"] and undertrained["last_epoch_gain"] == pytest.approx(0.04)
+    assert undertrained["convergence_epoch"] == 3  # first epoch >= 0.95 * 0.88 = 0.836
+    overfit = observations(history(0.90, 0.901, 0.901, train_gap=0.08))
+    assert overfit["overfitting"] and not overfit["undertrained"]
+    unstable = observations(history(0.85, 0.86, 0.86, val_losses=[0.40, 0.60, 0.41]))
+    assert unstable["unstable"] and unstable["worst_val_loss_rise"][0] == 2
+
+
+def summary_for(trials, promotion=None):
+    selection = select(trials, "val_accuracy")
+    return {"aggregates": selection["ranking"], "significance": selection["significance"],
+            "best": {"learning_rate": selection["best"]["learning_rate"], "seed": selection["best"]["seed"],
+                     "model": "c:v0"}, "trials": trials,
+            "promotion": promotion or {"alias": "production", "promoted": True, "model": "c:v0",
+                                       "reason": "no model held the alias"}}
+
+
+def test_verdict_clear_winner_states_figures_and_significance():
+    trials = [trial(0.001, s, 0.90 + 0.001 * s) for s in range(3)] + \
+             [trial(0.0001, s, 0.80 + 0.001 * s) for s in range(3)]
+    for t in trials:
+        t["history"] = history(0.8, t["evaluation"]["val_accuracy"])
+    text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
+    assert "Learning rate 0.001 won" in text and "0.9010" in text
+    assert "lead of 0.1000 (10.00 points)" in text
+    assert "larger than the seed-to-seed spread" in text
+    assert "moved 'production' to c:v0" in text
+
+
+def test_verdict_tie_says_the_rates_are_indistinguishable():
+    trials = [trial(0.001, 0, 0.873), trial(0.001, 1, 0.861), trial(0.0005, 0, 0.870), trial(0.0005, 1, 0.862)]
+    for t in trials:
+        t["history"] = history(0.85, t["evaluation"]["val_accuracy"])
+    text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
+    assert "indistinguishable" in text and "less than the larger seed-to-seed standard deviation" in text
+
+
+def test_verdict_flags_undertrained_and_overfitting_runs():
+    under = trial(0.0001, 0, 0.88)
+    under["history"] = history(0.70, 0.80, 0.88)
+    over = trial(0.01, 0, 0.86)
+    over["history"] = history(0.86, 0.86, 0.86, train_gap=0.09)
+    text = "\n".join(verdict(summary_for([under, over]), "val_accuracy"))
+    assert "lr 0.0001 (seed 0): " in text and "under-trained" in text
+    assert "lr 0.01 (seed 0): " in text and "(overfitting)" in text
+
+
+def small_model(tmp_registry, seed):
+    torch.manual_seed(seed)
+    arch = architecture(hidden_units=8)
+    return tmp_registry.log_model("fashion-mnist-cnn", build_model(arch).state_dict(), {"architecture": arch})
+
+
+def test_alias_stays_with_a_better_holder_and_moves_to_a_better_challenger(tmp_path):
+    registry = LocalRegistry(tmp_path)
+    holder, weak, strong = (small_model(registry, s) for s in range(3))
+    registry.move_alias(holder, "production")
+    scores = {str(holder): 0.90, str(weak): 0.85, str(strong): 0.95}
+
+    def evaluate(name):
+        return {"val_accuracy": scores[name], "val_loss": 0.3, "test_accuracy": scores[name], "test_loss": 0.3}
+
+    def sweep_of(ref):
+        return [{"learning_rate": 0.001, "seed": 0, "status": "completed", "model": str(ref), "history": [],
+                 "evaluation": evaluate(str(ref))}]
+
+    kept = compare_and_promote(registry, sweep_of(weak), alias="production", metric="val_accuracy",
+                               margin=0.0, evaluate_ref=evaluate)["promotion"]
+    assert kept["promoted"] is False and "not better" in kept["reason"]
+    assert registry.resolve("fashion-mnist-cnn", "production") == holder
+    moved = compare_and_promote(registry, sweep_of(strong), alias="production", metric="val_accuracy",
+                                margin=0.0, evaluate_ref=evaluate)["promotion"]
+    assert moved["promoted"] is True and moved["previous"] == str(holder)
+    assert registry.resolve("fashion-mnist-cnn", "production") == strong
+
+
+def test_no_usable_model_leaves_the_alias(tmp_path):
+    registry = LocalRegistry(tmp_path)
+    holder = small_model(registry, 0)
+    registry.move_alias(holder, "production")
+    failed = [{**trial(0.1, 0, math.nan), "status": "diverged", "evaluation": None}]
+    decision = compare_and_promote(registry, failed, alias="production", metric="val_accuracy", margin=0.0,
+                                   evaluate_ref=lambda name: pytest.fail("nothing to evaluate"))
+    assert decision["best"] is None and decision["promotion"]["promoted"] is False
+    assert registry.resolve("fashion-mnist-cnn", "production") == holder

@@ -1,0 +1,139 @@
+"""Faults inside real flow runs: a trial that raises, a trial that diverges, a sweep with no
+usable model, secrets in the environment, and two processes promoting at once."""
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+import tasks.train
+from flows.sweep import SweepFailed, lr_sweep
+from models.cnn import architecture, build_model
+from models.registry import LocalRegistry
+from tests.helpers import smoke_config
+
+COLLECTION = "fashion-mnist-cnn"
+
+
+def test_a_trial_that_raises_is_recorded_and_the_others_are_compared(
+        prefect_server, fashion_data_dir, tmp_path, monkeypatch):
+    real_train = tasks.train.train_trial
+
+    def broken_for_one_rate(spec, *args, **kwargs):
+        if spec.learning_rate == 0.0001:
+            raise RuntimeError("simulated fault: out of device memory")
+        return real_train(spec, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.train, "train_trial", broken_for_one_rate)
+    summary = lr_sweep(config=smoke_config(tmp_path, fashion_data_dir, train_limit=500))
+    by_rate = {t["learning_rate"]: t for t in summary["trials"]}
+    assert by_rate[0.0001]["status"] == "failed"
+    assert "simulated fault" in by_rate[0.0001]["error"] and by_rate[0.0001]["model"] is None
+    assert by_rate[0.001]["status"] == "completed"
+    assert summary["promotion"]["promoted"] and summary["best"]["model"] == by_rate[0.001]["model"]
+    assert "failed: RuntimeError: simulated fault" in Path(summary["files"]["report"]).read_text()
+
+
+def test_a_diverged_trial_is_stopped_and_never_stored(prefect_server, fashion_data_dir, tmp_path):
+    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.001, 10.0], train_limit=500)
+    summary = lr_sweep(config=config)
+    by_rate = {t["learning_rate"]: t for t in summary["trials"]}
+    assert by_rate[10.0]["status"] == "diverged" and "was stopped" in by_rate[10.0]["error"]
+    assert by_rate[10.0]["model"] is None
+    versions = LocalRegistry(config.registry_dir).versions(COLLECTION)
+    assert [v.metadata["training"]["learning_rate"] for v in versions] == [0.001]
+    assert str(LocalRegistry(config.registry_dir).resolve(COLLECTION, "production")) == by_rate[0.001]["model"]
+
+
+def test_no_usable_model_fails_the_flow_and_keeps_the_alias(prefect_server, fashion_data_dir, tmp_path):
+    registry = LocalRegistry(tmp_path / "registry")
+    torch.manual_seed(0)
+    arch = architecture(128)
+    holder = registry.log_model(COLLECTION, build_model(arch).state_dict(), {"architecture": arch})
+    registry.move_alias(holder, "production")
+    aliases_before = (tmp_path / "registry" / COLLECTION / "aliases.json").read_text()
+    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[10.0, 20.0], train_limit=500)
+    with pytest.raises(SweepFailed, match="no trial .* produced a usable model"):
+        lr_sweep(config=config)
+    assert (tmp_path / "registry" / COLLECTION / "aliases.json").read_text() == aliases_before
+    assert [v.ref for v in registry.versions(COLLECTION)] == [holder]
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert [t["status"] for t in summary["trials"]] == ["diverged", "diverged"]
+    assert summary["promotion"]["promoted"] is False
+
+
+def test_secrets_never_reach_outputs(prefect_server, fashion_data_dir, tmp_path, monkeypatch):
+    secrets = {"WANDB_API_KEY": "wandb-secret-" + "7" * 28, "PREFECT_API_KEY": "pnu_secret" + "9" * 26}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.001], train_limit=300)
+    lr_sweep(config=config)
+    written = [p for root in (config.output_dir, config.registry_dir) for p in Path(root).rglob("*") if p.is_file()]
+    assert len(written) > 10
+    for path in written:
+        content = path.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in content, f"{value[:12]}... leaked into {path}"
+
+
+# --- two processes promoting at the same moment -------------------------------------------------
+
+ROUNDS = 20
+
+
+def scores_of(version: str) -> float:
+    """A fixed, distinct test accuracy per version, so the right winner of each round is known."""
+    number = int(version[1:])
+    return 0.5 + ((number * 37) % 101) / 1000
+
+
+def promoter(registry_dir: str, versions: list[str], barrier) -> None:
+    from tasks.compare import compare_and_promote
+
+    registry = LocalRegistry(registry_dir)
+
+    def evaluate(name):
+        accuracy = scores_of(name.split(":")[1])
+        return {"val_accuracy": accuracy, "val_loss": 1 - accuracy, "test_accuracy": accuracy, "test_loss": 1 - accuracy}
+
+    for version in versions:
+        barrier.wait()
+        trial = {"learning_rate": 0.001, "seed": 0, "status": "completed", "model": f"{COLLECTION}:{version}",
+                 "history": [], "evaluation": evaluate(f"{COLLECTION}:{version}")}
+        compare_and_promote(registry, [trial], alias="production", metric="val_accuracy", margin=0.0,
+                            evaluate_ref=evaluate)
+        barrier.wait()
+
+
+def test_two_processes_promoting_at_once_leave_the_best_single_holder(tmp_path):
+    registry = LocalRegistry(tmp_path)
+    torch.manual_seed(0)
+    arch = architecture(8)
+    state = build_model(arch).state_dict()
+    refs = [registry.log_model(COLLECTION, state, {"architecture": arch, "n": n}) for n in range(2 * ROUNDS)]
+    mine = [r.version for r in refs[0::2]]
+    theirs = [r.version for r in refs[1::2]]
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    processes = [context.Process(target=promoter, args=(str(tmp_path), versions, barrier))
+                 for versions in (mine, theirs)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+
+    # Replay: after each round the alias must sit on the best model seen so far.
+    best = None
+    for a, b in zip(mine, theirs):
+        best = max([v for v in (best, a, b) if v], key=scores_of)
+    holders = [v.ref.version for v in registry.versions(COLLECTION) if "production" in v.aliases]
+    assert holders == [best]
+    log = [json.loads(line) for line in (tmp_path / COLLECTION / "promotions.jsonl").read_text().splitlines()]
+    # Every move saw the state the previous move left: no lost update between the processes.
+    for earlier, later in zip(log, log[1:]):
+        assert later["previous"] == earlier["version"]
+    # And the alias only ever moved to something better.
+    assert all(scores_of(r["version"]) > scores_of(r["previous"]) for r in log if r["previous"])
