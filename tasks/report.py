@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from tasks.compare import higher_is_better  # noqa: E402
 
@@ -242,6 +243,7 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
                 ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
                                 color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(title)
         ax.grid(alpha=0.3)
