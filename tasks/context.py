@@ -27,10 +27,12 @@ class SweepContext:
     registry_dir: Path
     devices: tuple[str, ...]
     trials_per_device: int
+    wandb_registry_collection: str | None = None
 
     def registry(self) -> ModelRegistry:
         return open_registry(self.registry_backend, self.registry_dir,
-                             project=self.wandb_project, entity=self.wandb_entity)
+                             project=self.wandb_project, entity=self.wandb_entity,
+                             registry_collection=self.wandb_registry_collection)
 
     def slots(self) -> DeviceSlots:
         return device_slots(list(self.devices), self.trials_per_device)

@@ -8,14 +8,51 @@ directory, so a sweep leaves nothing in the user's home directory.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import wandb
+from wandb.errors import CommError
 
 # How long wandb.init may wait for the W&B server before it gives up with an error, instead of
 # its default 90 seconds of silence.
 INIT_TIMEOUT_SECONDS = 30
+# `wandb` and `wandb leet` come with the SDK, next to the interpreter that runs us.
+WANDB_COMMAND = str(Path(sys.executable).parent / "wandb")
+
+
+class WandbUnavailable(RuntimeError):
+    """Online W&B was asked for but cannot be used: no API key, or the server does not answer."""
+
+
+def wandb_server() -> str:
+    """The W&B server this process talks to (WANDB_BASE_URL or the SDK's default)."""
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def require_online_access(project: str, entity: str | None) -> None:
+    """Fail early (in at most the API timeout, 30 s), before any training, when online W&B cannot be used.
+
+    Needs WANDB_API_KEY (a key stored by `wandb login` is not enough: online must be chosen
+    explicitly, with a key in the environment) and a server that accepts it.
+    """
+    if not os.environ.get("WANDB_API_KEY"):
+        raise WandbUnavailable("W&B online mode needs WANDB_API_KEY; set it, or run with "
+                               "--wandb-mode offline and `lr-sweep publish SWEEP_ID` later")
+    from models.wandb_registry import API_TIMEOUT_SECONDS
+
+    try:
+        # Creating the API client checks the key with the server, bounded by the timeout.
+        api = wandb.Api(overrides={"project": project} | ({"entity": entity} if entity else {}),
+                        timeout=API_TIMEOUT_SECONDS)
+        api.default_entity  # noqa: B018 - one round trip that needs a valid key
+    except CommError as error:
+        raise WandbUnavailable(f"W&B server {wandb_server()} cannot be used: {error.message.rstrip('.')}; check "
+                               "WANDB_API_KEY and WANDB_BASE_URL, or run with --wandb-mode offline "
+                               "and publish later") from error
 
 
 def point_wandb_dirs(output_dir: Path) -> None:
@@ -34,11 +71,15 @@ def point_wandb_dirs(output_dir: Path) -> None:
 def start_run(*, mode: str, project: str, entity: str | None, group: str, name: str,
               config: dict, run_dir: Path, job_type: str = "train"):
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        mode=mode, project=project, entity=entity, group=group, name=name, job_type=job_type,
-        config=config, dir=str(run_dir), reinit="create_new",
-        settings=wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS, console="off"),
-    )
+    try:
+        return wandb.init(
+            mode=mode, project=project, entity=entity, group=group, name=name, job_type=job_type,
+            config=config, dir=str(run_dir), reinit="create_new",
+            settings=wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS, console="off"),
+        )
+    except CommError as error:
+        raise WandbUnavailable(f"W&B run {name!r} could not start on {wandb_server()} within "
+                               f"{INIT_TIMEOUT_SECONDS} s: {error.message.rstrip('.')}") from error
 
 
 def log_epoch(run, record: dict) -> None:
@@ -60,3 +101,16 @@ def run_directory(run) -> str | None:
     """The folder of the run's own files (what `wandb sync` and `wandb leet inspect` take)."""
     directory = getattr(getattr(run, "settings", None), "sync_dir", None)
     return str(directory) if directory else None
+
+
+def run_records(run_dir: Path | str) -> list[dict]:
+    """Every record of a local W&B run, as `wandb leet inspect --json` reads them back."""
+    output = subprocess.run([WANDB_COMMAND, "leet", "inspect", "--json", str(run_dir)],
+                            capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def staged_artifact_files(run_dir: Path | str) -> list[Path]:
+    """The staged copies of the files of the run's artifacts: what `wandb sync` uploads."""
+    return [Path(entry["local_path"]) for record in run_records(run_dir) if record["type"] == "artifact"
+            for entry in record["artifact"]["manifest"]["contents"] if entry.get("local_path")]

@@ -22,6 +22,9 @@ os.environ.update({
     "WANDB_CACHE_DIR": os.path.join(_home, "wandb-cache"),
     "WANDB_DATA_DIR": os.path.join(_home, "wandb-data"),
 })
+# The live W&B tests (tests/test_wandb_live.py) run with the key the caller gave; no other test
+# sees it, so nothing else can reach a W&B server by accident.
+LIVE_WANDB_API_KEY = os.environ.get("WANDB_API_KEY")
 for _variable in ("WANDB_API_KEY", "PREFECT_API_URL", "PREFECT_API_KEY"):
     os.environ.pop(_variable, None)
 for _variable in [v for v in os.environ if v.startswith("LR_SWEEP_")]:

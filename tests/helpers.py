@@ -1,13 +1,9 @@
 """Helpers shared by the flow tests: read back what a sweep recorded."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from flows.config import SweepConfig
-
-WANDB = Path(sys.executable).parent / "wandb"
+from tasks.tracking import run_records
 
 
 def smoke_config(tmp_path: Path, data_dir: Path, **overrides) -> SweepConfig:
@@ -18,8 +14,5 @@ def smoke_config(tmp_path: Path, data_dir: Path, **overrides) -> SweepConfig:
     return SweepConfig(**(values | overrides))
 
 
-def wandb_records(run_dir: str) -> list[dict]:
-    """Every record of an offline W&B run, as `wandb leet inspect --json` reads them back."""
-    output = subprocess.run([str(WANDB), "leet", "inspect", "--json", run_dir],
-                            capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in output.splitlines() if line.strip()]
+# What an offline W&B run recorded, read back by `wandb leet inspect --json` (one dict a record).
+wandb_records = run_records

@@ -72,8 +72,17 @@ def test_each_trial_has_an_offline_wandb_run_with_metrics_and_model(smoke):
         assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
         assert artifacts[0]["name"] == "fashion-mnist-cnn"
         assert f"lr-{trial['learning_rate']:g}-seed-0" in artifacts[0]["aliases"]
+        assert f"sweep-{summary['sweep_id']}" in artifacts[0]["aliases"]
         paths = {entry["path"] for entry in artifacts[0]["manifest"]["contents"]}
         assert paths == {"model.safetensors", "metadata.json"}
+        # The metadata the registry stores, plus the digest that `lr-sweep publish` and the wandb
+        # backend check the uploaded files against.
+        metadata = json.loads(artifacts[0]["metadata"])
+        assert metadata["digest"] == trial["digest"] and metadata["registry_ref"] == trial["model"]
+        assert metadata["training"]["learning_rate"] == trial["learning_rate"]
+        assert metadata["dataset"]["fingerprint"] == summary["dataset"]["fingerprint"]
+        assert metadata["sweep_id"] == summary["sweep_id"] and len(metadata["code"]["training_source_sha256"]) == 64
+        assert {"torch", "wandb", "prefect"} <= set(metadata["packages"])
 
 
 def test_metadata_carries_provenance(smoke):

@@ -1,0 +1,187 @@
+"""`lr-sweep publish SWEEP_ID`: bring a sweep that ran offline into W&B, as if it had run online.
+
+Two steps:
+1. `wandb sync` uploads the sweep's offline runs (OUTPUT_DIR/SWEEP_ID/wandb/offline-run-*): config,
+   per-epoch metrics, summary and each trial's `model` artifact. W&B uploads an artifact's files
+   from the staged copies it made when the run logged them (under WANDB_DATA_DIR, which a sweep
+   points at OUTPUT_DIR/.wandb/data), so those must still exist; they are checked first.
+2. The promotion the sweep decided (summary.json) is applied to the synced artifacts: the W&B
+   version whose files have the promoted model's digest receives the alias (and the Registry
+   link). A promotion is replayed only while the local registry still gives the alias to that
+   model: if a later sweep or a manual promotion moved it since, replaying the old one would
+   set W&B back in time, so it is skipped and the reason is said.
+
+Publishing is idempotent: synced runs are skipped by `wandb sync`, and an alias already on the
+right version is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from flows.config import REGISTRY_COLLECTION_PATTERN, SWEEP_ID_PATTERN
+from models.registry import LocalRegistry, ModelRef, split_name
+from tasks import tracking
+
+# `wandb sync` has committed the artifacts when it returns; the server may take a moment before
+# a query lists them, so the synced version is looked for a few times.
+FIND_ATTEMPTS = 6
+FIND_INTERVAL_SECONDS = 5.0
+
+
+class PublishError(RuntimeError):
+    """The sweep cannot be published as asked; the message says what is missing."""
+
+
+@dataclass
+class PublishPlan:
+    """What `publish` will do, worked out from the sweep's files alone (no W&B call)."""
+
+    sweep_id: str
+    sweep_dir: Path
+    project: str
+    entity: str | None
+    registry_collection: str | None
+    runs_to_sync: list[Path]
+    runs_already_synced: list[Path]
+    collection: str | None = None
+    alias: str | None = None
+    model: str | None = None  # the promoted model, as the local registry names it
+    digest: str | None = None
+    skip_reason: str | None = None  # why no alias moves, when none does
+    reason: str | None = None  # why the sweep promoted it
+
+    def as_dict(self) -> dict:
+        return {k: [str(p) for p in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                for k, v in asdict(self).items()}
+
+
+def offline_runs(sweep_dir: Path) -> list[Path]:
+    """The sweep's W&B run folders (each trial's run lands under SWEEP_DIR/wandb)."""
+    return sorted(p for p in (sweep_dir / "wandb").glob("offline-run-*") if p.is_dir())
+
+
+def is_synced(run_dir: Path) -> bool:
+    # `wandb sync` leaves RUN.wandb.synced next to a run's log once it is uploaded.
+    return any(run_dir.glob("*.wandb.synced"))
+
+
+def read_summary(sweep_dir: Path) -> dict:
+    path = sweep_dir / "summary.json"
+    if not path.exists():
+        raise PublishError(f"no summary.json in {sweep_dir}: is the sweep id right, and did the "
+                           "sweep finish? (--output-dir must be the sweep's output directory)")
+    return json.loads(path.read_text())
+
+
+def planned_promotion(summary: dict, local: LocalRegistry) -> dict:
+    """The alias move to replay in W&B, or the reason there is none."""
+    promotion = summary.get("promotion") or {}
+    alias, model = promotion.get("alias"), promotion.get("model")
+    if not promotion.get("promoted"):
+        return {"alias": alias, "skip_reason": "the sweep moved no alias: "
+                f"{promotion.get('reason', 'no promotion recorded')}"}
+    digest = next((t["digest"] for t in summary["trials"] if t.get("model") == model), None)
+    if digest is None:
+        raise PublishError(f"summary.json promotes {model} but lists no trial with that model")
+    collection, _ = split_name(model)
+    holder = local.resolve(collection, alias)
+    if holder is None or holder.digest != digest:
+        return {"alias": alias, "collection": collection, "model": model, "digest": digest,
+                "skip_reason": f"the local registry {local.root} now gives '{alias}' to "
+                f"{holder or 'no model'}, not to {model}: a later promotion superseded this "
+                "sweep's, so W&B is not set back to it"}
+    return {"alias": alias, "collection": collection, "model": model, "digest": digest,
+            "reason": promotion.get("reason")}
+
+
+def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | str | None = None,
+                 project: str | None = None, entity: str | None = None,
+                 registry_collection: str | None = None) -> PublishPlan:
+    """Check the sweep's files and work out the publication; unset options default to the sweep's config."""
+    if not SWEEP_ID_PATTERN.match(sweep_id):
+        raise ValueError(f"sweep id {sweep_id!r} is not allowed: 1-96 characters of letters, digits, "
+                         "'_', '.', '-'")
+    if registry_collection is not None and not REGISTRY_COLLECTION_PATTERN.match(registry_collection):
+        raise ValueError(f"wandb_registry_collection {registry_collection!r} is not allowed: use "
+                         "wandb-registry-REGISTRY/COLLECTION (optionally ORG/ before it)")
+    sweep_dir = Path(output_dir).resolve() / sweep_id
+    summary = read_summary(sweep_dir)
+    config = summary.get("config", {})
+    runs = offline_runs(sweep_dir)
+    if not runs:
+        raise PublishError(f"no offline W&B runs under {sweep_dir / 'wandb'}: the sweep ran with "
+                           f"wandb_mode={config.get('wandb_mode')!r}, so there is nothing to sync")
+    to_sync = [run for run in runs if not is_synced(run)]
+    missing = [path for run in to_sync for path in tracking.staged_artifact_files(run) if not path.exists()]
+    if missing:
+        raise PublishError(
+            f"{len(missing)} staged artifact file(s) of the sweep's runs are gone (e.g. {missing[0]}); "
+            "W&B uploads model artifacts from these copies, so they must stay until the sweep is "
+            "published. Re-run the sweep (finished trials are reused from the registry) or restore them.")
+    local = LocalRegistry(registry_dir or config.get("registry_dir", "registry"))
+    move = planned_promotion(summary, local)
+    return PublishPlan(
+        sweep_id=sweep_id, sweep_dir=sweep_dir,
+        project=project or config.get("wandb_project") or "lr-sweep",
+        entity=entity or config.get("wandb_entity"),
+        registry_collection=registry_collection or config.get("wandb_registry_collection"),
+        runs_to_sync=to_sync, runs_already_synced=[run for run in runs if run not in to_sync],
+        collection=move.get("collection"), alias=move.get("alias"), model=move.get("model"),
+        digest=move.get("digest"), skip_reason=move.get("skip_reason"), reason=move.get("reason"),
+    )
+
+
+def sync_runs(runs: list[Path], project: str, entity: str | None) -> str:
+    """`wandb sync` the runs into PROJECT (and ENTITY); returns its output, raises on failure."""
+    if not runs:
+        return ""
+    command = [tracking.WANDB_COMMAND, "sync", "--yes", "--project", project,
+               *(["--entity", entity] if entity else []), *map(str, runs)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"WANDB_SILENT": "false"})
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise PublishError(f"`wandb sync` failed (exit {done.returncode}) for {len(runs)} run(s) to "
+                           f"{tracking.wandb_server()}:\n{output[-2000:]}")
+    return output
+
+
+def apply_promotion(plan: PublishPlan, registry, *, attempts: int = FIND_ATTEMPTS,
+                    interval_seconds: float = FIND_INTERVAL_SECONDS) -> dict:
+    """Give the plan's alias to the synced W&B version of the promoted model; returns what happened."""
+    if plan.skip_reason or plan.alias is None:
+        return {"moved": False, "reason": plan.skip_reason}
+    ref: ModelRef | None = None
+    for attempt in range(attempts):
+        if (ref := registry.find_by_digest(plan.collection, plan.digest)) is not None:
+            break
+        if attempt + 1 < attempts:
+            time.sleep(interval_seconds)
+    if ref is None:
+        raise PublishError(
+            f"no W&B version of {plan.collection} in {registry.location} has the digest of {plan.model} "
+            f"({plan.digest}); if that model was reused from an earlier sweep, publish that sweep first")
+    previous = registry.move_alias(ref, plan.alias, reason=f"published sweep {plan.sweep_id}: {plan.reason}")
+    return {"moved": True, "alias": plan.alias, "model": str(ref), "previous": str(previous) if previous else None}
+
+
+def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str, str | None], str] = sync_runs,
+            log: Callable[[str], None] = print) -> dict:
+    """Sync the plan's runs, then apply its promotion in W&B."""
+    tracking.require_online_access(plan.project, plan.entity)
+    log(f"syncing {len(plan.runs_to_sync)} run(s) of sweep {plan.sweep_id} to {plan.entity or '(default entity)'}"
+        f"/{plan.project} ({len(plan.runs_already_synced)} already synced)")
+    sync(plan.runs_to_sync, plan.project, plan.entity)
+    if registry is None:
+        from models.wandb_registry import WandbRegistry
+
+        registry = WandbRegistry(project=plan.project, entity=plan.entity,
+                                 registry_collection=plan.registry_collection)
+    result = apply_promotion(plan, registry)
+    return {"plan": plan.as_dict(), "promotion": result}
