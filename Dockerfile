@@ -1,6 +1,50 @@
-# Placeholder until the deployment issue: a CUDA PyTorch image that runs the same flow.
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
-WORKDIR /app
-COPY . .
-RUN pip install --no-cache-dir .
+# syntax=docker/dockerfile:1
+# The lr-sweep flows in a CUDA image. A Docker worker starts a container from it for each flow run
+# and runs `prefect flow-run execute` in /opt/lr-sweep, the same code path as a process worker.
+#
+# Base: the official PyTorch runtime image whose torch is pyproject.toml's pin (torch 2.14.1 on
+# CUDA 13.0 and cuDNN 9, system Python 3.12), so pip keeps its torch instead of downloading a
+# second one. Pinned by tag here; for reproducible builds append its digest once you have pulled
+# it: `docker buildx imagetools inspect pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime`, then
+# --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime@sha256:<digest>.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1 \
+    WANDB_SILENT=true \
+    OMP_WAIT_POLICY=PASSIVE
+
+WORKDIR /opt/lr-sweep
+
+# Dependencies first, from pyproject.toml's own list (no second copy of the pins): this layer is
+# rebuilt only when pyproject.toml changes. `check` fails the build unless every installed
+# version, the base image's torch included, is the one pyproject.toml asks for.
+COPY pyproject.toml ./
+COPY deploy/pins.py /usr/local/share/lr-sweep/pins.py
+RUN python3 /usr/local/share/lr-sweep/pins.py requirements pyproject.toml > /tmp/requirements.txt \
+ && python3 -m pip install -r /tmp/requirements.txt \
+ && python3 /usr/local/share/lr-sweep/pins.py check pyproject.toml
+
+# A non-root user owns the directories the deployments mount volumes on; a fresh named volume
+# copies that owner, so the flow can write its dataset cache, registry and outputs there.
+RUN useradd --create-home --uid 10001 --user-group lrsweep \
+ && mkdir -p data registry runs \
+ && chown lrsweep:lrsweep data registry runs
+
+# The code last: editing it rebuilds only these layers. --no-deps: the dependencies are above.
+COPY README.md ./
+COPY flows ./flows
+COPY tasks ./tasks
+COPY models ./models
+RUN python3 -m pip install --no-deps . && rm -rf build ./*.egg-info
+
+USER lrsweep
+# A Docker worker replaces this with `prefect flow-run execute`; by hand, `docker run --gpus all
+# IMAGE` runs the default sweep.
 CMD ["lr-sweep", "run"]

@@ -39,3 +39,66 @@ test-slow: install
 
 clean:
 	rm -rf runs registry .prefect .pytest_cache
+
+# --- Deploy on a Prefect server (README: "Deploy on a Prefect server") -------------------------
+# `make server` in one terminal; the other targets talk to it through PREFECT_API_URL.
+SERVER_HOST  ?= 127.0.0.1
+SERVER_PORT  ?= 4200
+PROCESS_POOL  := lr-sweep-process
+GPU_POOL      := lr-sweep-gpu
+# Docker pools are created from prefect-docker's template (see deploy/pools.py for why).
+GPU_POOL_TEMPLATE := $(PREFECT_HOME)/docker-pool-template.json
+# The registry GPU nodes pull the image from (`make deploy`), or the image `make deploy-prebuilt` uses.
+LR_SWEEP_IMAGE_REPO ?= localhost:5000/lr-sweep
+IMAGE ?=
+# A GPU worker's name keys its per-device concurrency limits: one stable name per node.
+WORKER_NAME ?= $(shell hostname)
+WORKER_LIMIT ?= 8
+
+.PHONY: server pools deploy deploy-local deploy-prebuilt worker gpu-worker
+pools deploy deploy-local deploy-prebuilt worker gpu-worker: export PREFECT_API_URL ?= http://$(SERVER_HOST):$(SERVER_PORT)/api
+deploy: export LR_SWEEP_IMAGE_REPO := $(LR_SWEEP_IMAGE_REPO)
+
+# Prefect server with its embedded SQLite database in PREFECT_HOME; for production point
+# PREFECT_API_DATABASE_CONNECTION_URL at PostgreSQL (README).
+server: install
+	$(BIN)/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
+
+pools: install
+	$(BIN)/prefect work-pool create $(PROCESS_POOL) --type process --overwrite
+	mkdir -p $(PREFECT_HOME)
+	$(BIN)/python -m deploy.pools docker-template $(GPU_POOL_TEMPLATE)
+	$(BIN)/prefect work-pool create $(GPU_POOL) --type docker --base-job-template $(GPU_POOL_TEMPLATE) --overwrite
+
+# Every deployment; builds and pushes the image (needs a Docker engine and LR_SWEEP_IMAGE_REPO).
+deploy: install
+	$(BIN)/prefect --no-prompt deploy --all
+
+# The process-pool deployments only: no Docker anywhere.
+deploy-local: install
+	$(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local
+
+# The GPU deployments from an image built and pushed elsewhere: no Docker engine needed here.
+deploy-prebuilt: install
+	@test -n "$(IMAGE)" || { echo "usage: make deploy-prebuilt IMAGE=registry.example.com/lr-sweep:TAG"; exit 2; }
+	mkdir -p $(PREFECT_HOME)
+	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) > $(PREFECT_HOME)/prefect.prebuilt.yaml
+	$(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
+		--name lr-sweep/lr-sweep --name lr-sweep-trial/gpu
+
+# Takes sweeps and trials from the process pool, running them from this checkout.
+worker: install
+	$(BIN)/prefect worker start --pool $(PROCESS_POOL) --name $(WORKER_NAME)-process
+
+# On a GPU node with Docker and the NVIDIA container toolkit: one worker per node.
+gpu-worker: install
+	$(BIN)/prefect worker start --pool $(GPU_POOL) --type docker --name $(WORKER_NAME) --limit $(WORKER_LIMIT)
+
+# Issue 6: our training engine against a DataLoader loop, the flow's overhead, peak memory,
+# evaluation speed, in one run (about 5 minutes on 2 cores); figures go to $(BENCH_JSON).
+BENCH_JSON ?= bench.json
+export BENCH_JSON
+
+.PHONY: bench
+bench: data
+	$(BIN)/python benchmarks/bench.py --json $(BENCH_JSON)

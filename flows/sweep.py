@@ -13,8 +13,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SweepConfig
@@ -22,7 +21,7 @@ from models.cnn import ARCHITECTURE_NAME
 from tasks import tracking
 from tasks.compare import compare_and_promote_task
 from tasks.context import SweepContext
-from tasks.data import DatasetRef, prepare_dataset
+from tasks.data import prepare_data
 from tasks.devices import configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.evaluate import evaluate_model
 from tasks.report import build_summary, publish_report
@@ -58,6 +57,7 @@ def sweep_context(config: SweepConfig, sweep_id: str, devices: list[str]) -> Swe
         sweep_id=sweep_id, sweep_dir=output / sweep_id, checkpoint_root=output / "checkpoints",
         collection=collection_name(config.dataset), wandb_mode=config.wandb_mode,
         wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
+        wandb_registry_collection=config.wandb_registry_collection,
         registry_backend=config.registry, registry_dir=Path(config.registry_dir).resolve(),
         devices=tuple(devices), trials_per_device=slots_per_device(devices, config.trials_per_device),
     )
@@ -71,12 +71,6 @@ def failed_outcome(spec: TrialSpec, error: BaseException) -> dict:
     ).as_dict()
 
 
-@task(name="prepare_data", cache_policy=NO_CACHE)
-def prepare_data(config: SweepConfig) -> DatasetRef:
-    return prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed,
-                           config.train_limit)
-
-
 @flow(name="lr-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS))
 def lr_sweep(config: SweepConfig = SweepConfig()) -> dict:
     """Train one CNN per learning rate and seed, evaluate, promote the best, write the report."""
@@ -88,14 +82,21 @@ def lr_sweep(config: SweepConfig = SweepConfig()) -> dict:
     context = sweep_context(config, sweep_id, devices)
     context.sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking.point_wandb_dirs(Path(config.output_dir))
+    if config.wandb_mode == "online":
+        tracking.require_online_access(config.wandb_project, config.wandb_entity)
     logger.info(f"sweep {sweep_id}: {len(config.trial_grid())} trial(s) on {', '.join(devices)} "
                 f"({context.trials_per_device} at a time per device, {threads} CPU thread(s)); "
                 f"output in {context.sweep_dir}")
 
-    dataset = prepare_data(config)
+    dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
+                           config.train_limit)
     specs = trial_specs(config)
-    futures = [train_model.submit(spec, dataset, context) for spec in specs]
-    trials = []
+    if config.dispatch == "deployment":  # each trial a flow run on any worker of the trial pool
+        from flows.dispatch import dispatch_trials  # here: flows.dispatch imports this module
+
+        futures, trials = [], dispatch_trials(config, sweep_id, context, specs, dataset)
+    else:
+        futures, trials = [train_model.submit(spec, dataset, context) for spec in specs], []
     for spec, future in zip(specs, futures):
         result = future.result(raise_on_failure=False)
         if isinstance(result, BaseException):

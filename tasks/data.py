@@ -267,3 +267,15 @@ def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
         val_x=to_device(images[val_idx]), val_y=labels[val_idx].to(device),
         test_x=to_device(test_images), test_y=test_labels.to(device),
     )
+
+
+# --- Prefect ---------------------------------------------------------------------------------------
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="prepare_data", cache_policy=NO_CACHE)
+def prepare_data(name: str, data_dir: Path, val_size: int, split_seed: int, train_limit: int | None) -> DatasetRef:
+    """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
+    return prepare_dataset(name, data_dir, val_size, split_seed, train_limit)

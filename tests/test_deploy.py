@@ -1,0 +1,251 @@
+"""The deployment files, checked without a Docker engine or a server.
+
+prefect.yaml's GPU jobs are rendered the way a Docker worker renders them (pool template +
+deployment job variables, prefect-docker's own code) down to the HostConfig docker-py would send
+to the engine; the pool-template trap is shown on the template Prefect falls back to; the
+Dockerfile is held to pyproject.toml's pins.
+"""
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+from docker.models.containers import _create_container_args
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.flows import load_flow_from_entrypoint
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed, Crashed
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.utilities.templating import apply_values
+from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+from pydantic import ValidationError
+
+from deploy.pins import pin_mismatches, pinned_requirements
+from deploy.pools import TemplateError, check_template, docker_pool_template
+from deploy.prebuilt import BUILT_IMAGE_PLACEHOLDER, prebuilt_project
+from flows.config import SweepConfig
+from flows.dispatch import TrialFailed, outcome_of
+from tasks.train import TrialSpec
+from tests.conftest import REPO_ROOT
+
+IMAGE = "registry.example.com/ml/lr-sweep:2026-01-01"
+# The Docker API version docker-py would negotiate with a current engine (device requests need 1.40+).
+DOCKER_API_VERSION = "1.44"
+GPU_DEPLOYMENTS = [("lr_sweep", "lr-sweep"), ("lr_sweep_trial", "gpu")]
+LOCAL_DEPLOYMENTS = [("lr_sweep", "local"), ("lr_sweep_trial", "local")]
+DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
+
+
+def project() -> dict:
+    return yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+
+
+def deployment(flow_function: str, name: str, source: dict | None = None) -> dict:
+    matches = [d for d in (source or project())["deployments"]
+               if d["name"] == name and d["entrypoint"].endswith(f":{flow_function}")]
+    assert len(matches) == 1, f"{flow_function}/{name}: {len(matches)} deployments"
+    return matches[0]
+
+
+def render_container(job_variables: dict, template: dict) -> dict:
+    """What a Docker worker would create for a flow run of this deployment: the arguments of
+    docker-py's `containers.create`, turned into the engine's create-container body."""
+    values = apply_values(job_variables, {"build-image": {"image": IMAGE}})  # `prefect deploy` does this
+    # A GPU node reaches the server by name; a local URL would make the worker ask the engine.
+    with temporary_settings({PREFECT_API_URL: "http://prefect.internal:4200/api"}):
+        configuration = run_coro_as_sync(
+            DockerWorkerJobConfiguration.from_template_and_values(template, values))
+        configuration.prepare_for_flow_run(flow_run=FlowRun(name="render-test", flow_id=uuid4()),
+                                           worker_name="gpu-node-1")
+        settings = DockerWorker(work_pool_name="lr-sweep-gpu")._build_container_settings(None, configuration)
+    return _create_container_args({**settings, "version": DOCKER_API_VERSION})
+
+
+def dockerfile_workdir() -> str:
+    return re.search(r"^WORKDIR\s+(\S+)", DOCKERFILE, re.M).group(1)
+
+
+# --- the GPU deployments -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("flow_function,name", GPU_DEPLOYMENTS)
+def test_gpu_job_keeps_device_request_shm_and_volumes_through_the_docker_worker(flow_function, name):
+    spec = deployment(flow_function, name)
+    assert spec["work_pool"]["name"] == "lr-sweep-gpu"
+    created = render_container(spec["work_pool"]["job_variables"], docker_pool_template())
+    host = created["host_config"]
+    assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": -1, "DeviceIDs": [],
+                                       "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["ShmSize"] == 8 * 1024**3
+    assert host["Binds"] == ["lr-sweep-data:/opt/lr-sweep/data", "lr-sweep-registry:/opt/lr-sweep/registry",
+                             "lr-sweep-runs:/opt/lr-sweep/runs"]
+    assert created["image"] == IMAGE
+    assert created["command"] == "prefect flow-run execute"  # the process worker's path, in a container
+    assert created["environment"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/opt/lr-sweep/runs/")
+    assert created["environment"]["PREFECT__WORKER_NAME"] == "gpu-node-1"  # keys the device limits
+
+
+def test_a_pool_without_prefect_docker_would_drop_the_gpu_request():
+    """The trap: without prefect-docker, `prefect work-pool create --type docker` uses the
+    collection registry's template (the server's bundled copy offline). Rendered through it, the
+    same deployment starts a container without GPUs and with the default /dev/shm."""
+    import prefect.server.api.collections as collections
+
+    bundled = Path(collections.__file__).parent / "collections_data/views/aggregate-worker-metadata.json"
+    fallback = json.loads(bundled.read_text())["prefect-docker"]["docker"]["default_base_job_configuration"]
+    job_variables = deployment("lr_sweep", "lr-sweep")["work_pool"]["job_variables"]
+    host = render_container(job_variables, fallback)["host_config"]
+    assert "DeviceRequests" not in host and "ShmSize" not in host
+    with pytest.raises(TemplateError, match="container_create_kwargs"):
+        check_template(fallback)
+    check_template(docker_pool_template())  # what `make pools` writes passes
+
+
+def test_container_paths_are_the_image_workdir_and_the_config_defaults():
+    workdir = dockerfile_workdir()
+    defaults = {SweepConfig.model_fields[f].default for f in ("data_dir", "registry_dir", "output_dir")}
+    for flow_function, name in GPU_DEPLOYMENTS:
+        spec = deployment(flow_function, name)
+        assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
+        targets = {Path(v.split(":")[1]) for v in spec["work_pool"]["job_variables"]["volumes"]}
+        assert targets == {Path(workdir) / d for d in defaults}  # the relative defaults, resolved
+        steps = [next(iter(step)) for step in spec["build"] + spec["push"]]
+        assert steps == ["prefect_docker.deployments.steps.build_docker_image",
+                         "prefect_docker.deployments.steps.push_docker_image"]
+        assert spec["build"][0]["prefect_docker.deployments.steps.build_docker_image"]["dockerfile"] == "Dockerfile"
+    for directory in defaults:  # the image creates them for the non-root user the volumes inherit
+        assert re.search(rf"mkdir -p [^\n]*\b{directory}\b", DOCKERFILE)
+
+
+# --- every deployment ----------------------------------------------------------------------------
+
+def test_local_deployments_run_the_same_flows_on_the_process_pool():
+    for flow_function, name in LOCAL_DEPLOYMENTS:
+        spec = deployment(flow_function, name)
+        assert spec["work_pool"]["name"] == "lr-sweep-process"
+        assert "build" not in spec and "push" not in spec and "job_variables" not in spec["work_pool"]
+        gpu = deployment(flow_function, "lr-sweep" if flow_function == "lr_sweep" else "gpu")
+        assert spec["entrypoint"] == gpu["entrypoint"]
+        assert spec["work_pool"].get("work_queue_name") == gpu["work_pool"].get("work_queue_name", "default")
+
+
+def test_deployments_restate_no_defaults_and_load_their_flows():
+    names = {}
+    for spec in project()["deployments"]:
+        assert spec["parameters"] == {}, f"{spec['name']}: defaults belong to SweepConfig"
+        flow = load_flow_from_entrypoint(spec["entrypoint"])  # module paths: one copy of each module
+        names.setdefault(flow.name, set()).add(spec["name"])
+        assert flow.parameters.properties["config"]["$ref"].endswith("SweepConfig")
+    assert names == {"lr-sweep": {"lr-sweep", "local"}, "lr-sweep-trial": {"gpu", "local"}}
+    # The sweep's default trial deployment is one of them.
+    flow_name, deployment_name = SweepConfig().trial_deployment.split("/")
+    assert deployment_name in names[flow_name]
+
+
+def test_the_sweep_schedule_is_defined_but_inactive():
+    for name in ("lr-sweep", "local"):
+        schedules = deployment("lr_sweep", name)["schedules"]
+        assert schedules and all(schedule["active"] is False for schedule in schedules)
+        for schedule in schedules:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # valid as written
+
+
+def test_prebuilt_variant_is_prefect_yaml_without_build_and_push():
+    original = project()
+    prebuilt = prebuilt_project(original, IMAGE)
+    for flow_function, name in GPU_DEPLOYMENTS:
+        before, after = deployment(flow_function, name, original), deployment(flow_function, name, prebuilt)
+        assert "build" not in after and "push" not in after
+        assert after["work_pool"]["job_variables"]["image"] == IMAGE
+        assert before["work_pool"]["job_variables"]["image"] == BUILT_IMAGE_PLACEHOLDER
+        rest = lambda d: {k: v for k, v in d.items() if k not in ("build", "push", "work_pool")}  # noqa: E731
+        assert rest(after) == rest(before)
+        assert ({k: v for k, v in after["work_pool"]["job_variables"].items() if k != "image"}
+                == {k: v for k, v in before["work_pool"]["job_variables"].items() if k != "image"})
+    for flow_function, name in LOCAL_DEPLOYMENTS:
+        assert deployment(flow_function, name, prebuilt) == deployment(flow_function, name, original)
+    with pytest.raises(ValueError, match="image reference"):
+        prebuilt_project(original, "")
+
+
+# --- the Dockerfile ------------------------------------------------------------------------------
+
+def test_dockerfile_installs_exactly_the_pins_of_pyproject():
+    pyproject = REPO_ROOT / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    # The command the Dockerfile runs, run here: its output is what pip installs in the image.
+    printed = subprocess.run([sys.executable, str(REPO_ROOT / "deploy/pins.py"), "requirements", str(pyproject)],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert printed == declared == pinned_requirements(pyproject)
+    installs = re.findall(r"pip install ([^\n&\\]+)", DOCKERFILE)
+    assert [i.strip() for i in installs] == ["-r /tmp/requirements.txt", "--no-deps ."]
+    assert "pins.py requirements pyproject.toml > /tmp/requirements.txt" in DOCKERFILE
+    assert "pins.py check pyproject.toml" in DOCKERFILE
+    # The base image ships torch: its tag must be the pinned version, or pip would install a
+    # second torch (and `check` would fail the build if it did not).
+    torch_pin = next(r.split("==")[1] for r in declared if r.startswith("torch=="))
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE, re.M).group(1)
+    assert base.startswith(f"pytorch/pytorch:{torch_pin}-cuda") and base.endswith("-runtime")
+
+
+def test_pin_check_passes_here_and_catches_a_drift(tmp_path):
+    assert pin_mismatches(pinned_requirements(REPO_ROOT / "pyproject.toml")) == []  # this venv = the pins
+    drifted = tmp_path / "pyproject.toml"
+    drifted.write_text((REPO_ROOT / "pyproject.toml").read_text().replace('"torch==2.14.1"', '"torch==2.13.0"'))
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "deploy/pins.py"), "check", str(drifted)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "torch: 2.14.1 installed, pyproject.toml wants torch==2.13.0" in result.stderr
+
+
+def test_dockerfile_layers_user_and_secrets():
+    lines = [line for line in DOCKERFILE.splitlines() if line and not line.startswith("#")]
+    position = lambda pattern: next(i for i, line in enumerate(lines) if re.search(pattern, line))  # noqa: E731
+    assert position(r"pip install -r") < position(r"^COPY flows") < position(r"^USER ")
+    assert position(r"^COPY pyproject.toml") < position(r"pip install -r")
+    user = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.M)
+    assert user and user[-1] not in ("root", "0")
+    for line in lines:
+        if re.match(r"^(ENV|ARG)\b", line):
+            assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", line, re.I), line
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image():
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", "runs", "registry", "data", ".git", ".prefect", "wandb"} <= ignored
+    assert not ignored & {"flows", "tasks", "models", "deploy", "pyproject.toml", "README.md"}
+
+
+# --- dispatch: config and outcomes ---------------------------------------------------------------
+
+def test_dispatch_settings_are_validated():
+    assert SweepConfig().dispatch == "local"
+    with pytest.raises(ValidationError, match="trial_deployment"):
+        SweepConfig(trial_deployment="lr-sweep/local")  # the sweep's own flow would recurse
+    with pytest.raises(ValidationError, match="dispatch"):
+        SweepConfig(dispatch="remote")
+
+
+def test_a_trial_run_without_an_outcome_is_reported_as_a_failed_trial():
+    spec = TrialSpec(learning_rate=0.01, seed=3, epochs=1, batch_size=64, hidden_units=8, optimizer="adam")
+    crashed = FlowRun(name="s-lr0.01-seed3", flow_id=uuid4(), state=Crashed(message="container exited 137"))
+    outcome = outcome_of(spec, crashed)
+    assert (outcome["status"], outcome["learning_rate"], outcome["seed"]) == ("failed", 0.01, 3)
+    assert "CRASHED: container exited 137" in outcome["error"] and outcome["flow_run"] == str(crashed.id)
+    # Completed, but its result was never persisted where the sweep can read it: said so.
+    unreadable = FlowRun(name="s-lr0.01-seed3", flow_id=uuid4(), state=Completed())
+    assert "result storage must be shared" in outcome_of(spec, unreadable)["error"]
+
+
+def test_a_failed_trial_carries_its_outcome_through_pickled_results():
+    outcome = {"learning_rate": 10.0, "seed": 0, "status": "diverged", "error": "TrialDiverged: loss nan",
+               "history": [{"epoch": 1}], "worker": "gpu-node-1"}
+    restored = pickle.loads(pickle.dumps(TrialFailed(outcome)))  # as the run's result is stored
+    assert restored.outcome == outcome and "lr=10 seed=0 diverged" in str(restored)

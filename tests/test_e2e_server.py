@@ -1,0 +1,251 @@
+"""End to end on a real Prefect server, the way a user deploys the sweep.
+
+`prefect server start` on 127.0.0.1 (a free port, its own SQLite database), `make pools`,
+`make deploy-local`, process workers started with `prefect worker start`, sweeps started with
+`prefect deployment run ... --watch`; real Fashion-MNIST, real training, real registry. Then the
+dispatch mode: the sweep submits each trial to `lr-sweep-trial/local`, two trial workers take
+them. Then the GPU deployments, registered from a prebuilt image (`make deploy-prebuilt`) on the
+Docker pool `make pools` created, rendered for a real flow run as a Docker worker would. Every
+process started here is stopped by its id at the end.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect_docker.worker import DockerWorkerJobConfiguration
+
+from flows.dispatch import device_limit_name, worker_device
+from models.registry import LocalRegistry
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SERVER_START_SECONDS = 240  # a 2-core machine shared with other test runs is slow to start it
+RUN_SECONDS = 300
+TRIAL_WORKERS = ("trial-worker-1", "trial-worker-2")
+SMOKE = {"epochs": 1, "train_limit": 1000, "val_size": 2000, "device": "cpu"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    env: dict
+    api_url: str
+    home: Path
+    processes: list
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        """A long-running process in its own session, so that stopping it stops its children."""
+        log = open(self.home / f"{name}.log", "w")
+        process = subprocess.Popen(args, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append((name, process))
+        return process
+
+    def run(self, *args: str, timeout: float = 180) -> str:
+        result = subprocess.run(args, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    def make(self, *targets: str) -> str:
+        # -o: the venv is given; do not let make reinstall it.
+        return self.run("make", "-s", "-o", ".venv/.installed", *targets)
+
+    def worker(self, name: str, queue: str, limit: int) -> None:
+        self.start(name, str(BIN / "prefect"), "worker", "start", "--pool", "lr-sweep-process",
+                   "--work-queue", queue, "--name", name, "--limit", str(limit))
+
+    def log(self, name: str) -> str:
+        return (self.home / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for _, process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def wait_until_healthy(stack: Stack, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"prefect server exited:\n{stack.log('server')}"
+        try:
+            with urllib.request.urlopen(f"{stack.api_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"prefect server not healthy after {SERVER_START_SECONDS} s:\n{stack.log('server')}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-e2e")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LR_SWEEP_")}
+    env.update({
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'server.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers notice new runs quickly
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    })
+    stack = Stack(env=env, api_url=api_url, home=home, processes=[])
+    try:
+        server = stack.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port))
+        wait_until_healthy(stack, server)
+        stack.make("pools")
+        stack.make("deploy-local")
+        stack.worker("sweep-worker", queue="default", limit=2)
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+def run_deployment_cli(stack: Stack, name: str, config: dict) -> str:
+    """`prefect deployment run NAME --params ... --watch`; returns the flow run id."""
+    output = stack.run(str(BIN / "prefect"), "deployment", "run", name, "--params", json.dumps({"config": config}),
+                       "--watch", "--watch-timeout", str(RUN_SECONDS), timeout=RUN_SECONDS + 60)
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", output).group(1)
+
+
+def read_flow_run(stack: Stack, flow_run_id: str):
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_local_deployment_runs_the_sweep_and_moves_the_alias(stack, fashion_data_dir):
+    registry_dir = stack.home / "registry"
+    config = SMOKE | {"learning_rates": [0.001, 0.0001], "data_dir": str(fashion_data_dir), "sweep_id": "e2e-local",
+                      "output_dir": str(stack.home / "runs"), "registry_dir": str(registry_dir)}
+    assert not registry_dir.exists()  # so no model holds the alias before the run
+    flow_run = read_flow_run(stack, run_deployment_cli(stack, "lr-sweep/local", config))
+    assert flow_run.state.is_completed(), flow_run.state
+    summary = json.loads((stack.home / "runs" / "e2e-local" / "summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
+    holder = LocalRegistry(registry_dir).resolve("fashion-mnist-cnn", "production")
+    assert holder is not None and str(holder) == summary["best"]["model"]
+    assert summary["promotion"]["promoted"] is True and summary["promotion"]["previous"] is None
+
+
+def test_dispatch_spreads_the_trials_over_the_workers_of_the_pool(stack, fashion_data_dir):
+    # One flow run at a time each, on the trials queue: a worker busy with one trial leaves the
+    # next to the other, and the sweep's own run stays with the sweep worker.
+    for name in TRIAL_WORKERS:
+        stack.worker(name, queue="trials", limit=1)
+    registry_dir = stack.home / "registry-dispatch"
+    # 10 diverges within its first steps (Adam): a failed trial's outcome must come back too.
+    config = SMOKE | {"learning_rates": [0.003, 10.0], "data_dir": str(fashion_data_dir),
+                      "sweep_id": "e2e-dispatch", "output_dir": str(stack.home / "runs"),
+                      "registry_dir": str(registry_dir), "dispatch": "deployment",
+                      "trial_deployment": "lr-sweep-trial/local"}
+    flow_run = read_flow_run(stack, run_deployment_cli(stack, "lr-sweep/local", config))
+    assert flow_run.state.is_completed(), flow_run.state
+
+    summary = json.loads((stack.home / "runs" / "e2e-dispatch" / "summary.json").read_text())
+    trials = summary["trials"]
+    assert [(t["learning_rate"], t["status"]) for t in trials] == [(0.003, "completed"), (10.0, "diverged")]
+    assert trials[0]["evaluation"] and trials[0]["device"] == "cpu"
+    assert trials[1]["error"].startswith("TrialDiverged") and trials[1]["model"] is None
+    assert {t["worker"] for t in trials} == set(TRIAL_WORKERS), "each worker took one trial"
+    holder = LocalRegistry(registry_dir).resolve("fashion-mnist-cnn", "production")
+    assert str(holder) == summary["best"]["model"] == trials[0]["model"]
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["sweep:e2e-dispatch"])))
+        limits = {name: client.read_global_concurrency_limit_by_name(device_limit_name(name, "cpu"))
+                  for name in TRIAL_WORKERS}
+    states = {run.name: run.state.type.value for run in runs}
+    assert states == {"e2e-dispatch-lr0.003-seed0": "COMPLETED", "e2e-dispatch-lr10-seed0": "FAILED"}
+    assert all(run.parent_task_run_id for run in runs)  # shown as subflows of the sweep
+    for limit in limits.values():  # created by the trials, one slot per device, released
+        assert (limit.limit, limit.active_slots) == (1, 0)
+    by_name = {run.name: run for run in runs}
+    print("\ndispatch spread:")
+    for trial in trials:
+        run = by_name[f"e2e-dispatch-lr{trial['learning_rate']:g}-seed0"]
+        print(f"  lr {trial['learning_rate']:g}: {trial['status']} on worker {trial['worker']}, "
+              f"flow run {run.start_time:%H:%M:%S}-{run.end_time:%H:%M:%S}")
+
+
+def test_worker_device_slots_give_each_trial_its_own_device(stack):
+    """Two GPUs, one trial each: the third trial on that worker waits for a free GPU."""
+    devices = ["cuda:0", "cuda:1"]
+    taken_later = []
+
+    def third_trial():  # settings are per thread: this one needs the server too
+        with temporary_settings({PREFECT_API_URL: stack.api_url}), worker_device("gpu-node-9", devices, 1) as device:
+            taken_later.append((device, time.monotonic()))
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        with worker_device("gpu-node-9", devices, 1) as first, worker_device("gpu-node-9", devices, 1) as second:
+            assert (first, second) == ("cuda:0", "cuda:1")
+            waiting = threading.Thread(target=third_trial)
+            waiting.start()
+            time.sleep(4)
+            assert taken_later == []  # both GPUs busy
+            released = time.monotonic()
+        waiting.join(timeout=60)
+    assert len(taken_later) == 1 and taken_later[0][0] in devices and taken_later[0][1] >= released
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        limits = [client.read_global_concurrency_limit_by_name(device_limit_name("gpu-node-9", d)) for d in devices]
+    assert [(limit.limit, limit.active_slots) for limit in limits] == [(1, 0), (1, 0)]
+
+
+def test_gpu_deployments_from_a_prebuilt_image_render_their_gpu_request(stack):
+    image = "registry.invalid/lr-sweep:e2e"
+    stack.make("deploy-prebuilt", f"IMAGE={image}")
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        pool = client.read_work_pool("lr-sweep-gpu")
+        sweep = client.read_deployment_by_name("lr-sweep/lr-sweep")
+        trial = client.read_deployment_by_name("lr-sweep-trial/gpu")
+        local = client.read_deployment_by_name("lr-sweep/local")
+        flow_run = client.create_flow_run_from_deployment(sweep.id)
+    assert pool.type == "docker" and "container_create_kwargs" in pool.base_job_template["job_configuration"]
+    assert (sweep.work_pool_name, trial.work_pool_name, trial.work_queue_name) == ("lr-sweep-gpu", "lr-sweep-gpu", "trials")
+    assert [s.active for s in sweep.schedules] == [False] and [s.active for s in local.schedules] == [False]
+
+    async def render():
+        async with get_client() as client:
+            return await DockerWorkerJobConfiguration.resolve_for_flow_run(
+                flow_run, client=client, work_pool=pool, worker_name="gpu-node-1")
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        configuration = run_coro_as_sync(render())
+    assert configuration.image == image
+    assert configuration.container_create_kwargs == {
+        "device_requests": [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}], "shm_size": "8g"}
+    assert configuration.volumes == ["lr-sweep-data:/opt/lr-sweep/data", "lr-sweep-registry:/opt/lr-sweep/registry",
+                                     "lr-sweep-runs:/opt/lr-sweep/runs"]
+    assert configuration.command == "prefect flow-run execute"
