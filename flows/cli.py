@@ -20,15 +20,9 @@ import types
 import typing
 from pathlib import Path
 
-# Quiet, local defaults, set before Prefect and W&B are imported (they read them at import).
-for _name, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    # The temporary local server needs more than the default 20 s to start on a small machine.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "WANDB_SILENT": "true",
-}.items():
-    os.environ.setdefault(_name, _value)
+from flows.environment import apply_local_defaults
+
+apply_local_defaults()  # before Prefect and W&B are imported: they read these at import
 
 from pydantic import ValidationError  # noqa: E402
 

@@ -38,6 +38,27 @@ def configure_cpu_threads(devices: list[str]) -> int:
     return threads
 
 
+@contextlib.contextmanager
+def trial_stream(device: str) -> Iterator[None]:
+    """On a GPU, the calling thread's work goes to a CUDA stream of its own; elsewhere a no-op.
+
+    Trials sharing a GPU run in threads. On the one default stream their kernels would queue
+    behind each other, and every read-back (`.item()`, the divergence check) of one trial would
+    wait for the others' queued work; on a stream each, small trials overlap on the GPU. The
+    current stream is per thread, so each trial thread sets its own.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device=device)
+    # The dataset was copied to the device on the default stream: this stream starts after it.
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    # What the trial produced (weights, metrics) is complete before another stream reads it.
+    stream.synchronize()
+
+
 class DeviceSlots:
     """A pool of (device, slot) places; `take()` blocks until one is free."""
 

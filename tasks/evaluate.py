@@ -16,9 +16,18 @@ from models.cnn import build_model
 from models.registry import ModelRef, ModelRegistry
 from tasks.data import Splits
 
-# Large batches: evaluation keeps no activations for backward, so memory is not the limit and
-# fewer, larger matrix products run faster.
-EVAL_BATCH_SIZE = 1000
+# Evaluation batches by device type. On a GPU, large batches: fewer kernel launches, and memory
+# is not the limit without activations kept for backward. On a CPU, 512: measured on 2 cores
+# (best of 5 over the 10k test images, ReLUs in place) 22,500-26,600 images/s at batch 128-512,
+# 16,700 at 1000 (before in-place ReLUs: 14,300-15,000 at 128-512, 7,800 at 1000). Past ~600
+# images the first conv's output (50 KB an image) outgrows glibc's 32 MB mmap threshold, so
+# every batch maps fresh memory and page-faults it in.
+EVAL_BATCH_SIZE = {"cpu": 512, "cuda": 4096}
+DEFAULT_EVAL_BATCH_SIZE = 1000
+
+
+def eval_batch_size(device: torch.device) -> int:
+    return EVAL_BATCH_SIZE.get(device.type, DEFAULT_EVAL_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,10 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tup
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in range(0, len(images), EVAL_BATCH_SIZE):
-        logits = model(images[start:start + EVAL_BATCH_SIZE])
-        batch_labels = labels[start:start + EVAL_BATCH_SIZE]
+    batch = eval_batch_size(images.device)
+    for start in range(0, len(images), batch):
+        logits = model(images[start:start + batch])
+        batch_labels = labels[start:start + batch]
         loss_sum += nn.functional.cross_entropy(logits.float(), batch_labels, reduction="sum")
         correct += (logits.argmax(dim=1) == batch_labels).sum()
     model.train(was_training)

@@ -30,6 +30,7 @@ from models.serialization import model_files
 from tasks import tracking
 from tasks.data import DatasetRef, Splits, load_splits
 from tasks.context import SweepContext
+from tasks.devices import trial_stream
 from tasks.evaluate import measure, place_model
 from tasks.provenance import code_version, package_versions
 
@@ -99,13 +100,19 @@ class TrialOutcome:
         return asdict(self)
 
 
-def make_optimizer(name: str, parameters, learning_rate: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, parameters, learning_rate: float,
+                   fused: bool | None = True) -> torch.optim.Optimizer:
+    """`fused`: one kernel updates every parameter (CPU and CUDA) instead of PyTorch's default
+    (None) per-tensor loop on CPU (~8 small ops per tensor per step) or foreach on CUDA.
+    Measured on 2 CPU cores, batch 64, best of 4 interleaved runs: Adam fused 3,985 images/s,
+    the default loop 3,429, foreach 3,521. On a GPU, where a small CNN waits on kernel launches,
+    one launch per step instead of several should save more (not measured: no GPU here)."""
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate)
+        return torch.optim.Adam(parameters, lr=learning_rate, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate)
+        return torch.optim.AdamW(parameters, lr=learning_rate, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9)
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, fused=fused)
     raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
 
 
@@ -176,9 +183,16 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     device = next(model.parameters()).device
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
+            param = params[int(index)]
+            if value.shape == param.shape and value.shape:
+                # A moment takes its parameter's memory layout back (channels_last convs): the
+                # fused optimizer walks parameter, gradient and moments as flat buffers, so a
+                # moment restored in another layout would be applied to the wrong elements.
+                value = torch.empty_like(param).copy_(value)
             state.setdefault(int(index), {})[name] = value.to(device)
     for key, value in header["scalars"].items():
         index, name = key.split(".", 1)
@@ -319,7 +333,8 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, context: SweepContext,
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
 
         try:
-            result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
+            with trial_stream(device):
+                result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
         except BaseException as error:
             run.summary["status"] = "diverged" if isinstance(error, TrialDiverged) else "failed"
             run.summary["error"] = str(error)
@@ -327,17 +342,19 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, context: SweepContext,
             raise
         metadata = model_metadata(spec, dataset, context, key, result)
         aliases = (f"lr-{spec.learning_rate:g}-seed-{spec.seed}", f"sweep-{context.sweep_id}")
-        ref = registry.log_model(context.collection, result.state_dict, metadata, aliases)
-        # The same bytes go into the W&B run as a `model` artifact (uploaded by `wandb sync`).
-        model_dir = context.sweep_dir / "models" / spec.name
-        model_dir.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name, data in model_files(result.state_dict, metadata).items():
-            (model_dir / name).write_bytes(data)
-            paths[name] = model_dir / name
-        tracking.log_model_artifact(run, collection=context.collection, files=paths,
-                                    metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
-                                    aliases=list(aliases))
+        # With the wandb backend the registry logs the model as this run's artifact (lineage);
+        # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
+        ref = registry.log_model(context.collection, result.state_dict, metadata, aliases, run=run)
+        if context.registry_backend != "wandb":
+            model_dir = context.sweep_dir / "models" / spec.name
+            model_dir.mkdir(parents=True, exist_ok=True)
+            paths = {}
+            for name, data in model_files(result.state_dict, metadata).items():
+                (model_dir / name).write_bytes(data)
+                paths[name] = model_dir / name
+            tracking.log_model_artifact(run, collection=context.collection, files=paths,
+                                        metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
+                                        aliases=list(aliases))
         run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
                             "train_seconds": result.train_seconds,
                             "samples_per_second": result.samples_per_second})
