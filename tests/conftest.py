@@ -5,7 +5,6 @@ The environment is set before anything imports Prefect or W&B, since both read i
 
 import gzip
 import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -95,8 +94,3 @@ def _reset_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def copy_tree(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
