@@ -53,6 +53,9 @@ def test_killed_sweep_resumes_without_retraining_finished_trials(fashion_data_di
     assert len(stored_before) == 1 and registry.resolve(COLLECTION, "production") is None, \
         (tmp_path / "first.log").read_text()[-3000:]
 
+    # A fresh Prefect home: resume goes by the registry and the checkpoints, not by Prefect's
+    # state, and the killed server's SQLite files are left as SIGKILL left them.
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-rerun")
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary_path = next(p for p in output.glob("*/summary.json"))
