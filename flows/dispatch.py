@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 from typing import Iterator
 
 from prefect import flow, get_run_logger
@@ -40,7 +39,6 @@ from prefect.states import State
 
 from flows.config import SweepConfig
 from flows.sweep import failed_outcome, new_sweep_id, sweep_context
-from tasks import tracking
 from tasks.context import SweepContext
 from tasks.data import DatasetError, DatasetRef, prepare_data
 from tasks.devices import configure_cpu_threads, resolve_devices, slots_per_device
@@ -158,8 +156,6 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
                  else contextlib.nullcontext(None))  # run by hand: the process's own device slots
         with taken as device:
             context = sweep_context(config, sweep_id, [device] if device else devices)
-            context.sweep_dir.mkdir(parents=True, exist_ok=True)
-            tracking.point_wandb_dirs(Path(config.output_dir))
             logger.info(f"trial {spec.name} of sweep {sweep_id} on worker {worker!r}, "
                         f"device {device or ', '.join(devices)}")
             outcome = train_model(spec, dataset, context)

@@ -52,8 +52,10 @@ def trial_specs(config: SweepConfig) -> list[TrialSpec]:
 
 
 def sweep_context(config: SweepConfig, sweep_id: str, devices: list[str]) -> SweepContext:
+    """The context of a sweep (or of one trial of it), with its output directory made and W&B's
+    folders pointed into the output directory, ready for tasks to write."""
     output = Path(config.output_dir).resolve()
-    return SweepContext(
+    context = SweepContext(
         sweep_id=sweep_id, sweep_dir=output / sweep_id, checkpoint_root=output / "checkpoints",
         collection=collection_name(config.dataset), wandb_mode=config.wandb_mode,
         wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
@@ -61,6 +63,9 @@ def sweep_context(config: SweepConfig, sweep_id: str, devices: list[str]) -> Swe
         registry_backend=config.registry, registry_dir=Path(config.registry_dir).resolve(),
         devices=tuple(devices), trials_per_device=slots_per_device(devices, config.trials_per_device),
     )
+    context.sweep_dir.mkdir(parents=True, exist_ok=True)
+    tracking.point_wandb_dirs(output)
+    return context
 
 
 def failed_outcome(spec: TrialSpec, error: BaseException) -> dict:
@@ -80,8 +85,6 @@ def lr_sweep(config: SweepConfig = SweepConfig()) -> dict:
     devices = resolve_devices(config.device)
     threads = configure_cpu_threads(devices)
     context = sweep_context(config, sweep_id, devices)
-    context.sweep_dir.mkdir(parents=True, exist_ok=True)
-    tracking.point_wandb_dirs(Path(config.output_dir))
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
     logger.info(f"sweep {sweep_id}: {len(config.trial_grid())} trial(s) on {', '.join(devices)} "

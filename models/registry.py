@@ -29,14 +29,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from models.serialization import (
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    manifest_digest,
-    model_files,
-    sha256_hex,
-    weights_from_bytes,
-)
+from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, model_files, weights_from_bytes
 
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
 MANIFEST_FILE = "manifest.json"
@@ -99,6 +92,17 @@ def split_name(name: str) -> tuple[str, str]:
     if not sep or not collection or not tag:
         raise ValueError(f"model name {name!r} must look like COLLECTION:vN or COLLECTION:ALIAS")
     return collection, tag
+
+
+def check_expected_holder(collection: str, alias: str, holder_version: str | None,
+                          expected_holder: ModelRef | None | object) -> None:
+    """The compare of move_alias's compare-and-set, shared by every backend."""
+    if expected_holder is ANY_HOLDER:
+        return
+    expected_version = expected_holder.version if expected_holder is not None else None
+    if holder_version != expected_version:
+        raise AliasConflict(f"'{alias}' of {collection} is held by {holder_version}, "
+                            f"not {expected_version}, any more")
 
 
 class ModelRegistry(Protocol):
@@ -179,8 +183,7 @@ class LocalRegistry:
     def log_model(self, collection: str, state_dict: dict[str, torch.Tensor], metadata: dict,
                   aliases: tuple[str, ...] = (), run=None) -> ModelRef:
         files = model_files(state_dict, metadata)
-        hashes = {name: sha256_hex(data) for name, data in files.items()}
-        digest = manifest_digest(hashes)
+        hashes, digest = digest_files(files)
         manifest = {"files": hashes, "digest": digest, "created_at": time.time()}
         with self._locked(collection) as directory:
             # Everything is written and fsynced in a temporary directory first; the rename that
@@ -225,8 +228,7 @@ class LocalRegistry:
             raise ModelNotFound(f"no model {ref} in registry {self.root}")
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         contents = {name: (directory / name).read_bytes() for name in manifest["files"]}
-        hashes = {name: sha256_hex(data) for name, data in contents.items()}
-        actual = manifest_digest(hashes)
+        hashes, actual = digest_files(contents)
         if hashes != manifest["files"] or actual != manifest["digest"] or actual != ref.digest:
             raise DigestMismatch(
                 f"{ref}: stored files have digest {actual}, expected {ref.digest}; refusing to load it"
@@ -252,11 +254,7 @@ class LocalRegistry:
                 raise ModelNotFound(f"no model {ref} in registry {self.root}")
             table = self._read_aliases(directory)
             previous_version = table.get(alias)
-            if expected_holder is not ANY_HOLDER:
-                expected_version = expected_holder.version if expected_holder is not None else None
-                if previous_version != expected_version:
-                    raise AliasConflict(f"'{alias}' of {ref.collection} is held by {previous_version}, "
-                                        f"not {expected_version}, any more")
+            check_expected_holder(ref.collection, alias, previous_version, expected_holder)
             table[alias] = ref.version
             _atomic_write(directory / ALIASES_FILE, json.dumps(table, indent=2, sort_keys=True).encode())
             record = {"time": time.time(), "alias": alias, "version": ref.version,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -41,6 +42,22 @@ def manifest_digest(file_hashes: dict[str, str]) -> str:
     """Digest of a set of files, from their names and SHA-256s (order independent)."""
     lines = "".join(f"{name}:{file_hashes[name]}\n" for name in sorted(file_hashes))
     return sha256_hex(lines.encode())
+
+
+def digest_files(contents: dict[str, bytes]) -> tuple[dict[str, str], str]:
+    """Each file's SHA-256 and the digest of the set: what is stored on write, checked on read."""
+    hashes = {name: sha256_hex(data) for name, data in contents.items()}
+    return hashes, manifest_digest(hashes)
+
+
+def write_files(contents: dict[str, bytes], directory: Path) -> dict[str, Path]:
+    """Write a model's files into `directory` (made if missing); returns their paths by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = directory / name
+        paths[name].write_bytes(data)
+    return paths
 
 
 def model_files(state_dict: dict[str, torch.Tensor], metadata: dict) -> dict[str, bytes]:

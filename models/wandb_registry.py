@@ -40,23 +40,16 @@ from wandb.errors import CommError
 from models.registry import (
     ANY_HOLDER,
     VERSION_PATTERN,
-    AliasConflict,
     DigestMismatch,
     ModelNotFound,
     ModelRef,
     RegistryError,
     StoredModel,
     VersionInfo,
+    check_expected_holder,
     split_name,
 )
-from models.serialization import (
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    manifest_digest,
-    model_files,
-    sha256_hex,
-    weights_from_bytes,
-)
+from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, model_files, weights_from_bytes, write_files
 
 ARTIFACT_TYPE = "model"
 # Keys this backend adds to the model's own metadata in the artifact's metadata. `digest` is also
@@ -109,6 +102,14 @@ def _timestamp(text: str | None) -> float:
         return datetime.fromisoformat(text).timestamp() if text else 0.0
     except ValueError:
         return 0.0
+
+
+def model_artifact(collection: str, paths: dict[str, Path], metadata: dict) -> wandb.Artifact:
+    """A `model` artifact of the collection holding the given files (copied to W&B's staging)."""
+    artifact = wandb.Artifact(name=collection, type=ARTIFACT_TYPE, metadata=metadata)
+    for name, path in paths.items():
+        artifact.add_file(str(path), name=name)
+    return artifact
 
 
 def model_metadata_of(artifact_metadata: dict) -> dict:
@@ -182,8 +183,7 @@ class WandbRegistry:
         Without a run, a short run of job type `log-model` is started for it.
         """
         files = model_files(state_dict, metadata)
-        hashes = {name: sha256_hex(data) for name, data in files.items()}
-        digest = manifest_digest(hashes)
+        hashes, digest = digest_files(files)
         artifact_metadata = metadata | {DIGEST_KEY: digest, FILES_KEY: hashes}
         if run is None:
             with wandb.init(project=self.project, entity=self.entity, job_type="log-model",
@@ -191,10 +191,7 @@ class WandbRegistry:
                             settings=wandb.Settings(init_timeout=API_TIMEOUT_SECONDS, silent=True)) as own_run:
                 return self.log_model(collection, state_dict, metadata, aliases, run=own_run)
         with tempfile.TemporaryDirectory(prefix="wandb-registry-") as staging:
-            paths = {}
-            for name, data in files.items():
-                (Path(staging) / name).write_bytes(data)
-                paths[name] = Path(staging) / name
+            paths = write_files(files, Path(staging))
             logged = self._commit(run, collection, paths, artifact_metadata, list(aliases))
         return ModelRef(collection, logged.version, digest)
 
@@ -203,9 +200,7 @@ class WandbRegistry:
         for attempt in range(1, self.commit_attempts + 1):
             # A fresh artifact per attempt: a draft whose commit was refused cannot be re-sent.
             # add_file copies each file into W&B's staging folder, which the upload reads.
-            artifact = wandb.Artifact(name=collection, type=ARTIFACT_TYPE, metadata=metadata)
-            for name, path in paths.items():
-                artifact.add_file(str(path), name=name)
+            artifact = model_artifact(collection, paths, metadata)
             try:
                 with lock:
                     logged = run.log_artifact(artifact, aliases=aliases)
@@ -243,8 +238,7 @@ class WandbRegistry:
             # skip_cache: the bytes checked are the bytes downloaded, not a cached copy.
             root = Path(artifact.download(root=download_dir, skip_cache=True))
             contents = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-        hashes = {name: sha256_hex(data) for name, data in contents.items()}
-        actual = manifest_digest(hashes)
+        _, actual = digest_files(contents)
         if set(contents) != EXPECTED_FILES or actual != found.digest or (expected and actual != expected):
             raise DigestMismatch(
                 f"{found}: downloaded files {sorted(contents)} have digest {actual}, expected "
@@ -264,11 +258,7 @@ class WandbRegistry:
         holder is checked afterwards and cleared if a server kept it there.
         """
         holder = self.resolve(ref.collection, alias)
-        if expected_holder is not ANY_HOLDER:
-            expected_version = expected_holder.version if expected_holder is not None else None
-            if (holder.version if holder else None) != expected_version:
-                raise AliasConflict(f"'{alias}' of {ref.collection} in W&B is held by "
-                                    f"{holder.version if holder else None}, not {expected_version}, any more")
+        check_expected_holder(ref.collection, alias, holder.version if holder else None, expected_holder)
         target = self._artifact(ref.collection, ref.version)
         if target is None:
             raise ModelNotFound(f"no model {ref} in W&B project {self.location}")

@@ -17,6 +17,8 @@ from pathlib import Path
 import wandb
 from wandb.errors import CommError
 
+from models.wandb_registry import model_artifact
+
 # How long wandb.init may wait for the W&B server before it gives up with an error, instead of
 # its default 90 seconds of silence.
 INIT_TIMEOUT_SECONDS = 30
@@ -91,10 +93,7 @@ def log_epoch(run, record: dict) -> None:
 def log_model_artifact(run, *, collection: str, files: dict[str, Path], metadata: dict,
                        aliases: list[str]) -> None:
     """Log the model files as a `model` artifact of the run (uploaded on `wandb sync` when offline)."""
-    artifact = wandb.Artifact(name=collection, type="model", metadata=metadata)
-    for name, path in files.items():
-        artifact.add_file(str(path), name=name)
-    run.log_artifact(artifact, aliases=aliases)
+    run.log_artifact(model_artifact(collection, files, metadata), aliases=aliases)
 
 
 def run_directory(run) -> str | None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from models.cnn import architecture, build_model
 from models.registry import ModelRef, ModelRegistry, RegistryError
-from models.serialization import model_files
+from models.serialization import model_files, write_files
 from tasks import tracking
 from tasks.data import DatasetRef, Splits, load_splits
 from tasks.context import SweepContext
@@ -346,12 +346,7 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, context: SweepContext,
         # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
         ref = registry.log_model(context.collection, result.state_dict, metadata, aliases, run=run)
         if context.registry_backend != "wandb":
-            model_dir = context.sweep_dir / "models" / spec.name
-            model_dir.mkdir(parents=True, exist_ok=True)
-            paths = {}
-            for name, data in model_files(result.state_dict, metadata).items():
-                (model_dir / name).write_bytes(data)
-                paths[name] = model_dir / name
+            paths = write_files(model_files(result.state_dict, metadata), context.sweep_dir / "models" / spec.name)
             tracking.log_model_artifact(run, collection=context.collection, files=paths,
                                         metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
                                         aliases=list(aliases))
