@@ -1,32 +1,33 @@
 """`lr-sweep`: the command line.
 
     lr-sweep run [--learning-rates 0.001 0.0005 ...] [--epochs 5] ... [--dry-run]
+    lr-sweep data [--dataset NAME] [--data-dir DIR]
     lr-sweep models [--collection NAME] [--json]
-    lr-sweep promote COLLECTION:vN --alias NAME [--force]
+    lr-sweep promote COLLECTION:vN [--alias NAME] [--force]
     lr-sweep publish SWEEP_ID [--output-dir DIR] [--dry-run]
 
-Every flag of `run` is a SweepConfig field with dashes, generated from the config class, so the
-flags, their defaults and their help can never drift from the config. A bad value exits with
+Every flag that sets a SweepConfig field is generated from the config class (the flag is the
+field's name with dashes), so flags, defaults and help can never drift from the config, and
+`LR_SWEEP_*` variables work for every command through the config itself. A bad value exits with
 code 2 and one line per problem naming the field; no traceback for user errors.
+
+The project's modules are imported inside the commands: `--help` and a bad flag answer at once,
+without loading torch, Prefect and W&B.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import types
 import typing
-from pathlib import Path
 
+from pydantic import ValidationError
+
+from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
-
-apply_local_defaults()  # before Prefect and W&B are imported: they read these at import
-
-from pydantic import ValidationError  # noqa: E402
-
-from flows.config import SweepConfig, describe_validation_error  # noqa: E402
+from models.names import NameNotAllowed
 
 EXIT_USER_ERROR = 2
 
@@ -41,14 +42,17 @@ def _none_or(kind):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per SweepConfig field; values are validated by SweepConfig itself."""
-    for name, field in SweepConfig.model_fields.items():
+def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] | None = None) -> None:
+    """One flag per SweepConfig field (or per field in `names`); values are validated by
+    SweepConfig itself."""
+    for name in names or SweepConfig.model_fields:
+        field = SweepConfig.model_fields[name]
         annotation = field.annotation
         origin = typing.get_origin(annotation)
         args = typing.get_args(annotation)
         default = field.default
-        help_text = f"{field.description} Default: {default if not isinstance(default, list) else ' '.join(map(str, default))}."
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{field.description} Default: {shown}."
         options: dict = {"default": argparse.SUPPRESS, "dest": name}
         if origin is list:
             options.update(nargs="+", metavar=args[0].__name__.upper())
@@ -63,6 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_config(namespace: argparse.Namespace) -> SweepConfig:
+    """The config from the given flags, then LR_SWEEP_* variables, then SweepConfig's defaults."""
     given = {name: getattr(namespace, name) for name in SweepConfig.model_fields if hasattr(namespace, name)}
     return SweepConfig(**given)
 
@@ -70,38 +75,43 @@ def parse_config(namespace: argparse.Namespace) -> SweepConfig:
 def print_table(summary: dict) -> None:
     from tasks.report import trial_table
 
-    header = f"{'lr':>9} {'seed':>4} {'status':>9} {'train acc':>9} {'val acc':>8} {'test acc':>8} {'val loss':>8} {'sec':>7}  model"
-    print(header)
+    print(f"{'lr':>9} {'seed':>4} {'status':>9} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
+          f"{'val loss':>8} {'sec':>7}  model")
     for r in trial_table(summary["trials"]):
-        def pct(v):
-            return "-" if v is None else f"{100 * v:.2f}"
-        print(f"{r['learning_rate']:>9g} {r['seed']:>4} {r['status']:>9} {pct(r['train_accuracy']):>9} "
-              f"{pct(r['val_accuracy']):>8} {pct(r['test_accuracy']):>8} "
+        print(f"{r['learning_rate']:>9g} {r['seed']:>4} {r['status']:>9} {_pct(r['train_accuracy']):>9} "
+              f"{_pct(r['val_accuracy']):>8} {_pct(r['test_accuracy']):>8} "
               f"{'-' if r['val_loss'] is None else format(r['val_loss'], '.4f'):>8} "
               f"{'-' if r['train_seconds'] is None else format(r['train_seconds'], '.1f'):>7}  {r['model'] or '-'}")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def command_run(args: argparse.Namespace) -> int:
     config = parse_config(args)
     if args.dry_run:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
         from tasks.devices import resolve_devices
 
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
         print(f"would train {len(config.trial_grid())} trial(s) on {', '.join(resolve_devices(config.device))}")
         return 0
+    from flows.dispatch import RegistryNotShared
     from flows.sweep import SweepFailed, lr_sweep
     from tasks.data import DatasetError
     from tasks.tracking import WandbUnavailable
 
     try:
         summary = lr_sweep(config=config)
-    except (SweepFailed, DatasetError, WandbUnavailable) as error:
+    except (SweepFailed, DatasetError, WandbUnavailable, RegistryNotShared) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
     print()
     print_table(summary)
     promotion = summary["promotion"]
-    print(f"\nbest: lr {summary['best']['learning_rate']:g} seed {summary['best']['seed']} -> {summary['best']['model']}")
+    smoke = " (smoke run: train_limit set)" if summary["smoke"] else ""
+    print(f"\nbest: lr {summary['best']['learning_rate']:g} seed {summary['best']['seed']} -> "
+          f"{summary['best']['model']}{smoke}")
     print(f"alias '{promotion['alias']}': {'moved to ' + promotion['model'] if promotion['promoted'] else 'not moved'} "
           f"({promotion['reason']})")
     print(f"report:  {summary['files']['report']}")
@@ -123,15 +133,12 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args):
-    from models.registry import LocalRegistry
-
-    return LocalRegistry(args.registry_dir)
-
-
 def command_models(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    collections = [args.collection] if args.collection else registry.collections()
+    from models.local_registry import LocalRegistry
+    from models.names import check_name
+
+    registry = LocalRegistry(parse_config(args).registry_dir)
+    collections = [check_name("collection", args.collection)] if args.collection else registry.collections()
     listing = []
     for collection in collections:
         for info in registry.versions(collection):
@@ -157,36 +164,40 @@ def command_models(args: argparse.Namespace) -> int:
 
 def command_promote(args: argparse.Namespace) -> int:
     """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback)."""
+    from models.local_registry import LocalRegistry
     from models.registry import ModelNotFound, split_name
     from tasks.compare import decide_promotion
     from tasks.data import load_splits, prepare_dataset
     from tasks.evaluate import evaluate_stored_model
 
-    registry = _registry(args)
+    config = parse_config(args)
+    registry = LocalRegistry(config.registry_dir)
     collection, tag = split_name(args.model)
     ref = registry.resolve(collection, tag)
     if ref is None:
         raise ModelNotFound(f"no model {args.model!r} in {registry.root}")
     if args.force:
-        previous = registry.move_alias(ref, args.alias, reason="manual promotion (--force)")
-        print(f"'{args.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
+        previous = registry.move_alias(ref, config.alias, reason="manual promotion (--force)")
+        print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
         return 0
-    # Both models are measured on the test set of the candidate's dataset, as in the sweep.
+    # Both models are measured on the test set of the candidate's dataset, as in the sweep; each
+    # with its own normalisation, and a holder trained on other data is not compared (--force).
     dataset_meta = registry.fetch(ref).metadata["dataset"]
-    dataset = prepare_dataset(dataset_meta["name"], args.data_dir, dataset_meta["val_size"],
-                              dataset_meta["split_seed"], None)
+    dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
+                              dataset_meta["split_seed"], dataset_meta["train_limit"])
     splits = load_splits(dataset, "cpu")
 
-    def evaluate(name: str) -> dict:
-        return evaluate_stored_model(registry, name, splits, "cpu").as_dict()
+    def evaluate(model):
+        return evaluate_stored_model(registry, model, splits, "cpu")
 
-    promotion, holder = decide_promotion(registry, ref, evaluate(str(ref)), args.alias, args.margin, evaluate)
-    if not promotion["promoted"]:
-        print(f"lr-sweep: not promoted: {promotion['reason']}; use --force to promote anyway "
+    promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
+                                         config.promotion_margin, evaluate)
+    if not promotion.promoted:
+        print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
               "(e.g. a rollback)", file=sys.stderr)
         return 1
-    registry.move_alias(ref, args.alias, reason=f"manual promotion: {promotion['reason']}", expected_holder=holder)
-    print(f"'{args.alias}' -> {ref} (was {holder or 'unset'}): {promotion['reason']}")
+    registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
+    print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
     return 0
 
 
@@ -196,9 +207,9 @@ def command_publish(args: argparse.Namespace) -> int:
     from tasks.tracking import WandbUnavailable
 
     try:
-        plan = plan_publish(args.sweep_id, args.output_dir, registry_dir=args.registry_dir,
-                            project=args.wandb_project, entity=args.wandb_entity,
-                            registry_collection=args.wandb_registry_collection)
+        plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
+                            project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
+                            registry_collection=args.sweeps_wandb_registry_collection)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
@@ -217,7 +228,7 @@ def command_publish(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = SweepConfig.model_fields
+    fields = SweepConfig.model_fields
     parser = argparse.ArgumentParser(prog="lr-sweep", description="Learning-rate sweep of a small CNN.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -227,39 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
-    data.add_argument("--dataset", dest="dataset", default=argparse.SUPPRESS,
-                      help=SweepConfig.model_fields["dataset"].description)
-    data.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS,
-                      help=SweepConfig.model_fields["data_dir"].description)
+    add_config_arguments(data, ["dataset", "data_dir"])
     data.set_defaults(handler=command_data)
 
-    for name, handler, help_text in (("models", command_models, "list the models of the registry"),
-                                     ("promote", command_promote, "move an alias to a model (manual promotion, rollback)")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--registry-dir", type=Path, default=Path(os.environ.get(
-            "LR_SWEEP_REGISTRY_DIR", defaults["registry_dir"].default)), help="local registry directory")
-        sub.set_defaults(handler=handler)
-        if name == "models":
-            sub.add_argument("--collection", help="only this collection (e.g. fashion-mnist-cnn)")
-            sub.add_argument("--json", action="store_true", help="print JSON")
-        else:
-            sub.add_argument("model", help="COLLECTION:vN (or COLLECTION:ALIAS)")
-            sub.add_argument("--alias", default=defaults["alias"].default, help="alias to move")
-            sub.add_argument("--force", action="store_true", help="skip the champion/challenger gate")
-            sub.add_argument("--margin", type=float, default=defaults["promotion_margin"].default,
-                             help="test-accuracy margin the gate requires")
-            sub.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
-                "LR_SWEEP_DATA_DIR", defaults["data_dir"].default)), help="dataset directory (for the gate)")
+    models = commands.add_parser("models", help="list the models of the registry")
+    add_config_arguments(models, ["registry_dir"])
+    models.add_argument("--collection", help="only this collection (e.g. fashion-mnist-cnn)")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(handler=command_models)
+
+    promote = commands.add_parser("promote", help="move an alias to a model (manual promotion, rollback)")
+    promote.add_argument("model", help="COLLECTION:vN (or COLLECTION:ALIAS)")
+    add_config_arguments(promote, ["alias", "promotion_margin", "registry_dir", "data_dir"])
+    promote.add_argument("--force", action="store_true", help="skip the champion/challenger gate")
+    promote.set_defaults(handler=command_promote)
 
     publish = commands.add_parser("publish", help="upload an offline sweep to W&B and apply its promotion there")
     publish.add_argument("sweep_id", help="the sweep to publish (its folder under the output directory)")
-    publish.add_argument("--output-dir", type=Path, default=Path(os.environ.get(
-        "LR_SWEEP_OUTPUT_DIR", defaults["output_dir"].default)), help=defaults["output_dir"].description)
-    publish.add_argument("--registry-dir", type=Path, default=None,
+    add_config_arguments(publish, ["output_dir"])
+    # These default to what the sweep recorded in its summary.json, not to SweepConfig's defaults.
+    publish.add_argument("--registry-dir", dest="sweeps_registry_dir", default=None,
                          help="local registry that recorded the promotion; default: the sweep's")
     for name in ("wandb_project", "wandb_entity", "wandb_registry_collection"):
-        publish.add_argument(_flag(name), dest=name, default=None,
-                             help=f"{defaults[name].description} Default: the sweep's.")
+        publish.add_argument(_flag(name), dest=f"sweeps_{name}", default=None,
+                             help=f"{fields[name].description} Default: the sweep's.")
     publish.add_argument("--dry-run", action="store_true", help="check the sweep's files and print the plan; "
                          "nothing is uploaded")
     publish.set_defaults(handler=command_publish)
@@ -267,11 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_local_defaults()  # before Prefect and W&B are imported: they read these at import
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ValidationError as error:
         print("lr-sweep: invalid configuration:\n" + describe_validation_error(error), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NameNotAllowed as error:
+        print(f"lr-sweep: invalid input:\n{error.kind}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (LookupError, ValueError) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)

@@ -17,21 +17,13 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DATASETS = ("fashion-mnist", "mnist", "kmnist")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SELECTION_METRICS = ("val_accuracy", "val_loss")
-WANDB_MODES = ("offline", "online", "disabled")
-REGISTRIES = ("local", "wandb")
+from models.names import check_name
 
 MAX_LEARNING_RATES = 64
 MAX_SEEDS = 32
-# W&B accepts alias names of 1-128 characters without '/' or ':'; we also refuse whitespace so
-# that an alias can always be typed into a shell and a URL unquoted.
-ALIAS_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-SWEEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,96}$")
-TRIAL_DEPLOYMENT_PATTERN = re.compile(r"^lr-sweep-trial/[A-Za-z0-9_.\-]{1,96}$")
-REGISTRY_COLLECTION_PATTERN = re.compile(r"^([A-Za-z0-9_.\-]+/)?wandb-registry-[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:\d+")
+TRIAL_DEPLOYMENT_PATTERN = re.compile(r"lr-sweep-trial/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
+REGISTRY_COLLECTION_PATTERN = re.compile(r"([A-Za-z0-9_.\-]+/)?wandb-registry-[A-Za-z0-9_.\-]+/[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 class SweepConfig(BaseSettings):
@@ -108,6 +100,14 @@ class SweepConfig(BaseSettings):
         description="Per-trial deployment (lr-sweep-trial/NAME) used when dispatch is 'deployment'.",
     )
 
+    dispatch_timeout_minutes: float = Field(
+        default=120.0,
+        gt=0,
+        le=10080,
+        description="With dispatch 'deployment': how long the sweep waits for its trial runs "
+        "(0-10080 minutes); runs not finished by then are cancelled and reported as failed.",
+    )
+
     # --- tracking and storage -----------------------------------------------------------------
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         default="offline", description="W&B mode; online needs WANDB_API_KEY."
@@ -165,27 +165,18 @@ class SweepConfig(BaseSettings):
     @field_validator("alias")
     @classmethod
     def _check_alias(cls, alias: str) -> str:
-        if not ALIAS_PATTERN.match(alias) or alias in ("latest",) or re.match(r"^v\d+$", alias):
-            raise ValueError(
-                f"{alias!r} is not allowed: 1-128 characters of letters, digits, '_', '.', '-' "
-                "(no '/', ':' or spaces), and not 'latest' or a version name like 'v3'"
-            )
-        return alias
+        return check_name("alias", alias)
 
     @field_validator("sweep_id")
     @classmethod
     def _check_sweep_id(cls, sweep_id: str | None) -> str | None:
-        if sweep_id is not None and not SWEEP_ID_PATTERN.match(sweep_id):
-            raise ValueError(
-                f"{sweep_id!r} is not allowed: 1-96 characters of letters, digits, '_', '.', '-'"
-            )
-        return sweep_id
+        return None if sweep_id is None else check_name("sweep_id", sweep_id)
 
     @field_validator("wandb_registry_collection")
     @classmethod
     def _check_registry_collection(cls, path: str | None) -> str | None:
         # W&B Registry paths: [ORG/]wandb-registry-REGISTRY/COLLECTION.
-        if path is not None and not REGISTRY_COLLECTION_PATTERN.match(path):
+        if path is not None and not REGISTRY_COLLECTION_PATTERN.fullmatch(path):
             raise ValueError(
                 f"{path!r} is not allowed: use wandb-registry-REGISTRY/COLLECTION (optionally "
                 "ORG/ before it), letters, digits, '_', '.', '-'"
@@ -195,7 +186,7 @@ class SweepConfig(BaseSettings):
     @field_validator("trial_deployment")
     @classmethod
     def _check_trial_deployment(cls, name: str) -> str:
-        if not TRIAL_DEPLOYMENT_PATTERN.match(name):
+        if not TRIAL_DEPLOYMENT_PATTERN.fullmatch(name):
             raise ValueError(
                 f"{name!r} is not allowed: name a deployment of the per-trial flow as "
                 "lr-sweep-trial/NAME, e.g. lr-sweep-trial/gpu or lr-sweep-trial/local"
@@ -205,7 +196,7 @@ class SweepConfig(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, device: str) -> str:
-        if not DEVICE_PATTERN.match(device):
+        if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"{device!r} is not allowed: use auto, cpu, cuda or cuda:N")
         if device.startswith("cuda"):
             import torch

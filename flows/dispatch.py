@@ -1,182 +1,63 @@
-"""Per-trial dispatch: every trial of a sweep as its own flow run of a deployment, on any node.
+"""Per-trial dispatch, the sweep's side: each trial as a flow run of the per-trial deployment.
 
-With `dispatch="deployment"` the sweep does not train in its own process: it submits each
-(learning rate, seed) trial as a flow run of the per-trial deployment (`trial_deployment`, a
-deployment of the `lr-sweep-trial` flow below) with `run_deployment`, so every worker that polls
-that deployment's work pool, on every node, takes trials. The sweep waits for the runs, collects
-their outcome dicts (the same dicts a local trial returns) and goes on to evaluate and compare as
-before. Evaluation fetches each model by reference from the registry, so in a multi-node setup
-the registry must be one that every node reaches: `registry="wandb"`, or `registry_dir` on
-shared storage mounted at the same path on every node. Outcomes travel back as persisted Prefect
-results, which need result storage both sides read: PREFECT_HOME on one machine; on several,
-PREFECT_RESULTS_LOCAL_STORAGE_PATH on shared storage or a remote result storage block.
+With `dispatch="deployment"` the sweep submits each (learning rate, seed) trial as a flow run of
+`trial_deployment` (a deployment of flows/trial.py's `lr-sweep-trial`) with `run_deployment`,
+so every worker that polls that deployment's work pool, on every node, takes trials. The sweep
+waits for the runs until `dispatch_timeout_minutes`, reads each outcome back as JSON and goes
+on to evaluate and compare as a local sweep does.
 
-On its worker, a trial takes one device through a Prefect global concurrency limit per worker
-and device, `lr-sweep-device:<worker>:<device>` (the per-worker pattern of PrefectHQ/prefect
-examples/per_worker_task_concurrency.py), created on first use with `trials_per_device` slots:
-trials that land on one GPU node spread over its GPUs, and a crashed trial's slot comes back
-when its lease expires. Inside the trial the work is `train_model`, the same task a local sweep
-runs.
+Trust: outcomes are read as plain JSON from the result file the trial wrote (its declared
+serializer must be JSON; no Prefect deserializer, so nothing written to the shared result folder
+can make the sweep unpickle or import anything). Models are then fetched by reference and
+digest from the sweep's registry: in a multi-node setup that registry must be one every node
+reaches (`registry="wandb"`, or `registry_dir` on shared storage at the same path everywhere);
+a trial whose model (by digest) is not there stops the sweep before anything is promoted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import json
 import time
-from typing import Iterator
+from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
+from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import FlowRun
-from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.runtime import flow_run as current_flow_run
+from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
-from prefect.states import State
+from prefect.states import Cancelled
 
 from flows.config import SweepConfig
-from flows.sweep import failed_outcome, new_sweep_id, sweep_context
-from tasks.context import SweepContext
-from tasks.data import DatasetError, DatasetRef, prepare_data
-from tasks.devices import configure_cpu_threads, resolve_devices, slots_per_device
-from tasks.train import TrialSpec, train_model
+from models.registry import ModelRegistry
+from tasks.data import DatasetRef
+from tasks.results import TrialOutcome, TrialSpec
+from tasks.train import failed_outcome
+from tasks.workspace import Workspace
 
-TRIAL_FLOW_NAME = "lr-sweep-trial"
-DEVICE_LIMIT_PREFIX = "lr-sweep-device"
-# Set by every Prefect worker in the environment of the flow runs it starts.
-WORKER_NAME_VARIABLE = "PREFECT__WORKER_NAME"
-# A trial asks for a device that looked free for this long (another trial may have taken it in
-# between); with every device busy it looks again after DEVICE_RETRY_SECONDS. Trials last
-# minutes, so a few seconds of waiting is cheap.
-DEVICE_ACQUIRE_SECONDS = 5.0
-DEVICE_RETRY_SECONDS = 2.0
 # How often the sweep asks the server whether its trial runs have finished.
 TRIAL_POLL_SECONDS = 2.0
 
 
 class TrialRunFailed(RuntimeError):
-    """A trial's flow run ended without an outcome (crashed, cancelled, result unreadable)."""
+    """A trial's flow run ended without an outcome (crashed, cancelled, late, result unreadable)."""
 
 
-class TrialFailed(RuntimeError):
-    """Raised by a trial that failed or diverged: fails its flow run and carries its outcome dict
-    back to the sweep as the run's (persisted) result."""
-
-    def __init__(self, outcome: dict):
-        super().__init__(f"trial lr={outcome['learning_rate']:g} seed={outcome['seed']} "
-                         f"{outcome['status']}: {outcome['error']}")
-        self.outcome = outcome
-
-    def __reduce__(self):  # pickled as its outcome alone, to be rebuilt in the sweep's process
-        return type(self), (self.outcome,)
+class RegistryNotShared(RuntimeError):
+    """A dispatched trial's model is not in the sweep's registry under its digest."""
 
 
-# --- on the worker: the per-trial flow -------------------------------------------------------------
-
-def device_limit_name(worker: str, device: str) -> str:
-    return f"{DEVICE_LIMIT_PREFIX}:{worker}:{device}"
-
-
-def ensure_device_limits(worker: str, devices: list[str], per_device: int) -> list[str]:
-    """Create the worker's per-device limits that do not exist yet; existing ones are kept, so an
-    operator's `prefect gcl update` survives."""
-    names = [device_limit_name(worker, device) for device in devices]
-    with get_client(sync_client=True) as client:
-        for name in names:
-            try:
-                client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                with contextlib.suppress(ObjectAlreadyExists):  # another trial was quicker
-                    client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=per_device))
-    return names
-
-
-def first_free_device(names: list[str]) -> int | None:
-    """Index of the first limit with a free slot, read without taking anything."""
-    with get_client(sync_client=True) as client:
-        for index, name in enumerate(names):
-            limit = client.read_global_concurrency_limit_by_name(name)
-            if not limit.active or limit.active_slots < limit.limit:
-                return index
-    return None
-
-
-@contextlib.contextmanager
-def worker_device(worker: str, devices: list[str], per_device: int) -> Iterator[str]:
-    """Hold one slot of one of this worker's devices for the duration of the block.
-
-    Free slots are looked up first and only a free one is asked for: a refused acquisition is
-    logged as an error by Prefect, and should happen only when another trial wins a race."""
-    names = ensure_device_limits(worker, devices, per_device)
-    while True:
-        index = first_free_device(names)
-        if index is not None:
-            entered = False
-            try:
-                with concurrency(names[index], occupy=1, timeout_seconds=DEVICE_ACQUIRE_SECONDS,
-                                 strict=True):
-                    entered = True
-                    yield devices[index]
-                return
-            except TimeoutError:
-                if entered:  # raised by the trial itself, not by a busy device
-                    raise
-        time.sleep(DEVICE_RETRY_SECONDS)
-
-
-def check_fingerprint(dataset: DatasetRef, expected: str | None) -> None:
-    if expected is not None and dataset.fingerprint != expected:
-        raise DatasetError(
-            f"the data on this node (fingerprint {dataset.fingerprint[:12]}…) differs from the "
-            f"sweep's ({expected[:12]}…): every node must train on the same dataset files")
-
-
-@flow(name=TRIAL_FLOW_NAME, log_prints=True, persist_result=True)
-def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: str | None = None) -> dict:
-    """One trial of a sweep on whichever worker took it; returns the trial's outcome dict.
-
-    A trial that fails or diverges fails its flow run with TrialFailed, which still hands the
-    outcome back, so the sweep reports it like a local one."""
-    logger = get_run_logger()
-    worker = os.environ.get(WORKER_NAME_VARIABLE)
-    sweep_id = config.sweep_id or new_sweep_id()  # set by the sweep; a trial run by hand gets its own
-    placement = {"worker": worker, "flow_run": current_flow_run.id}
-    try:
-        dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
-                               config.train_limit)
-        check_fingerprint(dataset, dataset_fingerprint)
-        devices = resolve_devices(config.device)
-        configure_cpu_threads(devices)
-        per_device = slots_per_device(devices, config.trials_per_device)
-        taken = (worker_device(worker, devices, per_device) if worker
-                 else contextlib.nullcontext(None))  # run by hand: the process's own device slots
-        with taken as device:
-            context = sweep_context(config, sweep_id, [device] if device else devices)
-            logger.info(f"trial {spec.name} of sweep {sweep_id} on worker {worker!r}, "
-                        f"device {device or ', '.join(devices)}")
-            outcome = train_model(spec, dataset, context)
-    except Exception as error:
-        raise TrialFailed(failed_outcome(spec, error) | placement) from error
-    return outcome | placement
-
-
-# --- in the sweep: submit, wait, collect -----------------------------------------------------------
-
-def trial_parameters(config: SweepConfig, sweep_id: str, context: SweepContext, spec: TrialSpec,
-                     dataset: DatasetRef) -> dict:
+def trial_parameters(config: SweepConfig, workspace: Workspace, spec: TrialSpec, dataset: DatasetRef) -> dict:
     """The trial's config is the sweep's, with the sweep id fixed and the shared directories made
     absolute, so every trial writes into the same sweep and registry whatever its worker's cwd."""
     trial_config = config.model_copy(update={
-        "sweep_id": sweep_id, "registry_dir": context.registry_dir,
-        "output_dir": context.sweep_dir.parent})
+        "sweep_id": workspace.sweep_id, "registry_dir": workspace.registry.directory,
+        "output_dir": workspace.sweep_dir.parent})
     return {"config": trial_config, "spec": spec, "dataset_fingerprint": dataset.fingerprint}
 
 
-def submit_trials(config: SweepConfig, sweep_id: str, context: SweepContext, specs: list[TrialSpec],
+def submit_trials(config: SweepConfig, workspace: Workspace, specs: list[TrialSpec],
                   dataset: DatasetRef) -> list[FlowRun]:
     if not PREFECT_API_URL.value():
         raise ValueError(
@@ -187,9 +68,9 @@ def submit_trials(config: SweepConfig, sweep_id: str, context: SweepContext, spe
     for spec in specs:
         try:
             runs.append(run_deployment(
-                config.trial_deployment, timeout=0, flow_run_name=f"{sweep_id}-{spec.name}",
-                parameters=trial_parameters(config, sweep_id, context, spec, dataset),
-                tags=[f"sweep:{sweep_id}"]))
+                config.trial_deployment, timeout=0, flow_run_name=f"{workspace.sweep_id}-{spec.name}",
+                parameters=trial_parameters(config, workspace, spec, dataset),
+                tags=[f"sweep:{workspace.sweep_id}"]))
         except ObjectNotFound:
             raise ValueError(
                 f"trial_deployment {config.trial_deployment!r} does not exist on the Prefect "
@@ -198,44 +79,104 @@ def submit_trials(config: SweepConfig, sweep_id: str, context: SweepContext, spe
     return runs
 
 
-def wait_until_final(flow_run_id) -> FlowRun:
+def queue_of(deployment_name: str) -> str:
+    """'pool POOL, queue QUEUE' of a deployment, for messages about runs nobody took."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+    return f"work pool {deployment.work_pool_name!r}, queue {deployment.work_queue_name!r}"
+
+
+def wait_until_final(runs: list[FlowRun], deadline: float, queue: str) -> dict:
+    """Each run's final FlowRun, or the reason it has none by the deadline (it is then cancelled,
+    so a worker that turns up later does not start it)."""
+    finished: dict = {}
     with get_client(sync_client=True) as client:
         while True:
-            flow_run = client.read_flow_run(flow_run_id)
-            if flow_run.state is not None and flow_run.state.is_final():
-                return flow_run
+            for run in runs:
+                if run.id not in finished:
+                    current = client.read_flow_run(run.id)
+                    if current.state is not None and current.state.is_final():
+                        finished[run.id] = current
+            if len(finished) == len(runs):
+                return finished
+            if time.monotonic() > deadline:
+                break
             time.sleep(TRIAL_POLL_SECONDS)
+        for run in runs:
+            if run.id not in finished:
+                current = client.read_flow_run(run.id)
+                state = current.state
+                waited = ("no worker took it (it is Late)" if state is not None and state.is_scheduled()
+                          else f"it was still {state.name if state else 'pending'}")
+                finished[run.id] = TrialRunFailed(
+                    f"flow run {current.name} did not finish within the dispatch timeout: {waited}; "
+                    f"start a worker on {queue} or raise dispatch_timeout_minutes")
+                client.set_flow_run_state(run.id, Cancelled(message="the sweep stopped waiting"), force=True)
+    return finished
 
 
-def outcome_of(spec: TrialSpec, flow_run: FlowRun) -> dict:
-    """The outcome dict the trial handed back, or a failed outcome saying why there is none."""
-    state: State = flow_run.state
-    reason = f"flow run {flow_run.name} ended {state.type.value}: {state.message}"
-    if state.is_completed() or state.is_failed():
+def read_outcome_json(flow_run: FlowRun) -> dict:
+    """The trial's result as plain JSON, read from its result file without Prefect's deserializer
+    (which would honour whatever serializer the record names)."""
+    metadata = flow_run.state.data
+    serializer = getattr(getattr(metadata, "serializer", None), "type", None)
+    if serializer != "json":
+        raise TrialRunFailed(f"flow run {flow_run.name}: its result is stored with serializer "
+                             f"{serializer!r}, not JSON; it is not read")
+    if metadata.storage_block_id is None:
+        data = Path(metadata.storage_key).read_bytes()
+    else:  # remote result storage (e.g. S3): a block both the trial and the sweep reach
+        with get_client(sync_client=True) as client:
+            document = client.read_block_document(metadata.storage_block_id)
+        data = Block._from_block_document(document).read_path(metadata.storage_key)
+    return json.loads(data)
+
+
+def outcome_of(spec: TrialSpec, flow_run: FlowRun | TrialRunFailed) -> TrialOutcome:
+    """The outcome the trial handed back, or a failed outcome saying why there is none."""
+    if isinstance(flow_run, TrialRunFailed):
+        return failed_outcome(spec, flow_run)
+    state = flow_run.state
+    if state.is_completed():
         try:
-            result = state.result(raise_on_failure=False)
-        except Exception as error:  # e.g. the worker's result storage is not reachable from here
-            result = error
-            reason += (f"; its result could not be read ({type(error).__name__}: {error}): result "
-                       "storage must be shared by the sweep and its trials")
-        if isinstance(result, TrialFailed):
-            return result.outcome
-        if isinstance(result, dict):
-            return result
-    return failed_outcome(spec, TrialRunFailed(reason)) | {"flow_run": str(flow_run.id)}
+            return TrialOutcome.model_validate(read_outcome_json(flow_run))
+        except Exception as error:  # unreadable, not shared between the nodes, not an outcome
+            reason = (f"flow run {flow_run.name} completed but its outcome could not be read "
+                      f"({type(error).__name__}: {error}): result storage must be shared by the "
+                      "sweep and its trials")
+    else:
+        reason = f"flow run {flow_run.name} ended {state.type.value}: {state.message}"
+    return failed_outcome(spec, TrialRunFailed(reason)).model_copy(update={"flow_run": str(flow_run.id)})
 
 
-def dispatch_trials(config: SweepConfig, sweep_id: str, context: SweepContext, specs: list[TrialSpec],
-                    dataset: DatasetRef) -> list[dict]:
+def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry, where: str) -> None:
+    """Every completed trial's model must be in the sweep's registry with the trial's digest."""
+    for trial in trials:
+        if trial.status != "completed":
+            continue
+        found = registry.resolve(trial.model.collection, trial.model.version)
+        if found is None or found.digest != trial.model.digest:
+            holder = "nothing" if found is None else f"another model (digest {found.digest[:12]}…)"
+            raise RegistryNotShared(
+                f"trial {trial.name} stored {trial.model.short} on worker {trial.worker!r}, but the "
+                f"sweep's registry {where} holds {holder} under that name: the registry is not "
+                "shared between the nodes. Put registry_dir on storage every node mounts at the "
+                "same path, or use registry='wandb'. Nothing was promoted.")
+
+
+def dispatch_trials(config: SweepConfig, workspace: Workspace, specs: list[TrialSpec],
+                    dataset: DatasetRef) -> list[TrialOutcome]:
     """Run every trial as a flow run of `config.trial_deployment`; outcomes in `specs` order."""
     logger = get_run_logger()
-    runs = submit_trials(config, sweep_id, context, specs, dataset)
+    runs = submit_trials(config, workspace, specs, dataset)
     logger.info(f"dispatched {len(runs)} trial(s) to deployment {config.trial_deployment!r}; "
                 f"waiting for the workers of its pool: {', '.join(run.name for run in runs)}")
+    deadline = time.monotonic() + 60 * config.dispatch_timeout_minutes
+    finished = wait_until_final(runs, deadline, queue_of(config.trial_deployment))
     outcomes = []
     for spec, run in zip(specs, runs):
-        finished = wait_until_final(run.id)
-        outcome = outcome_of(spec, finished)
-        logger.info(f"trial {spec.name}: {outcome['status']} on worker {outcome.get('worker')!r}")
+        outcome = outcome_of(spec, finished[run.id])
+        logger.info(f"trial {spec.name}: {outcome.status} on worker {outcome.worker!r}")
         outcomes.append(outcome)
+    require_shared_registry(outcomes, workspace.registry.open(), str(workspace.registry.directory))
     return outcomes

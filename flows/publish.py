@@ -25,14 +25,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from flows.config import REGISTRY_COLLECTION_PATTERN, SWEEP_ID_PATTERN
-from models.registry import LocalRegistry, ModelRef, split_name
+from flows.config import REGISTRY_COLLECTION_PATTERN, SweepConfig
+from models.local_registry import LocalRegistry
+from models.names import check_name, inside
+from models.registry import ModelRef, split_name
+from models.wandb_registry import WandbRegistry
 from tasks import tracking
 
 # `wandb sync` has committed the artifacts when it returns; the server may take a moment before
 # a query lists them, so the synced version is looked for a few times.
 FIND_ATTEMPTS = 6
 FIND_INTERVAL_SECONDS = 5.0
+# `wandb sync` of a sweep's runs (a few MB each); past this it is stopped and reported.
+SYNC_TIMEOUT_SECONDS = 900
 
 
 class PublishError(RuntimeError):
@@ -91,6 +96,9 @@ def planned_promotion(summary: dict, local: LocalRegistry) -> dict:
     if digest is None:
         raise PublishError(f"summary.json promotes {model} but lists no trial with that model")
     collection, _ = split_name(model)
+    if local.find_by_digest(collection, digest) is None:
+        raise PublishError(f"the registry {local.root.resolve()} holds no model with the digest of {model} "
+                           f"({digest[:12]}…): is --registry-dir the sweep's registry?")
     holder = local.resolve(collection, alias)
     if holder is None or holder.digest != digest:
         return {"alias": alias, "collection": collection, "model": model, "digest": digest,
@@ -105,13 +113,11 @@ def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | 
                  project: str | None = None, entity: str | None = None,
                  registry_collection: str | None = None) -> PublishPlan:
     """Check the sweep's files and work out the publication; unset options default to the sweep's config."""
-    if not SWEEP_ID_PATTERN.match(sweep_id):
-        raise ValueError(f"sweep id {sweep_id!r} is not allowed: 1-96 characters of letters, digits, "
-                         "'_', '.', '-'")
-    if registry_collection is not None and not REGISTRY_COLLECTION_PATTERN.match(registry_collection):
+    check_name("sweep_id", sweep_id)
+    if registry_collection is not None and not REGISTRY_COLLECTION_PATTERN.fullmatch(registry_collection):
         raise ValueError(f"wandb_registry_collection {registry_collection!r} is not allowed: use "
                          "wandb-registry-REGISTRY/COLLECTION (optionally ORG/ before it)")
-    sweep_dir = Path(output_dir).resolve() / sweep_id
+    sweep_dir = inside(Path(output_dir), sweep_id)
     summary = read_summary(sweep_dir)
     config = summary.get("config", {})
     runs = offline_runs(sweep_dir)
@@ -125,11 +131,12 @@ def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | 
             f"{len(missing)} staged artifact file(s) of the sweep's runs are gone (e.g. {missing[0]}); "
             "W&B uploads model artifacts from these copies, so they must stay until the sweep is "
             "published. Re-run the sweep (finished trials are reused from the registry) or restore them.")
-    local = LocalRegistry(registry_dir or config.get("registry_dir", "registry"))
+    defaults = SweepConfig.model_fields
+    local = LocalRegistry(registry_dir or config.get("registry_dir") or defaults["registry_dir"].default)
     move = planned_promotion(summary, local)
     return PublishPlan(
         sweep_id=sweep_id, sweep_dir=sweep_dir,
-        project=project or config.get("wandb_project") or "lr-sweep",
+        project=project or config.get("wandb_project") or defaults["wandb_project"].default,
         entity=entity or config.get("wandb_entity"),
         registry_collection=registry_collection or config.get("wandb_registry_collection"),
         runs_to_sync=to_sync, runs_already_synced=[run for run in runs if run not in to_sync],
@@ -139,16 +146,26 @@ def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | 
 
 
 def sync_runs(runs: list[Path], project: str, entity: str | None) -> str:
-    """`wandb sync` the runs into PROJECT (and ENTITY); returns its output, raises on failure."""
+    """`wandb sync` the runs into PROJECT (and ENTITY); returns its output.
+
+    `wandb sync` (0.31) prints per-run failures, "Not authenticated." among them, and still exits
+    0: success is each run's `.wandb.synced` marker, checked afterwards."""
     if not runs:
         return ""
-    command = [tracking.WANDB_COMMAND, "sync", "--yes", "--project", project,
+    command = [*tracking.WANDB_COMMAND, "sync", "--yes", "--project", project,
                *(["--entity", entity] if entity else []), *map(str, runs)]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"WANDB_SILENT": "false"})
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=SYNC_TIMEOUT_SECONDS,
+                              env=os.environ | {"WANDB_SILENT": "false"})
+    except subprocess.TimeoutExpired as error:
+        raise PublishError(f"`wandb sync` did not finish within {SYNC_TIMEOUT_SECONDS} s "
+                           f"({tracking.wandb_server()}):\n{(error.stdout or '')[-2000:]}") from error
     output = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise PublishError(f"`wandb sync` failed (exit {done.returncode}) for {len(runs)} run(s) to "
-                           f"{tracking.wandb_server()}:\n{output[-2000:]}")
+    unsynced = [run for run in runs if not is_synced(run)]
+    if done.returncode != 0 or unsynced:
+        raise PublishError(f"`wandb sync` to {tracking.wandb_server()} failed (exit {done.returncode}; "
+                           f"{len(unsynced)} of {len(runs)} run(s) not synced, e.g. "
+                           f"{unsynced[0] if unsynced else '-'}); its output:\n{output[-2000:]}")
     return output
 
 
@@ -179,8 +196,6 @@ def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str
         f"/{plan.project} ({len(plan.runs_already_synced)} already synced)")
     sync(plan.runs_to_sync, plan.project, plan.entity)
     if registry is None:
-        from models.wandb_registry import WandbRegistry
-
         registry = WandbRegistry(project=plan.project, entity=plan.entity,
                                  registry_collection=plan.registry_collection)
     result = apply_promotion(plan, registry)

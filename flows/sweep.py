@@ -1,5 +1,5 @@
 """The `lr-sweep` flow: prepare data, train one model per (learning rate, seed), evaluate the
-stored models by reference, compare and promote once, publish the report.
+stored models by reference, compare and promote once, write the report.
 
 The flow only orchestrates; the work is in the plain functions of `tasks/`. A trial that fails or
 diverges is recorded and the others go on; the flow fails only when no trial produced a model,
@@ -9,126 +9,125 @@ and then the alias stays where it was.
 from __future__ import annotations
 
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SweepConfig
-from models.cnn import ARCHITECTURE_NAME
+from flows.dispatch import dispatch_trials
+from flows.plan import make_workspace, new_sweep_id, trial_specs
 from tasks import tracking
 from tasks.compare import compare_and_promote_task
-from tasks.context import SweepContext
-from tasks.data import prepare_data
-from tasks.devices import configure_cpu_threads, resolve_devices, slots_per_device
+from tasks.data import DatasetRef, prepare_data
+from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.evaluate import evaluate_model
-from tasks.report import build_summary, publish_report
-from tasks.train import TrialDiverged, TrialOutcome, TrialSpec, train_model
+from tasks.report import build_summary, ui_table, write_report_task
+from tasks.results import TrialOutcome, TrialSpec
+from tasks.train import failed_outcome, train_model
+from tasks.workspace import Workspace
 
 # Threads of the flow's task runner: enough for every trial to wait for a device slot; the slots,
 # not the threads, decide how many trials train at once.
 TASK_THREADS = 64
+FINISHED_EVENT = "lr-sweep.sweep.finished"
 
 
 class SweepFailed(RuntimeError):
     """No trial produced a usable model."""
 
 
-def new_sweep_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+def collect_trials(specs: list[TrialSpec], futures: list[PrefectFuture]) -> list[TrialOutcome]:
+    """Each trial's outcome in the order of `specs`; a trial task that raised becomes a failed
+    (or diverged) outcome."""
+    outcomes = []
+    for spec, future in zip(specs, futures):
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            get_run_logger().warning(f"trial {spec.name} did not finish: {result}")
+            result = failed_outcome(spec, result)
+        outcomes.append(result)
+    return outcomes
 
 
-def collection_name(dataset: str) -> str:
-    """One registry collection per dataset and architecture, as in W&B's model registry."""
-    return f"{dataset}-{ARCHITECTURE_NAME}"
+def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: Workspace,
+                    slots: DeviceSlots) -> list[TrialOutcome]:
+    """Each completed trial with the evaluation of its model, fetched by reference. Evaluations
+    are keyed by digest: one model is measured once, and two models are never taken for one."""
+    futures = {}
+    for trial in trials:
+        if trial.status == "completed" and trial.model.digest not in futures:
+            futures[trial.model.digest] = evaluate_model.submit(trial, dataset, workspace, slots)
+    evaluated = []
+    for trial in trials:
+        if trial.status != "completed":
+            evaluated.append(trial)
+            continue
+        result = futures[trial.model.digest].result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            evaluated.append(trial.model_copy(update={
+                "status": "failed", "error": f"evaluation failed: {type(result).__name__}: {result}"}))
+        else:
+            evaluated.append(trial.model_copy(update={"evaluation": result}))
+    return evaluated
 
 
-def trial_specs(config: SweepConfig) -> list[TrialSpec]:
-    return [TrialSpec(learning_rate=rate, seed=seed, epochs=config.epochs, batch_size=config.batch_size,
-                      hidden_units=config.hidden_units, optimizer=config.optimizer)
-            for rate, seed in config.trial_grid()]
-
-
-def sweep_context(config: SweepConfig, sweep_id: str, devices: list[str]) -> SweepContext:
-    """The context of a sweep (or of one trial of it), with its output directory made and W&B's
-    folders pointed into the output directory, ready for tasks to write."""
-    output = Path(config.output_dir).resolve()
-    context = SweepContext(
-        sweep_id=sweep_id, sweep_dir=output / sweep_id, checkpoint_root=output / "checkpoints",
-        collection=collection_name(config.dataset), wandb_mode=config.wandb_mode,
-        wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
-        wandb_registry_collection=config.wandb_registry_collection,
-        registry_backend=config.registry, registry_dir=Path(config.registry_dir).resolve(),
-        devices=tuple(devices), trials_per_device=slots_per_device(devices, config.trials_per_device),
-    )
-    context.sweep_dir.mkdir(parents=True, exist_ok=True)
-    tracking.point_wandb_dirs(output)
-    return context
-
-
-def failed_outcome(spec: TrialSpec, error: BaseException) -> dict:
-    diverged = isinstance(error, TrialDiverged)
-    return TrialOutcome(
-        learning_rate=spec.learning_rate, seed=spec.seed, status="diverged" if diverged else "failed",
-        error=f"{type(error).__name__}: {error}", history=getattr(error, "history", []),
-    ).as_dict()
+def publish_artifacts(summary: dict, report_markdown: str) -> None:
+    """The report (charts embedded) and the trial table, attached to the flow run."""
+    create_markdown_artifact(markdown=report_markdown, key="lr-sweep-report",
+                             description=f"Learning-rate sweep {summary['sweep_id']}")
+    create_table_artifact(table=ui_table(summary), key="lr-sweep-trials",
+                          description=f"Trials of sweep {summary['sweep_id']}")
 
 
 @flow(name="lr-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS))
-def lr_sweep(config: SweepConfig = SweepConfig()) -> dict:
+def lr_sweep(config: SweepConfig | None = None) -> dict:
     """Train one CNN per learning rate and seed, evaluate, promote the best, write the report."""
+    config = config or SweepConfig()
     logger = get_run_logger()
     started = time.perf_counter()
     sweep_id = config.sweep_id or new_sweep_id()
     devices = resolve_devices(config.device)
     threads = configure_cpu_threads(devices)
-    context = sweep_context(config, sweep_id, devices)
+    slots = DeviceSlots(devices, slots_per_device(devices, config.trials_per_device))
+    workspace = make_workspace(config, sweep_id)
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
     logger.info(f"sweep {sweep_id}: {len(config.trial_grid())} trial(s) on {', '.join(devices)} "
-                f"({context.trials_per_device} at a time per device, {threads} CPU thread(s)); "
-                f"output in {context.sweep_dir}")
+                f"({slots.per_device} at a time per device, {threads} CPU thread(s)); "
+                f"output in {workspace.sweep_dir}")
 
     dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
                            config.train_limit)
     specs = trial_specs(config)
     if config.dispatch == "deployment":  # each trial a flow run on any worker of the trial pool
-        from flows.dispatch import dispatch_trials  # here: flows.dispatch imports this module
-
-        futures, trials = [], dispatch_trials(config, sweep_id, context, specs, dataset)
+        trials = dispatch_trials(config, workspace, specs, dataset)
     else:
-        futures, trials = [train_model.submit(spec, dataset, context) for spec in specs], []
-    for spec, future in zip(specs, futures):
-        result = future.result(raise_on_failure=False)
-        if isinstance(result, BaseException):
-            logger.warning(f"trial {spec.name} did not finish: {result}")
-            trials.append(failed_outcome(spec, result))
-        else:
-            trials.append(result)
-
-    evaluations = {t["model"]: evaluate_model.submit(t["model"], dataset, context)
-                   for t in trials if t["status"] == "completed"}
-    for trial in trials:
-        if trial["model"] in evaluations:
-            result = evaluations[trial["model"]].result(raise_on_failure=False)
-            if isinstance(result, BaseException):
-                trial.update(status="failed", error=f"evaluation failed: {type(result).__name__}: {result}")
-            else:
-                trial["evaluation"] = result
-
-    decision = compare_and_promote_task(trials, dataset, context, alias=config.alias,
+        trials = collect_trials(specs, [train_model.submit(spec, dataset, workspace, slots) for spec in specs])
+    trials = evaluate_trials(trials, dataset, workspace, slots)
+    decision = compare_and_promote_task(trials, dataset, workspace, slots, alias=config.alias,
                                         metric=config.selection_metric, margin=config.promotion_margin)
     summary = build_summary(
-        sweep_id=sweep_id, config=config.model_dump(mode="json"),
+        sweep_id=sweep_id, config=config.model_dump(mode="json") | {  # paths as used, whatever the cwd later
+            "registry_dir": str(workspace.registry.directory), "output_dir": str(workspace.sweep_dir.parent),
+            "data_dir": str(Path(config.data_dir).resolve())},
         dataset={"name": dataset.name, "fingerprint": dataset.fingerprint, "train_size": dataset.train_size,
                  "val_size": dataset.val_size, "test_size": dataset.test_size},
         trials=trials, decision=decision, wall_seconds=time.perf_counter() - started, devices=devices,
+        wandb={"mode": config.wandb_mode, "project": config.wandb_project, "entity": config.wandb_entity,
+               "output_dir": str(workspace.sweep_dir.parent)},
     )
-    files = publish_report(summary, context.sweep_dir)
+    files, report_markdown = write_report_task(summary, workspace.sweep_dir)
+    publish_artifacts(summary, report_markdown)
+    logger.info(f"report: {files['report']}")
+    emit_event(event=FINISHED_EVENT, resource={"prefect.resource.id": f"lr-sweep.sweep.{sweep_id}"},
+               payload={"sweep_id": sweep_id, "report": files["report"], "promoted": decision.promotion.promoted,
+                        "statuses": [t.status for t in trials]})
     summary["files"] = files
-    if decision["best"] is None:
+    if decision.best is None:
         raise SweepFailed(f"no trial of sweep {sweep_id} produced a usable model; the alias "
                           f"'{config.alias}' was not touched. Report: {files['report']}")
     return summary

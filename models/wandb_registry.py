@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 import threading
 import time
@@ -37,9 +38,9 @@ import torch
 import wandb
 from wandb.errors import CommError
 
+from models.names import VERSION_NAME, check_name
 from models.registry import (
     ANY_HOLDER,
-    VERSION_PATTERN,
     DigestMismatch,
     ModelNotFound,
     ModelRef,
@@ -47,7 +48,7 @@ from models.registry import (
     StoredModel,
     VersionInfo,
     check_expected_holder,
-    split_name,
+    require_digest,
 )
 from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, model_files, weights_from_bytes, write_files
 
@@ -77,18 +78,29 @@ def _commit_lock(key: tuple) -> threading.Lock:
         return _commit_locks.setdefault(key, threading.Lock())
 
 
-def is_commit_conflict(error: BaseException) -> bool:
-    """A 409 from the server: another commit took the version this one raced for.
+# wandb-core reports a refused commit as text only (`Artifact.wait()` raises
+# ValueError(response.error_message)); a conflict is the HTTP status 409 as a word together with
+# "conflict", never a "409" inside a number or an id (4096, ...409...).
+CONFLICT_TEXT = re.compile(r"(\b409\b.*\bconflict)|(\bconflict\b.*\b409\b)", re.IGNORECASE | re.DOTALL)
 
-    In wandb 0.31 the commit runs in wandb-core and its failure reaches Python as a ValueError
-    from `Artifact.wait()` carrying the server's message; the public API raises CommError with
-    the HTTP error in `.exc`. Both are recognised.
-    """
-    response = getattr(getattr(error, "exc", None), "response", None)
-    if getattr(response, "status_code", None) == 409:
-        return True
-    text = str(error).lower()
-    return "409" in text or "conflict" in text
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status behind a W&B error: CommError keeps the requests error in `.exc`."""
+    for candidate in (error, getattr(error, "exc", None)):
+        status = getattr(getattr(candidate, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def is_commit_conflict(error: BaseException) -> bool:
+    """A 409 from the server: another commit took the version this one raced for; retrying with a
+    fresh artifact fixes it. Anything else (auth, quota, a bad name, a 4xx/5xx that is not 409)
+    is not retried: no retry can fix it."""
+    status = http_status(error)
+    if status is not None:
+        return status == 409
+    return isinstance(error, ValueError) and bool(CONFLICT_TEXT.search(str(error)))
 
 
 def _is_not_found(error: CommError) -> bool:
@@ -173,7 +185,8 @@ class WandbRegistry:
             raise
 
     def _ref_of(self, collection: str, artifact) -> ModelRef:
-        return ModelRef(collection, artifact.version, artifact.metadata.get(DIGEST_KEY, ""))
+        return ModelRef(collection=collection, version=artifact.version,
+                        digest=artifact.metadata.get(DIGEST_KEY, ""))
 
     # --- the protocol -------------------------------------------------------------------------
     def log_model(self, collection: str, state_dict: dict[str, torch.Tensor], metadata: dict,
@@ -193,7 +206,7 @@ class WandbRegistry:
         with tempfile.TemporaryDirectory(prefix="wandb-registry-") as staging:
             paths = write_files(files, Path(staging))
             logged = self._commit(run, collection, paths, artifact_metadata, list(aliases))
-        return ModelRef(collection, logged.version, digest)
+        return ModelRef(collection=collection, version=logged.version, digest=digest)
 
     def _commit(self, run, collection: str, paths: dict[str, Path], metadata: dict, aliases: list[str]):
         lock = _commit_lock((self.entity, self.project, collection))
@@ -220,13 +233,9 @@ class WandbRegistry:
         artifact = self._artifact(collection, tag)
         return None if artifact is None else self._ref_of(collection, artifact)
 
-    def fetch(self, ref: ModelRef | str) -> StoredModel:
-        """Download a version and load it after its files matched the recorded digest."""
-        if isinstance(ref, str):
-            collection, tag = split_name(ref)
-            expected = None
-        else:
-            collection, tag, expected = ref.collection, ref.version, ref.digest
+    def fetch(self, ref: ModelRef) -> StoredModel:
+        """Download a version and load it after its files matched the reference's digest."""
+        collection, tag, expected = ref.collection, ref.version, ref.digest
         artifact = self._artifact(collection, tag, use=True)
         if artifact is None:
             raise ModelNotFound(f"no model {collection}:{tag} in W&B project {self.location}")
@@ -234,12 +243,13 @@ class WandbRegistry:
         if not found.digest:
             raise DigestMismatch(f"{found}: the W&B artifact carries no '{DIGEST_KEY}' in its metadata; "
                                  "it was not logged by this registry and is refused")
+        require_digest(ref, found.digest, f"W&B project {self.location}")
         with tempfile.TemporaryDirectory(prefix="wandb-fetch-") as download_dir:
             # skip_cache: the bytes checked are the bytes downloaded, not a cached copy.
             root = Path(artifact.download(root=download_dir, skip_cache=True))
             contents = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
         _, actual = digest_files(contents)
-        if set(contents) != EXPECTED_FILES or actual != found.digest or (expected and actual != expected):
+        if set(contents) != EXPECTED_FILES or actual != found.digest or actual != expected:
             raise DigestMismatch(
                 f"{found}: downloaded files {sorted(contents)} have digest {actual}, expected "
                 f"{expected or found.digest}; refusing to load it")
@@ -257,6 +267,7 @@ class WandbRegistry:
         Returns the previous holder. W&B moves an alias within a collection by itself; the old
         holder is checked afterwards and cleared if a server kept it there.
         """
+        check_name("alias", alias)
         holder = self.resolve(ref.collection, alias)
         check_expected_holder(ref.collection, alias, holder.version if holder else None, expected_holder)
         target = self._artifact(ref.collection, ref.version)
@@ -290,12 +301,12 @@ class WandbRegistry:
             return []
         infos = [
             VersionInfo(ref=self._ref_of(collection, artifact),
-                        aliases=sorted(a for a in artifact.aliases if not VERSION_PATTERN.match(a)),
+                        aliases=sorted(a for a in artifact.aliases if not VERSION_NAME.fullmatch(a)),
                         metadata=model_metadata_of(artifact.metadata),
                         created_at=_timestamp(artifact.created_at))
             for artifact in api.artifacts(type_name=ARTIFACT_TYPE, name=self._collection_path(collection))
         ]
-        return sorted(infos, key=lambda info: int(VERSION_PATTERN.match(info.ref.version).group(1)))
+        return sorted(infos, key=lambda info: int(VERSION_NAME.fullmatch(info.ref.version).group(1)))
 
     def find_by_digest(self, collection: str, digest: str) -> ModelRef | None:
         """The newest version whose files have this digest (e.g. a model synced from an offline run)."""

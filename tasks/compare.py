@@ -17,24 +17,34 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from statistics import mean, stdev
 from typing import Callable
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from scipy import stats
 
-from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError, split_name
+from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
+from tasks.data import DatasetRef
+from tasks.devices import DeviceSlots
+from tasks.evaluate import DatasetMismatch, evaluate_on_free_device
+from tasks.results import Evaluation, Promotion, TrialOutcome
+from tasks.workspace import Workspace
 
 ALPHA = 0.05
 GATE_METRIC = "test_accuracy"
 METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+PROMOTED_EVENT = "lr-sweep.model.promoted"
 
 
 def higher_is_better(metric: str) -> bool:
     return metric.endswith("accuracy")
 
 
-def usable(trials: list[dict]) -> list[dict]:
-    return [t for t in trials if t["status"] == "completed" and t.get("evaluation")]
+def usable(trials: list[TrialOutcome]) -> list[TrialOutcome]:
+    return [t for t in trials if t.usable]
 
 
 def describe(values: list[float]) -> dict:
@@ -49,15 +59,19 @@ def describe(values: list[float]) -> dict:
     }
 
 
-def aggregate_by_rate(trials: list[dict]) -> list[dict]:
+def seeds_of(trials: list[TrialOutcome], learning_rate: float) -> list[TrialOutcome]:
+    return sorted((t for t in usable(trials) if t.learning_rate == learning_rate), key=lambda t: t.seed)
+
+
+def aggregate_by_rate(trials: list[TrialOutcome]) -> list[dict]:
     """One row per learning rate with the statistics of every final metric over its seeds."""
     rows = []
-    for rate in sorted({t["learning_rate"] for t in usable(trials)}):
-        group = sorted((t for t in usable(trials) if t["learning_rate"] == rate), key=lambda t: t["seed"])
+    for rate in sorted({t.learning_rate for t in usable(trials)}):
+        group = seeds_of(trials, rate)
         rows.append({
             "learning_rate": rate,
-            "seeds": [t["seed"] for t in group],
-            **{metric: describe([t["evaluation"][metric] for t in group]) for metric in METRICS},
+            "seeds": [t.seed for t in group],
+            **{metric: describe([t.evaluation.metric(metric) for t in group]) for metric in METRICS},
         })
     return rows
 
@@ -70,9 +84,9 @@ def rank_rates(rows: list[dict], metric: str) -> list[dict]:
     return sorted(rows, key=lambda r: _sort_key(metric, r[metric]["mean"], r["val_loss"]["mean"], r["learning_rate"]))
 
 
-def best_trial(trials: list[dict], learning_rate: float, metric: str) -> dict:
-    group = [t for t in usable(trials) if t["learning_rate"] == learning_rate]
-    return min(group, key=lambda t: _sort_key(metric, t["evaluation"][metric], t["evaluation"]["val_loss"], t["seed"]))
+def best_trial(trials: list[TrialOutcome], learning_rate: float, metric: str) -> TrialOutcome:
+    return min(seeds_of(trials, learning_rate),
+               key=lambda t: _sort_key(metric, t.evaluation.metric(metric), t.evaluation.val_loss, t.seed))
 
 
 def significance(winner: list[float], runner_up: list[float]) -> dict:
@@ -97,31 +111,48 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
     return {"test": "welch_t", "p_value": p_value, "significant": significant, "note": note}
 
 
-def gate(challenger: dict, champion: dict | None, margin: float) -> tuple[bool, str]:
+def gate(challenger: Evaluation, champion: Evaluation | None, margin: float) -> tuple[bool, str]:
     """Champion/challenger on the same test set: (promote?, reason)."""
     if champion is None:
         return True, "no model held the alias"
-    delta = challenger[GATE_METRIC] - champion[GATE_METRIC]
-    figures = (f"challenger test accuracy {challenger[GATE_METRIC]:.4f} vs "
-               f"holder {champion[GATE_METRIC]:.4f} ({delta:+.4f}, margin {margin:g})")
+    ours, theirs = challenger.metric(GATE_METRIC), champion.metric(GATE_METRIC)
+    delta = ours - theirs
+    figures = f"challenger test accuracy {ours:.4f} vs holder {theirs:.4f} ({delta:+.4f}, margin {margin:g})"
     if delta > 0 and delta >= margin:
         return True, f"better than the holder: {figures}"
     return False, f"not better than the holder by more than the margin: {figures}"
 
 
-def select(trials: list[dict], metric: str) -> dict | None:
+@dataclass(frozen=True)
+class Selection:
+    ranking: list[dict]  # statistics per learning rate, best first (summary.json's `aggregates`)
+    winner: dict
+    best: TrialOutcome  # the winner's best seed: the promotion candidate
+    significance: dict | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    selection: Selection | None
+    promotion: Promotion
+
+    @property
+    def best(self) -> TrialOutcome | None:
+        return self.selection.best if self.selection else None
+
+
+def select(trials: list[TrialOutcome], metric: str) -> Selection | None:
     """The winning rate, its promoted trial, the ranking and the significance of the lead."""
     rows = rank_rates(aggregate_by_rate(trials), metric)
     if not rows:
         return None
     winner = rows[0]
-    chosen = best_trial(trials, winner["learning_rate"], metric)
     test = None
     if len(rows) > 1:
-        values = {r["learning_rate"]: [t["evaluation"][metric] for t in usable(trials)
-                                       if t["learning_rate"] == r["learning_rate"]] for r in rows[:2]}
-        test = significance(values[winner["learning_rate"]], values[rows[1]["learning_rate"]])
-    return {"ranking": rows, "winner": winner, "best": chosen, "significance": test}
+        test = significance(*[[t.evaluation.metric(metric) for t in seeds_of(trials, row["learning_rate"])]
+                              for row in rows[:2]])
+    return Selection(ranking=rows, winner=winner, best=best_trial(trials, winner["learning_rate"], metric),
+                     significance=test)
 
 
 # A competing sweep can move the alias between our look at the holder and our move; the decision
@@ -129,72 +160,93 @@ def select(trials: list[dict], metric: str) -> dict | None:
 PROMOTION_ATTEMPTS = 5
 
 
-def compare_and_promote(registry: ModelRegistry, trials: list[dict], *, alias: str, metric: str,
-                        margin: float, evaluate_ref: Callable[[str], dict]) -> dict:
-    """Pick the best model and move the alias to it if it beats the holder; the sweep's decision."""
+def compare_and_promote(registry: ModelRegistry, trials: list[TrialOutcome], *, alias: str, metric: str,
+                        margin: float, evaluate_ref: Callable[[ModelRef], Evaluation]) -> Decision:
+    """Pick the best model and move the alias to it if it beats the holder; the sweep's decision.
+
+    The candidate is the trial's own reference, digest included: the registry refuses to move
+    the alias to a version whose digest is not the one the trial recorded."""
     selection = select(trials, metric)
     if selection is None:
-        return {"selection": None, "best": None,
-                "promotion": {"alias": alias, "model": None, "previous": None, "promoted": False,
-                              "reason": "no trial produced a usable model; the alias stays where it was"}}
-    best = selection["best"]
-    candidate = registry.resolve(*split_name(best["model"]))
+        return Decision(None, Promotion(alias=alias, promoted=False,
+                                        reason="no trial produced a usable model; the alias stays where it was"))
+    best = selection.best
     for _ in range(PROMOTION_ATTEMPTS):
-        promotion, holder = decide_promotion(registry, candidate, best["evaluation"], alias, margin, evaluate_ref)
-        if not promotion["promoted"]:
+        promotion, holder = decide_promotion(registry, best.model, best.evaluation, alias, margin, evaluate_ref)
+        if not promotion.promoted:
             break
         try:
-            registry.move_alias(candidate, alias, reason=promotion["reason"], expected_holder=holder)
+            registry.move_alias(best.model, alias, reason=promotion.reason, expected_holder=holder)
             break
         except AliasConflict:
             continue  # another sweep promoted meanwhile: judge again against its model
     else:
-        promotion.update(promoted=False, reason=f"'{alias}' kept moving under concurrent promotions; "
-                                                "left where it is")
-    return {"selection": selection, "best": best, "promotion": promotion}
+        promotion = promotion.model_copy(update={
+            "promoted": False, "reason": f"'{alias}' kept moving under concurrent promotions; left where it is"})
+    return Decision(selection, promotion)
 
 
-def decide_promotion(registry: ModelRegistry, candidate: ModelRef, evaluation: dict, alias: str,
-                     margin: float, evaluate_ref: Callable[[str], dict]) -> tuple[dict, ModelRef | None]:
+def decide_promotion(registry: ModelRegistry, candidate: ModelRef, evaluation: Evaluation, alias: str,
+                     margin: float, evaluate_ref: Callable[[ModelRef], Evaluation]) -> tuple[Promotion, ModelRef | None]:
     """The champion/challenger decision against the alias's current holder (nothing is moved).
 
     Returns the promotion record and the holder it was decided against."""
     holder = registry.resolve(candidate.collection, alias)
-    promotion = {"alias": alias, "model": str(candidate), "previous": str(holder) if holder else None,
-                 "promoted": False, "challenger_evaluation": evaluation, "holder_evaluation": None}
+    decided = {"alias": alias, "model": candidate, "previous": holder, "challenger_evaluation": evaluation}
     if holder == candidate:
-        promotion["reason"] = f"{candidate} already holds '{alias}'"
-        return promotion, holder
-    champion = None
-    if holder is not None:
-        try:
-            champion = evaluate_ref(str(holder))
-            promotion["holder_evaluation"] = champion
-        except RegistryError as error:
-            # A holder that fails its digest check cannot be served; it is no reason to keep it.
-            promotion["holder_error"] = str(error)
+        return Promotion(**decided, promoted=False, reason=f"{candidate} already holds '{alias}'"), holder
+    if holder is None:
+        promote, reason = gate(evaluation, None, margin)
+        return Promotion(**decided, promoted=promote, reason=reason), holder
+    try:
+        champion = evaluate_ref(holder)
+    except DatasetMismatch as error:
+        return Promotion(**decided, promoted=False, reason=(
+            f"the holder {holder} cannot be compared on this data ({error}); the alias stays "
+            "(use `lr-sweep promote ... --force` to move it anyway)")), holder
+    except RegistryError as error:
+        # A holder that fails its digest check cannot be served; it is no reason to keep it.
+        return Promotion(**decided, promoted=True, holder_error=str(error),
+                         reason=f"the holder {holder} could not be evaluated ({error})"), holder
     promote, reason = gate(evaluation, champion, margin)
-    if holder is not None and champion is None:
-        reason = f"the holder {holder} could not be evaluated ({promotion['holder_error']})"
-    promotion.update(promoted=promote, reason=reason)
-    return promotion, holder
+    return Promotion(**decided, promoted=promote, reason=reason, holder_evaluation=champion), holder
 
 
-# --- Prefect ---------------------------------------------------------------------------------------
+def promotion_line(promotion: Promotion, limited: bool) -> str:
+    """One log line: `production: v1 -> v3, test acc 0.873 -> 0.909` (or why it stayed)."""
+    smoke = " [smoke run: train_limit set]" if limited else ""
+    if not promotion.promoted:
+        return f"{promotion.alias}: stays on {promotion.previous or 'no model'}: {promotion.reason}{smoke}"
+    before = promotion.holder_evaluation.test_accuracy if promotion.holder_evaluation else None
+    after = promotion.challenger_evaluation.test_accuracy
+    return (f"{promotion.alias}: {promotion.previous.version if promotion.previous else 'unset'} -> "
+            f"{promotion.model.version}, test acc {'-' if before is None else f'{before:.3f}'} -> "
+            f"{after:.3f} (digest {promotion.model.digest[:12]}){smoke}")
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from tasks.context import SweepContext  # noqa: E402
-from tasks.data import DatasetRef  # noqa: E402
-from tasks.evaluate import evaluate_in_sweep  # noqa: E402
+def emit_promoted(promotion: Promotion, sweep_id: str, registry_dir: str, limited: bool) -> None:
+    """The event a Prefect automation reacts to (prefect.yaml: lr-sweep-export)."""
+    model = promotion.model
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={"prefect.resource.id": f"lr-sweep.model.{model.collection}",
+                  "lr-sweep.collection": model.collection, "lr-sweep.alias": promotion.alias},
+        payload={"collection": model.collection, "alias": promotion.alias, "version": model.version,
+                 "digest": model.digest, "previous_version": promotion.previous.version if promotion.previous else None,
+                 "previous_digest": promotion.previous.digest if promotion.previous else None,
+                 "metrics": promotion.challenger_evaluation.model_dump(), "sweep_id": sweep_id,
+                 "registry_dir": registry_dir, "smoke": limited})
 
 
-@task(name="compare_and_promote", cache_policy=NO_CACHE)
-def compare_and_promote_task(trials: list[dict], dataset: DatasetRef, context: SweepContext, *,
-                             alias: str, metric: str, margin: float) -> dict:
+@task(name="compare_and_promote", task_run_name="compare and promote '{alias}'", cache_policy=NO_CACHE)
+def compare_and_promote_task(trials: list[TrialOutcome], dataset: DatasetRef, workspace: Workspace,
+                             slots: DeviceSlots, *, alias: str, metric: str, margin: float) -> Decision:
     """The only step that moves an alias: once, after every trial has been evaluated."""
-    return compare_and_promote(
-        context.registry(), trials, alias=alias, metric=metric, margin=margin,
-        evaluate_ref=lambda ref: evaluate_in_sweep(ref, dataset, context),
-    )
+    decision = compare_and_promote(
+        workspace.registry.open(), trials, alias=alias, metric=metric, margin=margin,
+        evaluate_ref=lambda ref: evaluate_on_free_device(ref, dataset, workspace, slots))
+    limited = dataset.train_limit is not None
+    get_run_logger().info(promotion_line(decision.promotion, limited))
+    if decision.promotion.promoted:
+        emit_promoted(decision.promotion, workspace.sweep_id, str(workspace.registry.directory), limited)
+    return decision

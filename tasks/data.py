@@ -26,8 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from torchvision import datasets
 
+from models.files import atomic_write, file_lock, temporary_sibling
 from models.serialization import manifest_digest
 
 TORCHVISION_CLASSES = {
@@ -83,8 +86,10 @@ class DatasetRef:
 
 @dataclass
 class Splits:
-    """The three splits as tensors on one device: images (N, 1, 28, 28) float32, labels int64."""
+    """The three splits as tensors on one device: images (N, 1, 28, 28) float32, normalised with
+    `dataset.mean` and `dataset.std`, labels int64."""
 
+    dataset: DatasetRef
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -119,10 +124,7 @@ def _md5_file(path: Path) -> str:
 
 def _write_checksums(directory: Path, names: list[str]) -> dict[str, str]:
     hashes = {name: _sha256_file(directory / name) for name in names}
-    text = "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes))
-    tmp = directory / f".{CHECKSUM_FILE}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, directory / CHECKSUM_FILE)
+    atomic_write(directory / CHECKSUM_FILE, "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes)))
     return hashes
 
 
@@ -148,7 +150,7 @@ def _install_from_system(name: str, target: Path) -> bool:
         target.mkdir(parents=True, exist_ok=True)
         for archive in archives:
             # Decompress to a temporary name and rename, so an interrupted copy never looks done.
-            tmp = target / f".{archive.stem}.tmp"
+            tmp = temporary_sibling(target / archive.stem)
             with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             if _md5_file(archive) != expected_md5[archive.name] and known.get(archive.stem) != _sha256_file(tmp):
@@ -161,9 +163,6 @@ def _install_from_system(name: str, target: Path) -> bool:
     return False
 
 
-_locate_lock = threading.Lock()
-
-
 def locate_dataset(name: str, data_dir: Path, allow_download: bool = True) -> tuple[Path, str]:
     """Make sure the raw files are in the data directory; returns (root, fingerprint)."""
     if name not in TORCHVISION_CLASSES:
@@ -171,7 +170,9 @@ def locate_dataset(name: str, data_dir: Path, allow_download: bool = True) -> tu
     data_dir = Path(data_dir)
     directory = raw_dir(name, data_dir)
     names = raw_file_names(name)
-    with _locate_lock:
+    # Two sweeps (two containers on one fresh data volume) may install the files at once: the
+    # first installs under the lock, the second then finds them and only verifies.
+    with file_lock(data_dir, ".install.lock"):
         have_files = all((directory / n).exists() for n in names)
         if not have_files:
             installed = _install_from_system(name, directory)
@@ -263,19 +264,13 @@ def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
         return pixels.to(device).contiguous(memory_format=torch.channels_last)
 
     return Splits(
-        train_x=to_device(images[train_idx]), train_y=labels[train_idx].to(device),
+        dataset=ref, train_x=to_device(images[train_idx]), train_y=labels[train_idx].to(device),
         val_x=to_device(images[val_idx]), val_y=labels[val_idx].to(device),
         test_x=to_device(test_images), test_y=test_labels.to(device),
     )
 
 
-# --- Prefect ---------------------------------------------------------------------------------------
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-
-@task(name="prepare_data", cache_policy=NO_CACHE)
+@task(name="prepare_data", task_run_name="prepare {name}", cache_policy=NO_CACHE)
 def prepare_data(name: str, data_dir: Path, val_size: int, split_seed: int, train_limit: int | None) -> DatasetRef:
     """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
     return prepare_dataset(name, data_dir, val_size, split_seed, train_limit)

@@ -60,9 +60,12 @@ def trial_stream(device: str) -> Iterator[None]:
 
 
 class DeviceSlots:
-    """A pool of (device, slot) places; `take()` blocks until one is free."""
+    """A pool of (device, slot) places; `take()` blocks until one is free. The flow makes one per
+    sweep and hands it to every task that trains or evaluates."""
 
     def __init__(self, devices: list[str], per_device: int):
+        self.devices = list(devices)
+        self.per_device = per_device
         self._free = [device for _ in range(per_device) for device in devices]
         self._condition = threading.Condition()
 
@@ -77,16 +80,3 @@ class DeviceSlots:
             with self._condition:
                 self._free.append(device)
                 self._condition.notify()
-
-
-_pools: dict[tuple, DeviceSlots] = {}
-_pools_lock = threading.Lock()
-
-
-def device_slots(devices: list[str], per_device: int) -> DeviceSlots:
-    """The process's one pool for these devices: every task thread of a sweep shares it."""
-    key = (tuple(devices), per_device)
-    with _pools_lock:
-        if key not in _pools:
-            _pools[key] = DeviceSlots(devices, per_device)
-        return _pools[key]

@@ -3,18 +3,27 @@
 `measure` is also what training uses for its per-epoch validation figures, so the validation
 accuracy that evaluation measures on the stored weights equals the one logged at the last epoch
 (same function, same batch size, same layout).
+
+Each model is measured with its OWN input normalisation (the mean and std in its metadata): a
+model trained on another slice of the data (a smoke run) saw other constants, and measuring it
+with the sweep's would be measuring a different model. Models trained on other data (another
+dataset fingerprint) are not measured at all: their accuracy on this test set would not be
+comparable.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from models.cnn import build_model
 from models.registry import ModelRef, ModelRegistry
-from tasks.data import Splits
+from tasks.data import DatasetRef, Splits, load_splits
+from tasks.devices import DeviceSlots
+from tasks.results import Evaluation, TrialOutcome
+from tasks.workspace import Workspace
 
 # Evaluation batches by device type. On a GPU, large batches: fewer kernel launches, and memory
 # is not the limit without activations kept for backward. On a CPU, 512: measured on 2 cores
@@ -26,19 +35,12 @@ EVAL_BATCH_SIZE = {"cpu": 512, "cuda": 4096}
 DEFAULT_EVAL_BATCH_SIZE = 1000
 
 
+class DatasetMismatch(ValueError):
+    """A model trained on other data than the data it would be measured on."""
+
+
 def eval_batch_size(device: torch.device) -> int:
     return EVAL_BATCH_SIZE.get(device.type, DEFAULT_EVAL_BATCH_SIZE)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    val_loss: float
-    val_accuracy: float
-    test_loss: float
-    test_accuracy: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -47,15 +49,20 @@ def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 @torch.inference_mode()
-def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` over a whole split."""
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+            rescale: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over a whole split; `rescale` (scale, shift)
+    maps the split's normalisation to the model's, batch by batch."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     batch = eval_batch_size(images.device)
     for start in range(0, len(images), batch):
-        logits = model(images[start:start + batch])
+        inputs = images[start:start + batch]
+        if rescale is not None:
+            inputs = inputs * rescale[0] + rescale[1]
+        logits = model(inputs)
         batch_labels = labels[start:start + batch]
         loss_sum += nn.functional.cross_entropy(logits.float(), batch_labels, reduction="sum")
         correct += (logits.argmax(dim=1) == batch_labels).sum()
@@ -64,38 +71,54 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tup
     return loss_sum.item() / count, correct.item() / count
 
 
-def load_model(registry: ModelRegistry, ref: ModelRef | str, device: torch.device | str) -> tuple[nn.Module, dict]:
-    """Fetch a stored model (its digest is checked by the registry) and rebuild the network."""
+def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[float, float] | None:
+    """(scale, shift) taking images normalised with the data's constants to the model's, None
+    when they are the same. Refuses a model trained on other files (another fingerprint)."""
+    fingerprint = model_dataset.get("fingerprint") if model_dataset else None
+    if fingerprint != data.fingerprint:
+        raise DatasetMismatch(
+            f"the model was trained on dataset fingerprint {str(fingerprint)[:12]}…, not on the "
+            f"{data.name} files measured here ({data.fingerprint[:12]}…): their test accuracies "
+            "are not comparable")
+    mean, std = model_dataset["mean"], model_dataset["std"]
+    if (mean, std) == (data.mean, data.std):
+        return None
+    # x_model = (raw - mean) / std with raw = x_data * data.std + data.mean
+    return data.std / std, (data.mean - mean) / std
+
+
+def load_model(registry: ModelRegistry, ref: ModelRef, device: torch.device | str) -> tuple[nn.Module, dict]:
+    """Fetch a stored model (the registry refuses it unless its files have ref.digest) and
+    rebuild the network from its metadata."""
     stored = registry.fetch(ref)
     model = build_model(stored.metadata["architecture"])
     model.load_state_dict(stored.state_dict)
     return place_model(model, device), stored.metadata
 
 
-def evaluate_stored_model(registry: ModelRegistry, ref: ModelRef | str, splits: Splits,
+def evaluate_stored_model(registry: ModelRegistry, ref: ModelRef, splits: Splits,
                           device: torch.device | str) -> Evaluation:
-    model, _ = load_model(registry, ref, device)
-    val_loss, val_accuracy = measure(model, splits.val_x, splits.val_y)
-    test_loss, test_accuracy = measure(model, splits.test_x, splits.test_y)
-    return Evaluation(val_loss, val_accuracy, test_loss, test_accuracy)
+    model, metadata = load_model(registry, ref, device)
+    rescale = rescaling(splits.dataset, metadata.get("dataset"))
+    val_loss, val_accuracy = measure(model, splits.val_x, splits.val_y, rescale)
+    test_loss, test_accuracy = measure(model, splits.test_x, splits.test_y, rescale)
+    return Evaluation(val_loss=val_loss, val_accuracy=val_accuracy, test_loss=test_loss,
+                      test_accuracy=test_accuracy)
 
 
-# --- Prefect ---------------------------------------------------------------------------------------
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from tasks.context import SweepContext  # noqa: E402
-from tasks.data import DatasetRef, load_splits  # noqa: E402
-
-
-def evaluate_in_sweep(model: str, dataset: DatasetRef, context: SweepContext) -> dict:
+def evaluate_on_free_device(ref: ModelRef, dataset: DatasetRef, workspace: Workspace,
+                            slots: DeviceSlots) -> Evaluation:
     """Evaluate a stored model on the sweep's data, on the next free device."""
-    with context.slots().take() as device:
-        return evaluate_stored_model(context.registry(), model, load_splits(dataset, device), device).as_dict()
+    with slots.take() as device:
+        return evaluate_stored_model(workspace.registry.open(), ref, load_splits(dataset, device), device)
 
 
-@task(name="evaluate_model", task_run_name="evaluate {model}", cache_policy=NO_CACHE)
-def evaluate_model(model: str, dataset: DatasetRef, context: SweepContext) -> dict:
-    """Fetch the model by reference (digest checked), rebuild it, measure val and test."""
-    return evaluate_in_sweep(model, dataset, context)
+@task(name="evaluate_model", task_run_name="evaluate {trial.name}", cache_policy=NO_CACHE)
+def evaluate_model(trial: TrialOutcome, dataset: DatasetRef, workspace: Workspace,
+                   slots: DeviceSlots) -> Evaluation:
+    """Fetch the trial's model by reference (digest checked), rebuild it, measure val and test."""
+    evaluation = evaluate_on_free_device(trial.model, dataset, workspace, slots)
+    get_run_logger().info(
+        f"{trial.name}: {trial.model.short} val acc {evaluation.val_accuracy:.4f}, "
+        f"test acc {evaluation.test_accuracy:.4f} (test loss {evaluation.test_loss:.4f})")
+    return evaluation

@@ -5,17 +5,22 @@ Every sentence of the written verdict is generated from a figure that appears in
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.files import atomic_write
+from tasks.compare import Decision, higher_is_better
+from tasks.results import Promotion, TrialOutcome
 
 matplotlib.use("Agg")  # files only: no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from tasks.compare import higher_is_better  # noqa: E402
 
 CURVES = (
     ("train_loss", "Training loss"),
@@ -33,29 +38,44 @@ OVERFIT_GAP = 0.03
 UNSTABLE_RISE = 0.10
 
 
-def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[dict], decision: dict,
-                  wall_seconds: float, devices: list[str]) -> dict:
-    best = decision.get("best")
-    selection = decision.get("selection") or {}
+def trial_record(trial: TrialOutcome) -> dict:
+    """One row of summary.json's `trials`: the model reference as `collection:vN` and its digest."""
+    record = trial.model_dump(mode="json", exclude={"model"})
+    return record | {"model": str(trial.model) if trial.model else None,
+                     "digest": trial.model.digest if trial.model else None}
+
+
+def promotion_record(promotion: Promotion) -> dict:
+    record = promotion.model_dump(mode="json", exclude={"model", "previous"})
+    return record | {"model": str(promotion.model) if promotion.model else None,
+                     "digest": promotion.model.digest if promotion.model else None,
+                     "previous": str(promotion.previous) if promotion.previous else None}
+
+
+def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[TrialOutcome], decision: Decision,
+                  wall_seconds: float, devices: list[str], wandb: dict) -> dict:
+    """summary.json: where the typed results of the sweep become plain data."""
+    best = decision.best
+    selection = decision.selection
     return {
         "sweep_id": sweep_id,
         "config": config,
+        "smoke": config.get("train_limit") is not None,
         "dataset": dataset,
-        "trials": trials,
-        "best": ({"learning_rate": best["learning_rate"], "seed": best["seed"], "model": best["model"]}
-                 if best else None),
-        "aggregates": selection.get("ranking", []),
-        "significance": selection.get("significance"),
-        "promotion": decision["promotion"],
+        "trials": [trial_record(t) for t in trials],
+        "best": ({"learning_rate": best.learning_rate, "seed": best.seed, "model": str(best.model),
+                  "digest": best.model.digest} if best else None),
+        "aggregates": selection.ranking if selection else [],
+        "significance": selection.significance if selection else None,
+        "promotion": promotion_record(decision.promotion),
         "wall_seconds": wall_seconds,
         "devices": devices,
+        "wandb": wandb,
     }
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
 # --- observations per run ----------------------------------------------------------------------
@@ -94,6 +114,11 @@ def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _spread(stats: dict, scale: float = 100.0, digits: int = 2) -> str:
+    """' ± std' over several seeds; nothing for one seed, whose spread would read as a certainty."""
+    return f" ± {scale * stats['std']:.{digits}f}" if stats["n"] > 1 else ""
 
 
 def _pct(value) -> str:
@@ -175,9 +200,14 @@ def verdict(summary: dict, metric: str) -> list[str]:
 
 
 def render_markdown(summary: dict, charts: dict[str, str]) -> str:
+    """report.md; `charts` maps a chart's name to its image source (a file name, or a data URI
+    for the Prefect UI, which does not serve files)."""
     metric = summary["config"]["selection_metric"]
     dataset = summary["dataset"]
     out = [f"# Learning-rate sweep `{summary['sweep_id']}`", ""]
+    if summary["smoke"]:
+        out += [f"> **Smoke run**: trained on {dataset['train_size']:,} images (train_limit set), not the "
+                "full training split. Do not mistake its models for real ones.", ""]
     out.append(f"Dataset {dataset['name']} (fingerprint `{dataset['fingerprint'][:12]}`), "
                f"{summary['config']['epochs']} epochs, batch {summary['config']['batch_size']}, "
                f"{summary['config']['optimizer']}, selection by {metric}; devices {', '.join(summary['devices'])}; "
@@ -198,23 +228,37 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
                 "|---|---|---|---|---|---|"]
         for row in summary["aggregates"]:
             ci = row["val_accuracy"]["ci95"]
-            several = len(row["seeds"]) > 1  # a spread of one seed would read as a certainty
-
-            def spread(stats: dict, scale: float = 100.0, digits: int = 2) -> str:
-                return f" ± {scale * stats['std']:.{digits}f}" if several else ""
             out.append(
                 f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])}"
-                f"{spread(row['val_accuracy'])} | "
+                f"{_spread(row['val_accuracy'])} | "
                 f"{'-' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
-                f"{_pct(row['test_accuracy']['mean'])}{spread(row['test_accuracy'])} | "
-                f"{_fmt(row['val_loss']['mean'])}{spread(row['val_loss'], 1.0, 4)} |")
+                f"{_pct(row['test_accuracy']['mean'])}{_spread(row['test_accuracy'])} | "
+                f"{_fmt(row['val_loss']['mean'])}{_spread(row['val_loss'], 1.0, 4)} |")
     promotion = summary["promotion"]
     out += ["", "## Promotion", "",
             f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
             f"- previous holder: {promotion.get('previous') or '-'}",
             f"- promoted: {'yes' if promotion['promoted'] else 'no'}", f"- reason: {promotion['reason']}"]
-    out += ["", "## Charts", ""] + [f"![{name}]({file})" for name, file in charts.items()]
+    out += ["", "## Weights & Biases", ""] + wandb_lines(summary)
+    out += ["", "## Charts", ""] + [f"![{name}]({source})" for name, source in charts.items()]
     return "\n".join(out) + "\n"
+
+
+def wandb_lines(summary: dict) -> list[str]:
+    """Where each trial's W&B run is: its URL online; offline, its folder and the publish command."""
+    wandb = summary["wandb"]
+    if wandb["mode"] == "disabled":
+        return ["- W&B was disabled for this sweep."]
+    lines = [f"- {t['learning_rate']:g} seed {t['seed']}: {t.get('wandb_url') or t.get('wandb_run_dir') or '-'}"
+             for t in summary["trials"]]
+    if wandb["mode"] == "offline":
+        lines.append(f"- Offline runs: upload them with `lr-sweep publish {summary['sweep_id']} "
+                     f"--output-dir {wandb['output_dir']}` (needs WANDB_API_KEY).")
+    return lines
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 # --- charts ------------------------------------------------------------------------------------
@@ -232,7 +276,8 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
     the final validation accuracy against the learning rate on a log axis."""
     files = {}
     for key, title in CURVES:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         for rate, runs in sorted(_curves_by_rate(trials, key).items()):
             length = min(len(run) for run in runs)
             epochs = list(range(1, length + 1))
@@ -252,11 +297,11 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
         fig.tight_layout()
         name = f"{key}.png"
         fig.savefig(directory / name)
-        plt.close(fig)
         files[key] = name
     finals = [(t["learning_rate"], t["evaluation"]["val_accuracy"]) for t in trials if t.get("evaluation")]
     if finals:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         ax.scatter([r for r, _ in finals], [v for _, v in finals], alpha=0.6, label="seed")
         by_rate: dict[float, list[float]] = {}
         for rate, value in finals:
@@ -271,7 +316,6 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
         ax.legend()
         fig.tight_layout()
         fig.savefig(directory / "val_accuracy_vs_lr.png")
-        plt.close(fig)
         files["val_accuracy_vs_lr"] = "val_accuracy_vs_lr.png"
     return files
 
@@ -280,26 +324,30 @@ def write_report(summary: dict, sweep_dir: Path) -> dict[str, Path]:
     """summary.json, report.md and the charts under the sweep's directory."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     charts = draw_charts(summary["trials"], sweep_dir)
-    markdown = render_markdown(summary, charts)
-    (sweep_dir / "report.md").write_text(markdown)
+    atomic_write(sweep_dir / "report.md", render_markdown(summary, charts))
     write_json(sweep_dir / "summary.json", summary)
     return {"summary": sweep_dir / "summary.json", "report": sweep_dir / "report.md",
             **{name: sweep_dir / file for name, file in charts.items()}}
 
 
-# --- Prefect ---------------------------------------------------------------------------------------
+def ui_table(summary: dict) -> list[dict]:
+    """The trial table for the Prefect UI: rounded, ordered columns, the model with its digest."""
+    def pct(value):
+        return None if value is None else round(100 * value, 2)
 
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+    return [{"learning rate": f"{r['learning_rate']:g}", "seed": r["seed"], "status": r["status"],
+             "val acc %": pct(r["val_accuracy"]), "test acc %": pct(r["test_accuracy"]),
+             "train acc %": pct(r["train_accuracy"]),
+             "val loss": None if r["val_loss"] is None else round(r["val_loss"], 4),
+             "epochs": r["epochs"], "seconds": None if r["train_seconds"] is None else round(r["train_seconds"], 1),
+             "images/s": None if r["images_per_second"] is None else round(r["images_per_second"]),
+             "model": r["model"] or "-"} for r in trial_table(summary["trials"])]
 
 
-@task(name="publish_report", cache_policy=NO_CACHE)
-def publish_report(summary: dict, sweep_dir: Path) -> dict[str, str]:
-    """Files on disk, plus the same report and table as Prefect artifacts for the UI."""
+@task(name="write_report", task_run_name="write report", cache_policy=NO_CACHE)
+def write_report_task(summary: dict, sweep_dir: Path) -> tuple[dict[str, str], str]:
+    """The report files, and the same report with its charts embedded, for the Prefect UI."""
     files = write_report(summary, sweep_dir)
-    create_markdown_artifact(markdown=files["report"].read_text(), key="lr-sweep-report",
-                             description=f"Learning-rate sweep {summary['sweep_id']}")
-    create_table_artifact(table=trial_table(summary["trials"]), key="lr-sweep-trials",
-                          description=f"Trials of sweep {summary['sweep_id']}")
-    return {name: str(path) for name, path in files.items()}
+    embedded = render_markdown(summary, {name: data_uri(files[name]) for name in files
+                                         if name not in ("summary", "report")})
+    return {name: str(path) for name, path in files.items()}, embedded

@@ -8,6 +8,7 @@ directory, so a sweep leaves nothing in the user's home directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,13 +18,14 @@ from pathlib import Path
 import wandb
 from wandb.errors import CommError
 
-from models.wandb_registry import model_artifact
+from models.wandb_registry import API_TIMEOUT_SECONDS, model_artifact
 
 # How long wandb.init may wait for the W&B server before it gives up with an error, instead of
 # its default 90 seconds of silence.
 INIT_TIMEOUT_SECONDS = 30
-# `wandb` and `wandb leet` come with the SDK, next to the interpreter that runs us.
-WANDB_COMMAND = str(Path(sys.executable).parent / "wandb")
+# W&B's command line, run by the interpreter that runs us: the `wandb` script is not always
+# installed beside it (system Python in the image puts scripts elsewhere).
+WANDB_COMMAND = [sys.executable, "-m", "wandb"]
 
 
 class WandbUnavailable(RuntimeError):
@@ -44,8 +46,6 @@ def require_online_access(project: str, entity: str | None) -> None:
     if not os.environ.get("WANDB_API_KEY"):
         raise WandbUnavailable("W&B online mode needs WANDB_API_KEY; set it, or run with "
                                "--wandb-mode offline and `lr-sweep publish SWEEP_ID` later")
-    from models.wandb_registry import API_TIMEOUT_SECONDS
-
     try:
         # Creating the API client checks the key with the server, bounded by the timeout.
         api = wandb.Api(overrides={"project": project} | ({"entity": entity} if entity else {}),
@@ -70,18 +70,36 @@ def point_wandb_dirs(output_dir: Path) -> None:
             (base / sub).mkdir(parents=True, exist_ok=True)
 
 
-def start_run(*, mode: str, project: str, entity: str | None, group: str, name: str,
-              config: dict, run_dir: Path, job_type: str = "train"):
+def start_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = "train"):
+    """A W&B run in `settings` (a TrackingSettings: mode, project, entity)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         return wandb.init(
-            mode=mode, project=project, entity=entity, group=group, name=name, job_type=job_type,
+            mode=settings.mode, project=settings.project, entity=settings.entity, group=group, name=name,
+            job_type=job_type,
             config=config, dir=str(run_dir), reinit="create_new",
             settings=wandb.Settings(init_timeout=INIT_TIMEOUT_SECONDS, console="off"),
         )
     except CommError as error:
         raise WandbUnavailable(f"W&B run {name!r} could not start on {wandb_server()} within "
                                f"{INIT_TIMEOUT_SECONDS} s: {error.message.rstrip('.')}") from error
+
+
+@contextlib.contextmanager
+def trial_run(settings, *, group: str, name: str, config: dict, run_dir: Path):
+    """One trial's W&B run, always finished: with exit code 1 and the error in its summary when
+    anything in the block raises (training, storing the model, logging the artifact).
+
+    The error's `status` attribute, when it has one (a diverged trial), becomes the run's status."""
+    run = start_run(settings, group=group, name=name, config=config, run_dir=run_dir)
+    try:
+        yield run
+    except BaseException as error:
+        status = getattr(error, "status", None)
+        run.summary.update({"status": status if isinstance(status, str) else "failed", "error": str(error)})
+        run.finish(exit_code=1)
+        raise
+    run.finish()
 
 
 def log_epoch(run, record: dict) -> None:
@@ -102,9 +120,14 @@ def run_directory(run) -> str | None:
     return str(directory) if directory else None
 
 
+def run_url(run) -> str | None:
+    """The run's page in W&B; offline and disabled runs have none yet."""
+    return None if getattr(getattr(run, "settings", None), "mode", "offline") != "online" else run.url
+
+
 def run_records(run_dir: Path | str) -> list[dict]:
     """Every record of a local W&B run, as `wandb leet inspect --json` reads them back."""
-    output = subprocess.run([WANDB_COMMAND, "leet", "inspect", "--json", str(run_dir)],
+    output = subprocess.run([*WANDB_COMMAND, "leet", "inspect", "--json", str(run_dir)],
                             capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in output.splitlines() if line.strip()]
 

@@ -11,28 +11,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from models.cnn import architecture, build_model
-from models.registry import ModelRef, ModelRegistry, RegistryError
+from models.files import atomic_write, file_lock
+from models.names import inside
+from models.registry import ModelRegistry, RegistryError
 from models.serialization import model_files, write_files
 from tasks import tracking
 from tasks.data import DatasetRef, Splits, load_splits
-from tasks.context import SweepContext
-from tasks.devices import trial_stream
+from tasks.devices import DeviceSlots, trial_stream
 from tasks.evaluate import measure, place_model
 from tasks.provenance import code_version, package_versions
+from tasks.results import TrialOutcome, TrialSpec
+from tasks.workspace import Workspace
 
 # Divergence is checked every this many steps (and at every epoch's end): often enough to stop a
 # NaN run within a second, rarely enough that the GPU is not synchronised on every step.
@@ -44,24 +51,10 @@ DIVERGENCE_LOSS = 100 * math.log(10)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """What makes one trial: its hyper-parameters. No defaults here: they live in SweepConfig."""
-
-    learning_rate: float
-    seed: int
-    epochs: int
-    batch_size: int
-    hidden_units: int
-    optimizer: str
-
-    @property
-    def name(self) -> str:
-        return f"lr{self.learning_rate:g}-seed{self.seed}"
-
-
 class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial is stopped and reported, never stored."""
+
+    status = "diverged"  # what the W&B run and the outcome record
 
     def __init__(self, message: str, history: list[dict]):
         super().__init__(message)
@@ -75,29 +68,6 @@ class TrainResult:
     train_seconds: float
     samples_per_second: float
     resumed_from: int | None = None
-
-
-@dataclass
-class TrialOutcome:
-    """One row of summary.json's `trials`."""
-
-    learning_rate: float
-    seed: int
-    status: str  # completed | failed | diverged
-    error: str | None = None
-    model: str | None = None
-    digest: str | None = None
-    history: list[dict] = field(default_factory=list)
-    evaluation: dict | None = None
-    train_seconds: float | None = None
-    samples_per_second: float | None = None
-    cached: bool = False
-    resumed_from: int | None = None
-    device: str | None = None
-    wandb_run_dir: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_optimizer(name: str, parameters, learning_rate: float,
@@ -119,7 +89,7 @@ def make_optimizer(name: str, parameters, learning_rate: float,
 def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
     """Identity of a trial's result: same key, same weights. Resume and reuse go by this key."""
     identity = {
-        "spec": asdict(spec),
+        "spec": spec.model_dump(),
         "architecture": architecture(spec.hidden_units),
         "dataset": dataset.as_metadata(),
         "code": code_version()["training_source_sha256"],
@@ -148,6 +118,9 @@ def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
+log = logging.getLogger(__name__)
+
+
 def save_checkpoint(directory: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     history: list[dict], train_seconds: float) -> None:
     """Model and optimizer state after `epoch`, in one safetensors file replaced atomically."""
@@ -163,25 +136,34 @@ def save_checkpoint(directory: Path, epoch: int, model: nn.Module, optimizer: to
     header = {"epoch": epoch, "history": history, "train_seconds": train_seconds,
               "param_groups": optimizer_state["param_groups"], "scalars": scalars}
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(header)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / CHECKPOINT_FILE)
+    data = save_safetensors({k: v.cpu() for k, v in tensors.items()}, metadata={"state": json.dumps(header)})
+    atomic_write(directory / CHECKPOINT_FILE, data)
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore the last completed epoch into `model` and `optimizer`; None when there is none."""
+    """Restore the last completed epoch into `model` and `optimizer`; None when there is none.
+
+    A checkpoint that cannot be read (truncated, from another layout of the network) is
+    discarded with a warning and the trial starts from scratch: a damaged file must not fail
+    the trial on every rerun."""
     path = directory / CHECKPOINT_FILE
     if not path.exists():
         return None
-    from safetensors import safe_open
+    try:
+        return _restore(path, model, optimizer)
+    except (SafetensorError, OSError, ValueError, KeyError, IndexError, RuntimeError) as error:
+        log.warning(f"discarding unreadable checkpoint {path} ({type(error).__name__}: {error}); "
+                    "the trial starts from scratch")
+        path.unlink(missing_ok=True)
+        return None
 
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()["state"])
     tensors = load_file(str(path))
     device = next(model.parameters()).device
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     state: dict[int, dict] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
@@ -197,6 +179,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     for key, value in header["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
+    model.load_state_dict(model_state)
     optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
     return header
 
@@ -269,26 +252,26 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
 
 # --- one trial, end to end ----------------------------------------------------------------------
 
-def model_metadata(spec: TrialSpec, dataset: DatasetRef, context: SweepContext, key: str,
-                   result: TrainResult) -> dict:
+def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult) -> dict:
     final = result.history[-1]
     return {
         "architecture": architecture(spec.hidden_units),
-        "training": asdict(spec),
+        "training": spec.model_dump(),
         "metrics": {k: v for k, v in final.items() if k != "epoch"},
         "history": result.history,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
         "dataset": dataset.as_metadata(),
-        "sweep_id": context.sweep_id,
+        "sweep_id": sweep_id,
         "trial_key": key,
         "code": code_version(),
         "packages": package_versions(),
     }
 
 
-def find_finished(registry: ModelRegistry, collection: str, key: str) -> tuple[ModelRef, dict] | None:
-    """A stored model of this exact trial whose files still pass their digest check."""
+def reuse_finished(spec: TrialSpec, registry: ModelRegistry, collection: str, key: str) -> TrialOutcome | None:
+    """The outcome of a stored model of this exact trial whose files still pass their digest
+    check; None when there is none (a damaged copy is not reused: the trial trains again)."""
     try:
         candidates = [v for v in registry.versions(collection) if v.metadata.get("trial_key") == key]
     except (RegistryError, FileNotFoundError):
@@ -297,84 +280,81 @@ def find_finished(registry: ModelRegistry, collection: str, key: str) -> tuple[M
         try:
             stored = registry.fetch(info.ref)
         except RegistryError:
-            continue  # a damaged copy is not reused; the trial trains again
-        return stored.ref, stored.metadata
+            continue
+        return TrialOutcome(
+            learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=stored.ref,
+            history=stored.metadata["history"], train_seconds=stored.metadata["train_seconds"],
+            samples_per_second=stored.metadata["samples_per_second"], cached=True)
     return None
 
 
-def run_trial(spec: TrialSpec, dataset: DatasetRef, context: SweepContext,
-              log: Callable[[str], None] = print) -> TrialOutcome:
-    """Reuse, resume or train one trial; store its model and log it to W&B. Raises on failure."""
-    registry = context.registry()
-    key = trial_key(spec, dataset)
-    if (found := find_finished(registry, context.collection, key)) is not None:
-        ref, metadata = found
-        log(f"[{spec.name}] reusing {ref}: this trial already finished with the same config, data and code")
-        return TrialOutcome(
-            learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=str(ref),
-            digest=ref.digest, history=metadata["history"], train_seconds=metadata["train_seconds"],
-            samples_per_second=metadata["samples_per_second"], cached=True,
-        )
-
-    checkpoint_dir = context.checkpoint_root / key[:24]
-    with context.slots().take() as device:
-        splits = load_splits(dataset, device)
-        run = tracking.start_run(
-            mode=context.wandb_mode, project=context.wandb_project, entity=context.wandb_entity,
-            group=context.sweep_id, name=spec.name, run_dir=context.sweep_dir,
-            config=asdict(spec) | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                                   "train_size": dataset.train_size, "device": device, "trial_key": key},
-        )
-
+def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, device: str,
+                    checkpoint_dir: Path, log: Callable[[str], None]) -> TrialOutcome:
+    """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
+    splits = load_splits(dataset, device)
+    run_config = spec.model_dump() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+                                      "train_size": dataset.train_size, "device": device, "trial_key": key}
+    with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
+                            run_dir=workspace.sweep_dir, config=run_config) as run:
         def report_epoch(record: dict) -> None:
             tracking.log_epoch(run, record)
             log(f"[{spec.name}] epoch {record['epoch']}/{spec.epochs}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
 
-        try:
-            with trial_stream(device):
-                result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
-        except BaseException as error:
-            run.summary["status"] = "diverged" if isinstance(error, TrialDiverged) else "failed"
-            run.summary["error"] = str(error)
-            run.finish(exit_code=1)
-            raise
-        metadata = model_metadata(spec, dataset, context, key, result)
-        aliases = (f"lr-{spec.learning_rate:g}-seed-{spec.seed}", f"sweep-{context.sweep_id}")
+        with trial_stream(device):
+            result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
+        metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result)
+        aliases = (spec.name, f"sweep-{workspace.sweep_id}")
         # With the wandb backend the registry logs the model as this run's artifact (lineage);
         # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
-        ref = registry.log_model(context.collection, result.state_dict, metadata, aliases, run=run)
-        if context.registry_backend != "wandb":
-            paths = write_files(model_files(result.state_dict, metadata), context.sweep_dir / "models" / spec.name)
-            tracking.log_model_artifact(run, collection=context.collection, files=paths,
+        ref = workspace.registry.open().log_model(workspace.collection, result.state_dict, metadata, aliases, run=run)
+        if workspace.registry.backend != "wandb":
+            paths = write_files(model_files(result.state_dict, metadata), workspace.sweep_dir / "models" / spec.name)
+            tracking.log_model_artifact(run, collection=workspace.collection, files=paths,
                                         metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
                                         aliases=list(aliases))
         run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
-                            "train_seconds": result.train_seconds,
+                            "digest": ref.digest, "train_seconds": result.train_seconds,
                             "samples_per_second": result.samples_per_second})
-        run_dir = tracking.run_directory(run)
-        run.finish()
-    # The model is stored: its checkpoint has served its purpose.
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log(f"[{spec.name}] stored {ref} ({result.samples_per_second:,.0f} images/s on {device})")
+        run_dir, url = tracking.run_directory(run), tracking.run_url(run)
+    log(f"[{spec.name}] stored {ref.short} ({result.samples_per_second:,.0f} images/s on {device})")
     return TrialOutcome(
-        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=str(ref),
-        digest=ref.digest, history=result.history, train_seconds=result.train_seconds,
+        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
+        history=result.history, train_seconds=result.train_seconds,
         samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
-        device=device, wandb_run_dir=run_dir,
-    )
+        device=device, wandb_run_dir=run_dir, wandb_url=url)
 
 
-# --- Prefect ---------------------------------------------------------------------------------------
+def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+              log: Callable[[str], None] = print) -> TrialOutcome:
+    """Reuse, resume or train one trial. Raises on failure (TrialDiverged when it diverged).
 
-from prefect import get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+    Two sweeps of the same trial (a schedule and a manual run) take the trial's lock in turn: the
+    second one then finds the first one's model and reuses it, instead of both writing one
+    checkpoint folder."""
+    key = trial_key(spec, dataset)
+    checkpoint_dir = inside(workspace.checkpoint_root, key[:24])
+    with file_lock(workspace.checkpoint_root, f".{key[:24]}.lock"):
+        if (reused := reuse_finished(spec, workspace.registry.open(), workspace.collection, key)) is not None:
+            log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
+                "same config, data and code")
+            return reused
+        with slots.take() as device:
+            outcome = train_and_store(spec, dataset, workspace, key, device, checkpoint_dir, log)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is stored: done with it
+    return outcome
+
+
+def failed_outcome(spec: TrialSpec, error: BaseException) -> TrialOutcome:
+    """A trial that raised, as data: diverged or failed, with the error and the epochs it had."""
+    return TrialOutcome(learning_rate=spec.learning_rate, seed=spec.seed,
+                        status="diverged" if isinstance(error, TrialDiverged) else "failed", error=f"{type(error).__name__}: {error}",
+                        history=getattr(error, "history", []))
 
 
 @task(name="train_model", task_run_name="train lr={spec.learning_rate} seed={spec.seed}",
       cache_policy=NO_CACHE)
-def train_model(spec: TrialSpec, dataset: DatasetRef, context: SweepContext) -> dict:
+def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> TrialOutcome:
     """One trial. Reuse of finished trials goes through the registry, not Prefect's cache."""
-    outcome = run_trial(spec, dataset, context, log=get_run_logger().info)
-    return outcome.as_dict()
+    return run_trial(spec, dataset, workspace, slots, log=get_run_logger().info)

@@ -9,14 +9,12 @@ import struct
 import tempfile
 from pathlib import Path
 
+from flows.environment import LOCAL_DEFAULTS  # noqa: E402 - plain constants, imports nothing else
+
 _home = tempfile.mkdtemp(prefix="lr-sweep-tests-")
-os.environ.update({
+os.environ.update(LOCAL_DEFAULTS | {
     "PREFECT_HOME": os.path.join(_home, "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_LEVEL": "WARNING",
-    "WANDB_SILENT": "true",
     "WANDB_CONFIG_DIR": os.path.join(_home, "wandb-config"),
     "WANDB_CACHE_DIR": os.path.join(_home, "wandb-cache"),
     "WANDB_DATA_DIR": os.path.join(_home, "wandb-data"),
@@ -69,8 +67,18 @@ def synthetic_data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sweep_data_dir(tmp_path_factory) -> Path:
+    """The flow tests' dataset: synthetic IDX files as 'mnist', 1,400 training and 300 test
+    images, written once per session (no dataset package needed)."""
+    directory = tmp_path_factory.mktemp("sweep-data")
+    make_idx_dataset(directory / "MNIST" / "raw", train=1400, test=300)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def fashion_data_dir(tmp_path_factory) -> Path:
-    """The real Fashion-MNIST, decompressed once per test session from Debian's package."""
+    """The real Fashion-MNIST, decompressed once per test session from Debian's package (slow
+    tests only; `make test-slow` and .ci/run install the package)."""
     if not SYSTEM_FASHION_MNIST.exists():
         pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
     directory = tmp_path_factory.mktemp("fashion-data")
@@ -87,6 +95,27 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
+    """One small real sweep (2 learning rates, W&B offline, local registry), shared by the tests
+    that read what a sweep leaves behind: (config, summary)."""
+    from flows.sweep import lr_sweep
+    from tests.helpers import smoke_config
+
+    config = smoke_config(tmp_path_factory.mktemp("smoke"), sweep_data_dir)
+    return config, lr_sweep(config=config)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

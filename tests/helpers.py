@@ -1,14 +1,29 @@
-"""Helpers shared by the flow tests: read back what a sweep recorded."""
+"""Helpers shared by the tests: a seeded tiny model, a small real sweep's config, W&B records."""
 
 from pathlib import Path
 
+import torch
+
 from flows.config import SweepConfig
+from models.cnn import architecture, build_model
 from tasks.tracking import run_records
+
+# The flow tests train on the synthetic IDX files of tests/conftest.py, stored as dataset
+# "mnist": models go to this collection.
+COLLECTION = "mnist-cnn"
+FASHION_COLLECTION = "fashion-mnist-cnn"
+
+
+def tiny_model(seed: int, hidden_units: int = 8, **metadata) -> tuple[dict, dict]:
+    """(state_dict, metadata) of an untrained CNN with fixed weights: a model to store."""
+    torch.manual_seed(seed)
+    arch = architecture(hidden_units)
+    return build_model(arch).state_dict(), {"architecture": arch, "seed": seed, **metadata}
 
 
 def smoke_config(tmp_path: Path, data_dir: Path, **overrides) -> SweepConfig:
-    """A small real sweep: real Fashion-MNIST, a slice of it, one epoch."""
-    values = dict(learning_rates=[0.001, 0.0001], epochs=1, train_limit=1000, val_size=2000,
+    """A small real sweep: the synthetic dataset, one epoch, on the CPU."""
+    values = dict(dataset="mnist", learning_rates=[0.001, 0.0001], epochs=1, val_size=200,
                   data_dir=data_dir, output_dir=tmp_path / "runs", registry_dir=tmp_path / "registry",
                   device="cpu")
     return SweepConfig(**(values | overrides))

@@ -3,20 +3,31 @@
 import math
 
 import pytest
-import torch
 
-from models.cnn import architecture, build_model
-from models.registry import LocalRegistry
+from models.local_registry import LocalRegistry
+from models.registry import DigestMismatch, ModelRef
 from tasks.compare import (aggregate_by_rate, compare_and_promote, describe, gate, select,
                            significance)
-from tasks.report import observations, verdict
+from tasks.report import observations, trial_record, verdict
+from tasks.results import Evaluation, TrialOutcome
+from tests.helpers import tiny_model
+
+COLLECTION = "fashion-mnist-cnn"
 
 
-def trial(rate, seed, val_accuracy, test_accuracy=None, val_loss=0.3, model=None, status="completed"):
-    return {"learning_rate": rate, "seed": seed, "status": status, "model": model, "history": [],
-            "evaluation": {"val_accuracy": val_accuracy, "val_loss": val_loss,
-                           "test_accuracy": test_accuracy if test_accuracy is not None else val_accuracy,
-                           "test_loss": val_loss}}
+def evaluation(accuracy, loss=0.3, test_accuracy=None):
+    return Evaluation(val_accuracy=accuracy, val_loss=loss,
+                      test_accuracy=accuracy if test_accuracy is None else test_accuracy, test_loss=loss)
+
+
+def trial(rate, seed, val_accuracy, test_accuracy=None, val_loss=0.3, model=None, status="completed", history=()):
+    model = model or ModelRef(collection=COLLECTION, version=f"v{seed}", digest=f"{rate}-{seed}")
+    return TrialOutcome(learning_rate=rate, seed=seed, status=status, model=model, history=list(history),
+                        evaluation=evaluation(val_accuracy, val_loss, test_accuracy))
+
+
+def diverged(rate, seed):
+    return TrialOutcome(learning_rate=rate, seed=seed, status="diverged")
 
 
 def test_describe_known_values():
@@ -51,21 +62,21 @@ def test_winner_is_best_mean_and_promoted_model_is_its_best_seed():
     trials = [trial(0.01, 0, 0.90), trial(0.01, 1, 0.80),   # mean 0.85, one lucky seed
               trial(0.001, 0, 0.87), trial(0.001, 1, 0.87)]  # mean 0.87
     selection = select(trials, "val_accuracy")
-    assert selection["winner"]["learning_rate"] == 0.001
-    assert selection["best"]["seed"] == 0  # tie on accuracy and loss: the lower seed
-    assert [r["learning_rate"] for r in selection["ranking"]] == [0.001, 0.01]
+    assert selection.winner["learning_rate"] == 0.001
+    assert selection.best.seed == 0  # tie on accuracy and loss: the lower seed
+    assert [r["learning_rate"] for r in selection.ranking] == [0.001, 0.01]
 
 
 def test_loss_metric_prefers_lower_and_ties_are_deterministic():
     trials = [trial(0.01, 0, 0.9, val_loss=0.5), trial(0.001, 0, 0.9, val_loss=0.4)]
-    assert select(trials, "val_loss")["winner"]["learning_rate"] == 0.001
+    assert select(trials, "val_loss").winner["learning_rate"] == 0.001
     tie = [trial(0.01, 0, 0.9), trial(0.001, 0, 0.9)]
-    assert select(tie, "val_accuracy")["winner"]["learning_rate"] == 0.001  # smaller rate wins a tie
-    assert select(list(reversed(tie)), "val_accuracy")["winner"]["learning_rate"] == 0.001
+    assert select(tie, "val_accuracy").winner["learning_rate"] == 0.001  # smaller rate wins a tie
+    assert select(list(reversed(tie)), "val_accuracy").winner["learning_rate"] == 0.001
 
 
 def test_failed_trials_are_not_aggregated():
-    trials = [trial(0.01, 0, 0.9), {**trial(0.1, 0, 0.99), "status": "diverged", "evaluation": None}]
+    trials = [trial(0.01, 0, 0.9), diverged(0.1, 0)]
     assert [r["learning_rate"] for r in aggregate_by_rate(trials)] == [0.01]
 
 
@@ -78,8 +89,8 @@ def test_failed_trials_are_not_aggregated():
     (0.92, 0.90, 0.01, True),    # better by more than the margin
 ])
 def test_gate(challenger, champion, margin, promoted):
-    decision, reason = gate({"test_accuracy": challenger},
-                            None if champion is None else {"test_accuracy": champion}, margin)
+    decision, reason = gate(evaluation(0.5, test_accuracy=challenger),
+                            None if champion is None else evaluation(0.5, test_accuracy=champion), margin)
     assert decision is promoted
     assert reason
 
@@ -103,18 +114,16 @@ def test_observations_on_crafted_histories():
 
 def summary_for(trials, promotion=None):
     selection = select(trials, "val_accuracy")
-    return {"aggregates": selection["ranking"], "significance": selection["significance"],
-            "best": {"learning_rate": selection["best"]["learning_rate"], "seed": selection["best"]["seed"],
-                     "model": "c:v0"}, "trials": trials,
+    return {"aggregates": selection.ranking, "significance": selection.significance,
+            "best": {"learning_rate": selection.best.learning_rate, "seed": selection.best.seed,
+                     "model": "c:v0"}, "trials": [trial_record(t) for t in trials],
             "promotion": promotion or {"alias": "production", "promoted": True, "model": "c:v0",
                                        "reason": "no model held the alias"}}
 
 
 def test_verdict_clear_winner_states_figures_and_significance():
-    trials = [trial(0.001, s, 0.90 + 0.001 * s) for s in range(3)] + \
-             [trial(0.0001, s, 0.80 + 0.001 * s) for s in range(3)]
-    for t in trials:
-        t["history"] = history(0.8, t["evaluation"]["val_accuracy"])
+    trials = [trial(0.001, s, 0.90 + 0.001 * s, history=history(0.8, 0.90 + 0.001 * s)) for s in range(3)] + \
+             [trial(0.0001, s, 0.80 + 0.001 * s, history=history(0.8, 0.80 + 0.001 * s)) for s in range(3)]
     text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
     assert "Learning rate 0.001 won" in text and "0.9010" in text
     assert "lead of 0.1000 (10.00 points)" in text
@@ -123,58 +132,66 @@ def test_verdict_clear_winner_states_figures_and_significance():
 
 
 def test_verdict_tie_says_the_rates_are_indistinguishable():
-    trials = [trial(0.001, 0, 0.873), trial(0.001, 1, 0.861), trial(0.0005, 0, 0.870), trial(0.0005, 1, 0.862)]
-    for t in trials:
-        t["history"] = history(0.85, t["evaluation"]["val_accuracy"])
+    trials = [trial(rate, seed, accuracy, history=history(0.85, accuracy))
+              for rate, seed, accuracy in ((0.001, 0, 0.873), (0.001, 1, 0.861), (0.0005, 0, 0.870), (0.0005, 1, 0.862))]
     text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
     assert "indistinguishable" in text and "less than the larger seed-to-seed standard deviation" in text
 
 
 def test_verdict_flags_undertrained_and_overfitting_runs():
-    under = trial(0.0001, 0, 0.88)
-    under["history"] = history(0.70, 0.80, 0.88)
-    over = trial(0.01, 0, 0.86)
-    over["history"] = history(0.86, 0.86, 0.86, train_gap=0.09)
+    under = trial(0.0001, 0, 0.88, history=history(0.70, 0.80, 0.88))
+    over = trial(0.01, 0, 0.86, history=history(0.86, 0.86, 0.86, train_gap=0.09))
     text = "\n".join(verdict(summary_for([under, over]), "val_accuracy"))
     assert "lr 0.0001 (seed 0): " in text and "under-trained" in text
     assert "lr 0.01 (seed 0): " in text and "(overfitting)" in text
 
 
 def small_model(tmp_registry, seed):
-    torch.manual_seed(seed)
-    arch = architecture(hidden_units=8)
-    return tmp_registry.log_model("fashion-mnist-cnn", build_model(arch).state_dict(), {"architecture": arch})
+    return tmp_registry.log_model(COLLECTION, *tiny_model(seed))
 
 
 def test_alias_stays_with_a_better_holder_and_moves_to_a_better_challenger(tmp_path):
     registry = LocalRegistry(tmp_path)
     holder, weak, strong = (small_model(registry, s) for s in range(3))
     registry.move_alias(holder, "production")
-    scores = {str(holder): 0.90, str(weak): 0.85, str(strong): 0.95}
+    scores = {holder: 0.90, weak: 0.85, strong: 0.95}
 
-    def evaluate(name):
-        return {"val_accuracy": scores[name], "val_loss": 0.3, "test_accuracy": scores[name], "test_loss": 0.3}
+    def evaluate(ref):
+        return evaluation(scores[ref])
 
     def sweep_of(ref):
-        return [{"learning_rate": 0.001, "seed": 0, "status": "completed", "model": str(ref), "history": [],
-                 "evaluation": evaluate(str(ref))}]
+        return [trial(0.001, 0, scores[ref], model=ref)]
 
     kept = compare_and_promote(registry, sweep_of(weak), alias="production", metric="val_accuracy",
-                               margin=0.0, evaluate_ref=evaluate)["promotion"]
-    assert kept["promoted"] is False and "not better" in kept["reason"]
-    assert registry.resolve("fashion-mnist-cnn", "production") == holder
+                               margin=0.0, evaluate_ref=evaluate).promotion
+    assert kept.promoted is False and "not better" in kept.reason
+    assert registry.resolve(COLLECTION, "production") == holder
     moved = compare_and_promote(registry, sweep_of(strong), alias="production", metric="val_accuracy",
-                                margin=0.0, evaluate_ref=evaluate)["promotion"]
-    assert moved["promoted"] is True and moved["previous"] == str(holder)
-    assert registry.resolve("fashion-mnist-cnn", "production") == strong
+                                margin=0.0, evaluate_ref=evaluate).promotion
+    assert moved.promoted is True and moved.previous == holder
+    assert registry.resolve(COLLECTION, "production") == strong
 
 
 def test_no_usable_model_leaves_the_alias(tmp_path):
     registry = LocalRegistry(tmp_path)
     holder = small_model(registry, 0)
     registry.move_alias(holder, "production")
-    failed = [{**trial(0.1, 0, math.nan), "status": "diverged", "evaluation": None}]
+    failed = [diverged(0.1, 0)]
     decision = compare_and_promote(registry, failed, alias="production", metric="val_accuracy", margin=0.0,
-                                   evaluate_ref=lambda name: pytest.fail("nothing to evaluate"))
-    assert decision["best"] is None and decision["promotion"]["promoted"] is False
-    assert registry.resolve("fashion-mnist-cnn", "production") == holder
+                                   evaluate_ref=lambda ref: pytest.fail("nothing to evaluate"))
+    assert decision.best is None and decision.promotion.promoted is False
+    assert registry.resolve(COLLECTION, "production") == holder
+
+
+def test_a_candidate_whose_digest_is_not_the_stored_ones_is_never_promoted(tmp_path):
+    """Issue 10: two trials on two nodes each stored a `v0`; the sweep's registry holds the other
+    node's model under that name. The candidate is refused by digest; the alias stays."""
+    registry = LocalRegistry(tmp_path)
+    ours = small_model(registry, 0)
+    registry.move_alias(ours, "production")
+    theirs = ModelRef(collection=COLLECTION, version="v1", digest="f" * 64)  # v1 here is another model
+    small_model(registry, 1)
+    with pytest.raises(DigestMismatch, match="not the ffffffffffff"):
+        compare_and_promote(registry, [trial(0.001, 0, 0.99, model=theirs)], alias="production",
+                            metric="val_accuracy", margin=0.0, evaluate_ref=lambda ref: evaluation(0.5))
+    assert registry.resolve(COLLECTION, "production") == ours

@@ -1,24 +1,30 @@
-"""Faults inside real flow runs: a trial that raises, a trial that diverges, a sweep with no
-usable model, secrets in the environment, and two processes promoting at once."""
+"""Faults inside real flow runs: a trial that raises and a trial that diverges (one sweep, with
+secrets in the environment), a sweep with no usable model, a dispatched trial whose model is not
+in the sweep's registry, and two processes promoting at once."""
 
 import json
 import multiprocessing
 from pathlib import Path
 
 import pytest
-import torch
 
 import tasks.train
+from flows.dispatch import RegistryNotShared, require_shared_registry
 from flows.sweep import SweepFailed, lr_sweep
-from models.cnn import architecture, build_model
-from models.registry import LocalRegistry
-from tests.helpers import smoke_config
+from models.local_registry import LocalRegistry
+from models.registry import ModelRef
+from tasks.compare import compare_and_promote
+from tasks.results import Evaluation, TrialOutcome
+from tests.helpers import COLLECTION, smoke_config, tiny_model
 
-COLLECTION = "fashion-mnist-cnn"
+SECRETS = {"WANDB_API_KEY": "wandb-secret-" + "7" * 28, "PREFECT_API_KEY": "pnu_secret" + "9" * 26}
 
 
-def test_a_trial_that_raises_is_recorded_and_the_others_are_compared(
-        prefect_server, fashion_data_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def faulty_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
+    """One sweep with a trial that raises (lr 0.0001), one that diverges (lr 10) and one that
+    works (lr 0.001), run with fake W&B and Prefect keys in the environment."""
+    tmp_path = tmp_path_factory.mktemp("faults")
     real_train = tasks.train.train_trial
 
     def broken_for_one_rate(spec, *args, **kwargs):
@@ -26,8 +32,16 @@ def test_a_trial_that_raises_is_recorded_and_the_others_are_compared(
             raise RuntimeError("simulated fault: out of device memory")
         return real_train(spec, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.train, "train_trial", broken_for_one_rate)
-    summary = lr_sweep(config=smoke_config(tmp_path, fashion_data_dir, train_limit=500))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks.train, "train_trial", broken_for_one_rate)
+        for name, value in SECRETS.items():
+            patch.setenv(name, value)
+        config = smoke_config(tmp_path, sweep_data_dir, learning_rates=[0.001, 10.0, 0.0001])
+        return config, lr_sweep(config=config)
+
+
+def test_a_trial_that_raises_is_recorded_and_the_others_are_compared(faulty_sweep):
+    _, summary = faulty_sweep
     by_rate = {t["learning_rate"]: t for t in summary["trials"]}
     assert by_rate[0.0001]["status"] == "failed"
     assert "simulated fault" in by_rate[0.0001]["error"] and by_rate[0.0001]["model"] is None
@@ -36,9 +50,8 @@ def test_a_trial_that_raises_is_recorded_and_the_others_are_compared(
     assert "failed: RuntimeError: simulated fault" in Path(summary["files"]["report"]).read_text()
 
 
-def test_a_diverged_trial_is_stopped_and_never_stored(prefect_server, fashion_data_dir, tmp_path):
-    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.001, 10.0], train_limit=500)
-    summary = lr_sweep(config=config)
+def test_a_diverged_trial_is_stopped_and_never_stored(faulty_sweep):
+    config, summary = faulty_sweep
     by_rate = {t["learning_rate"]: t for t in summary["trials"]}
     assert by_rate[10.0]["status"] == "diverged" and "was stopped" in by_rate[10.0]["error"]
     assert by_rate[10.0]["model"] is None
@@ -47,14 +60,22 @@ def test_a_diverged_trial_is_stopped_and_never_stored(prefect_server, fashion_da
     assert str(LocalRegistry(config.registry_dir).resolve(COLLECTION, "production")) == by_rate[0.001]["model"]
 
 
-def test_no_usable_model_fails_the_flow_and_keeps_the_alias(prefect_server, fashion_data_dir, tmp_path):
+def test_secrets_never_reach_outputs(faulty_sweep):
+    config, _ = faulty_sweep
+    written = [p for root in (config.output_dir, config.registry_dir) for p in Path(root).rglob("*") if p.is_file()]
+    assert len(written) > 10
+    for path in written:
+        content = path.read_bytes()
+        for value in SECRETS.values():
+            assert value.encode() not in content, f"{value[:12]}... leaked into {path}"
+
+
+def test_no_usable_model_fails_the_flow_and_keeps_the_alias(prefect_server, sweep_data_dir, tmp_path):
     registry = LocalRegistry(tmp_path / "registry")
-    torch.manual_seed(0)
-    arch = architecture(128)
-    holder = registry.log_model(COLLECTION, build_model(arch).state_dict(), {"architecture": arch})
+    holder = registry.log_model(COLLECTION, *tiny_model(0))
     registry.move_alias(holder, "production")
     aliases_before = (tmp_path / "registry" / COLLECTION / "aliases.json").read_text()
-    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[10.0, 20.0], train_limit=500)
+    config = smoke_config(tmp_path, sweep_data_dir, learning_rates=[10.0, 20.0])
     with pytest.raises(SweepFailed, match="no trial .* produced a usable model"):
         lr_sweep(config=config)
     assert (tmp_path / "registry" / COLLECTION / "aliases.json").read_text() == aliases_before
@@ -64,18 +85,22 @@ def test_no_usable_model_fails_the_flow_and_keeps_the_alias(prefect_server, fash
     assert summary["promotion"]["promoted"] is False
 
 
-def test_secrets_never_reach_outputs(prefect_server, fashion_data_dir, tmp_path, monkeypatch):
-    secrets = {"WANDB_API_KEY": "wandb-secret-" + "7" * 28, "PREFECT_API_KEY": "pnu_secret" + "9" * 26}
-    for name, value in secrets.items():
-        monkeypatch.setenv(name, value)
-    config = smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.001], train_limit=300)
-    lr_sweep(config=config)
-    written = [p for root in (config.output_dir, config.registry_dir) for p in Path(root).rglob("*") if p.is_file()]
-    assert len(written) > 10
-    for path in written:
-        content = path.read_bytes()
-        for value in secrets.values():
-            assert value.encode() not in content, f"{value[:12]}... leaked into {path}"
+def test_a_dispatched_model_missing_from_the_sweeps_registry_stops_the_sweep(tmp_path):
+    """Issue 10: two nodes with their own registries both store `v0`; the sweep's registry holds
+    its own node's v0 (another model). Before, the sweep evaluated and promoted that one."""
+    registry = LocalRegistry(tmp_path)
+    local_v0 = registry.log_model(COLLECTION, *tiny_model(0))
+    other_node = ModelRef(collection=COLLECTION, version="v0", digest="a" * 64)
+    trials = [TrialOutcome(learning_rate=0.001, seed=0, status="completed", model=local_v0, worker="node-1"),
+              TrialOutcome(learning_rate=0.01, seed=0, status="completed", model=other_node, worker="node-2")]
+    with pytest.raises(RegistryNotShared, match="not shared between the nodes.*registry='wandb'"):
+        require_shared_registry(trials, registry, str(tmp_path))
+    missing = [trials[0], TrialOutcome(learning_rate=0.01, seed=0, status="completed", worker="node-2",
+                                       model=ModelRef(collection=COLLECTION, version="v7", digest="b" * 64))]
+    with pytest.raises(RegistryNotShared, match="holds nothing under that name"):
+        require_shared_registry(missing, registry, str(tmp_path))
+    require_shared_registry(trials[:1], registry, str(tmp_path))
+    assert registry.resolve(COLLECTION, "production") is None
 
 
 # --- two processes promoting at the same moment -------------------------------------------------
@@ -90,18 +115,16 @@ def scores_of(version: str) -> float:
 
 
 def promoter(registry_dir: str, versions: list[str], barrier) -> None:
-    from tasks.compare import compare_and_promote
-
     registry = LocalRegistry(registry_dir)
 
-    def evaluate(name):
-        accuracy = scores_of(name.split(":")[1])
-        return {"val_accuracy": accuracy, "val_loss": 1 - accuracy, "test_accuracy": accuracy, "test_loss": 1 - accuracy}
+    def evaluate(ref):
+        accuracy = scores_of(ref.version)
+        return Evaluation(val_accuracy=accuracy, val_loss=1 - accuracy, test_accuracy=accuracy, test_loss=1 - accuracy)
 
     for version in versions:
         barrier.wait()
-        trial = {"learning_rate": 0.001, "seed": 0, "status": "completed", "model": f"{COLLECTION}:{version}",
-                 "history": [], "evaluation": evaluate(f"{COLLECTION}:{version}")}
+        ref = registry.resolve(COLLECTION, version)
+        trial = TrialOutcome(learning_rate=0.001, seed=0, status="completed", model=ref, evaluation=evaluate(ref))
         compare_and_promote(registry, [trial], alias="production", metric="val_accuracy", margin=0.0,
                             evaluate_ref=evaluate)
         barrier.wait()
@@ -109,10 +132,8 @@ def promoter(registry_dir: str, versions: list[str], barrier) -> None:
 
 def test_two_processes_promoting_at_once_leave_the_best_single_holder(tmp_path):
     registry = LocalRegistry(tmp_path)
-    torch.manual_seed(0)
-    arch = architecture(8)
-    state = build_model(arch).state_dict()
-    refs = [registry.log_model(COLLECTION, state, {"architecture": arch, "n": n}) for n in range(2 * ROUNDS)]
+    state, metadata = tiny_model(0)
+    refs = [registry.log_model(COLLECTION, state, metadata | {"n": n}) for n in range(2 * ROUNDS)]
     mine = [r.version for r in refs[0::2]]
     theirs = [r.version for r in refs[1::2]]
     context = multiprocessing.get_context("spawn")

@@ -1,37 +1,37 @@
-"""The whole sweep as a real Prefect flow run on the temporary server, on real Fashion-MNIST."""
+"""The whole sweep as a real Prefect flow run on the temporary server, on the synthetic dataset
+(the same path on real Fashion-MNIST runs in `make test-slow`: tests/test_real_data.py)."""
 
+import base64
 import json
 
 import pytest
+from prefect.client.orchestration import get_client
 
-from flows.sweep import lr_sweep
-from models.registry import LocalRegistry
-from tests.helpers import smoke_config, wandb_records
+from models.local_registry import LocalRegistry
+from tests.helpers import COLLECTION, wandb_records
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 @pytest.fixture(scope="module")
-def smoke(prefect_server, fashion_data_dir, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("smoke")
-    config = smoke_config(tmp_path, fashion_data_dir)
-    return config, lr_sweep(config=config)
+def smoke(smoke_sweep):
+    return smoke_sweep
 
 
 def test_summary_json_has_the_agreed_shape(smoke):
     config, summary = smoke
     on_disk = json.loads(open(summary["files"]["summary"]).read())
     assert set(on_disk) >= {"sweep_id", "config", "dataset", "trials", "best", "promotion"}
-    assert on_disk["dataset"]["name"] == "fashion-mnist" and len(on_disk["dataset"]["fingerprint"]) == 64
+    assert on_disk["dataset"]["name"] == "mnist" and len(on_disk["dataset"]["fingerprint"]) == 64
     assert [t["learning_rate"] for t in on_disk["trials"]] == [0.001, 0.0001]
     for trial in on_disk["trials"]:
         assert trial["status"] == "completed" and trial["error"] is None
-        assert trial["model"].startswith("fashion-mnist-cnn:v")
+        assert trial["model"].startswith(f"{COLLECTION}:v") and len(trial["digest"]) == 64
         assert [set(r) for r in trial["history"]] == [{"epoch", *METRICS}]
         assert set(trial["evaluation"]) == {"val_loss", "val_accuracy", "test_loss", "test_accuracy"}
         assert 0 <= trial["evaluation"]["test_accuracy"] <= 1
         assert trial["train_seconds"] > 0 and trial["samples_per_second"] > 0
-    assert set(on_disk["best"]) == {"learning_rate", "seed", "model"}
+    assert set(on_disk["best"]) == {"learning_rate", "seed", "model", "digest"}
     assert set(on_disk["promotion"]) >= {"alias", "model", "previous", "promoted", "reason"}
 
 
@@ -46,8 +46,8 @@ def test_the_alias_is_on_the_better_model(smoke):
     best = max(summary["trials"], key=lambda t: t["evaluation"]["val_accuracy"])
     assert summary["best"]["model"] == best["model"]
     assert summary["promotion"]["promoted"] is True
-    holder = LocalRegistry(config.registry_dir).resolve("fashion-mnist-cnn", "production")
-    assert str(holder) == best["model"]
+    holder = LocalRegistry(config.registry_dir).resolve(COLLECTION, "production")
+    assert str(holder) == best["model"] and holder.digest == best["digest"] == summary["promotion"]["digest"]
 
 
 def test_report_and_charts_are_written(smoke):
@@ -70,8 +70,8 @@ def test_each_trial_has_an_offline_wandb_run_with_metrics_and_model(smoke):
         assert history[0]["val_accuracy"] == trial["history"][-1]["val_accuracy"]
         artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
         assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
-        assert artifacts[0]["name"] == "fashion-mnist-cnn"
-        assert f"lr-{trial['learning_rate']:g}-seed-0" in artifacts[0]["aliases"]
+        assert artifacts[0]["name"] == COLLECTION
+        assert f"lr{trial['learning_rate']:g}-seed0" in artifacts[0]["aliases"]  # the trial's one name
         assert f"sweep-{summary['sweep_id']}" in artifacts[0]["aliases"]
         paths = {entry["path"] for entry in artifacts[0]["manifest"]["contents"]}
         assert paths == {"model.safetensors", "metadata.json"}
@@ -94,3 +94,29 @@ def test_metadata_carries_provenance(smoke):
     assert {"torch", "torchvision", "wandb", "prefect", "python"} <= set(metadata["packages"])
     assert len(metadata["code"]["training_source_sha256"]) == 64
     assert metadata["architecture"]["hidden_units"] == 128
+
+
+def test_summary_stores_the_paths_it_used_resolved(smoke):
+    """Issue 10: a relative registry_dir in summary.json pointed elsewhere when read from another
+    directory (publish then saw an empty registry)."""
+    _, summary = smoke
+    for key in ("registry_dir", "output_dir", "data_dir"):
+        assert summary["config"][key].startswith("/")
+
+
+def test_report_artifact_embeds_its_charts_and_belongs_to_the_flow_run(smoke, prefect_server):
+    """Issue 13: the UI showed broken images (relative file names) and 'Flow run: None'."""
+    _, summary = smoke
+    with get_client(sync_client=True) as client:
+        artifacts = [a for a in client.read_artifacts() if summary["sweep_id"] in (a.description or "")]
+    report = next(a for a in artifacts if a.key == "lr-sweep-report")
+    table = next(a for a in artifacts if a.key == "lr-sweep-trials")
+    assert report.flow_run_id is not None and report.task_run_id is None
+    assert table.flow_run_id == report.flow_run_id
+    images = [part.split(")", 1)[0] for part in report.data.split("](data:image/png;base64,")[1:]]
+    assert len(images) == 5
+    for image in images:
+        assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(table.data)
+    assert [row["learning rate"] for row in rows] == ["0.001", "0.0001"]
+    assert all(isinstance(row["val acc %"], float) and row["val acc %"] == round(row["val acc %"], 2) for row in rows)

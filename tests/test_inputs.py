@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flows.cli import main
-from models.cnn import architecture, build_model
-from models.registry import LocalRegistry
+from models.local_registry import LocalRegistry
+from tests.helpers import FASHION_COLLECTION, tiny_model
 
 BAD_INPUTS = [
     # (extra CLI arguments, environment, the field the message must name, a fragment of what is allowed)
@@ -47,6 +47,35 @@ BAD_INPUTS = [
     (["--output-dir", "/etc/hostname/runs"], {}, "output_dir", "is not a directory"),
     ([], {"LR_SWEEP_EPOCHS": "zero"}, "epochs", "valid integer"),
     ([], {"LR_SWEEP_LEARNING_RATES": "[0.1, -2]"}, "learning_rates", "> 0"),
+    # Names that would leave their folder or take a name the registry keeps (issue 10).
+    (["--sweep-id", ".."], {}, "sweep_id", "starting with a letter or digit"),
+    (["--sweep-id", "."], {}, "sweep_id", "starting with a letter or digit"),
+    (["--sweep-id", ".hidden"], {}, "sweep_id", "starting with a letter or digit"),
+    (["--sweep-id", "checkpoints"], {}, "sweep_id", "reserved"),
+    (["--sweep-id", "wandb"], {}, "sweep_id", "reserved"),
+    (["--sweep-id", "ok\n"], {}, "sweep_id", "1-96 characters"),
+    (["--sweep-id", "x" * 97], {}, "sweep_id", "1-96 characters"),
+    (["--alias", "v0"], {}, "alias", "version name"),
+    (["--alias", "v12"], {}, "alias", "version name"),
+    (["--alias", "..", "--dry-run"], {}, "alias", "starting with a letter or digit"),
+    (["--alias", "prod\n"], {}, "alias", "1-128 characters"),
+    ([], {"LR_SWEEP_SWEEP_ID": ".."}, "sweep_id", "starting with a letter or digit"),
+    ([], {"LR_SWEEP_ALIAS": "latest"}, "alias", "not 'latest'"),
+    (["--trial-deployment", "lr-sweep-trial/gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
+    (["--dispatch-timeout-minutes", "0"], {}, "dispatch_timeout_minutes", "greater than 0"),
+]
+
+# The other commands take names too: the same rule, the same exit code, nothing written.
+OTHER_COMMANDS = [
+    (["models", "--collection", ".."], "collection", "starting with a letter or digit"),
+    (["models", "--collection", "../registry"], "collection", "starting with a letter or digit"),
+    (["promote", "../x:v0", "--alias", "production"], "collection", "starting with a letter or digit"),
+    (["promote", "fashion-mnist-cnn:v0", "--alias", "latest", "--force"], "alias", "not 'latest'"),
+    (["promote", "fashion-mnist-cnn:v0", "--alias", "v1", "--force"], "alias", "version name"),
+    (["promote", "fashion-mnist-cnn:v0", "--alias", "a:b", "--force"], "alias", "no '/', ':'"),
+    (["promote", "fashion-mnist-cnn:../../x", "--force"], "alias", "starting with a letter or digit"),
+    (["publish", "..", "--dry-run"], "sweep_id", "starting with a letter or digit"),
+    (["publish", "checkpoints", "--dry-run"], "sweep_id", "reserved"),
 ]
 
 
@@ -58,15 +87,13 @@ def snapshot(directory: Path) -> dict[str, str]:
 @pytest.fixture
 def registry_with_production(tmp_path):
     registry = LocalRegistry(tmp_path / "registry")
-    torch.manual_seed(0)
-    arch = architecture(8)
-    ref = registry.log_model("fashion-mnist-cnn", build_model(arch).state_dict(), {"architecture": arch})
+    ref = registry.log_model(FASHION_COLLECTION, *tiny_model(0))
     registry.move_alias(ref, "production")
     return tmp_path / "registry"
 
 
 def test_the_table_is_large_enough():
-    assert len(BAD_INPUTS) >= 20
+    assert len(BAD_INPUTS) + len(OTHER_COMMANDS) >= 45
 
 
 @pytest.mark.parametrize("arguments, environment, field, allowed", BAD_INPUTS,
@@ -77,14 +104,40 @@ def test_bad_input_fails_early_and_changes_nothing(arguments, environment, field
         pytest.skip("this machine has a cuda:99")
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    before = snapshot(registry_with_production)
+    before = snapshot(tmp_path)  # the registry and the output directory's parent
     output = tmp_path / "runs"
     code = main(["run", "--registry-dir", str(registry_with_production), "--output-dir", str(output),
                  "--data-dir", str(tmp_path / "data"), *arguments])
-    err = capsys.readouterr().err
+    assert_refused(code, capsys.readouterr().err, field, allowed)
+    assert snapshot(tmp_path) == before  # nothing written anywhere
+    assert not output.exists()  # nothing ran
+
+
+def assert_refused(code: int, err: str, field: str, allowed: str) -> None:
     assert code == 2
     assert re.search(rf"\n{field}(\[\d+\])?: ", err), err
     assert allowed in err, err
     assert "Traceback" not in err
-    assert snapshot(registry_with_production) == before
-    assert not output.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("arguments, field, allowed", OTHER_COMMANDS,
+                         ids=[f"{a[0]}-{f}-{i}" for i, (a, f, _) in enumerate(OTHER_COMMANDS)])
+def test_other_commands_refuse_bad_names_and_change_nothing(arguments, field, allowed, tmp_path,
+                                                            registry_with_production, monkeypatch, capsys):
+    monkeypatch.setenv("LR_SWEEP_REGISTRY_DIR", str(registry_with_production))
+    monkeypatch.setenv("LR_SWEEP_OUTPUT_DIR", str(tmp_path / "runs"))
+    before = snapshot(tmp_path)
+    assert_refused(main(arguments), capsys.readouterr().err, field, allowed)
+    assert snapshot(tmp_path) == before
+
+
+def test_deployment_parameters_go_through_the_same_rule():
+    """A deployment run's `config` parameter is validated by the flow's signature: SweepConfig."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.sweep import lr_sweep
+
+    for bad in ({"sweep_id": ".."}, {"alias": "latest"}, {"sweep_id": "checkpoints"}):
+        with pytest.raises(ParameterTypeError, match=next(iter(bad))):
+            lr_sweep.validate_parameters({"config": bad})
+    assert lr_sweep.validate_parameters({"config": {"sweep_id": "nightly-1"}})["config"].sweep_id == "nightly-1"

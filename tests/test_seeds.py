@@ -4,13 +4,13 @@ a second sweep with a clearly worse rate that must leave the alias where it is."
 from pathlib import Path
 
 from flows.sweep import lr_sweep
-from models.registry import LocalRegistry
-from tests.helpers import smoke_config
+from models.local_registry import LocalRegistry
+from tests.helpers import COLLECTION, smoke_config
 
 
-def test_seed_repeats_then_a_worse_challenger_keeps_the_champion(prefect_server, fashion_data_dir, tmp_path):
-    first = lr_sweep(config=smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.003, 0.0001],
-                                         seeds=[0, 1], train_limit=1500))
+def test_seed_repeats_then_a_worse_challenger_keeps_the_champion(prefect_server, sweep_data_dir, tmp_path):
+    first = lr_sweep(config=smoke_config(tmp_path, sweep_data_dir, learning_rates=[0.003, 0.0001],
+                                         seeds=[0, 1]))
     assert len(first["trials"]) == 4 and all(t["status"] == "completed" for t in first["trials"])
     rows = {row["learning_rate"]: row for row in first["aggregates"]}
     assert set(rows) == {0.003, 0.0001}
@@ -30,12 +30,11 @@ def test_seed_repeats_then_a_worse_challenger_keeps_the_champion(prefect_server,
     assert Path(first["files"]["val_accuracy_vs_lr"]).exists()
 
     # A second sweep whose only rate is far too small: it trains, but must not take the alias.
-    second = lr_sweep(config=smoke_config(tmp_path, fashion_data_dir, learning_rates=[0.000003],
-                                          train_limit=1500))
+    second = lr_sweep(config=smoke_config(tmp_path, sweep_data_dir, learning_rates=[0.000003]))
     promotion = second["promotion"]
     assert promotion["promoted"] is False and promotion["previous"] == first["best"]["model"]
     assert promotion["holder_evaluation"]["test_accuracy"] > promotion["challenger_evaluation"]["test_accuracy"]
-    holder = LocalRegistry(tmp_path / "registry").resolve("fashion-mnist-cnn", "production")
+    holder = LocalRegistry(tmp_path / "registry").resolve(COLLECTION, "production")
     assert str(holder) == first["best"]["model"]
     report = Path(second["files"]["report"]).read_text()
     assert "did not move 'production'" in report and "not better than the holder" in report

@@ -1,16 +1,26 @@
+import threading
+
 import pytest
 import torch
 
 from models.cnn import architecture, build_model
+from models.local_registry import LocalRegistry
 from tasks.data import load_splits, prepare_dataset
+from tasks.devices import DeviceSlots
 from tasks.evaluate import measure, place_model
-from tasks.train import TrialDiverged, TrialSpec, train_trial
+from tasks.results import TrialSpec
+from tasks.train import CHECKPOINT_FILE, TrialDiverged, run_trial, train_trial
+from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 
 @pytest.fixture
-def splits(synthetic_data_dir):
-    ref = prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
-    return load_splits(ref, "cpu")
+def dataset(synthetic_data_dir):
+    return prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
+
+
+@pytest.fixture
+def splits(dataset):
+    return load_splits(dataset, "cpu")
 
 
 def spec(**overrides):
@@ -56,3 +66,49 @@ def test_stored_weights_measure_the_same_as_in_training(splits):
     model.load_state_dict(result.state_dict)
     _, accuracy = measure(model, splits.val_x, splits.val_y)
     assert accuracy == result.history[-1]["val_accuracy"]
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a safetensors file", None])
+def test_an_unreadable_checkpoint_is_discarded_and_the_trial_starts_over(splits, tmp_path, damage):
+    """Issue 10: a torn or foreign checkpoint failed the trial on every rerun."""
+    full = train_trial(spec(epochs=2), splits, "cpu")
+    train_trial(spec(epochs=1), splits, "cpu", checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(damage if damage is not None else path.read_bytes()[: len(path.read_bytes()) // 2])
+    again = train_trial(spec(epochs=2), splits, "cpu", checkpoint_dir=tmp_path)
+    assert again.resumed_from is None
+    assert all(torch.equal(full.state_dict[k], again.state_dict[k]) for k in full.state_dict)
+
+
+def test_a_checkpoint_of_another_network_is_discarded(splits, tmp_path):
+    train_trial(spec(epochs=1, hidden_units=32), splits, "cpu", checkpoint_dir=tmp_path)
+    assert train_trial(spec(epochs=1), splits, "cpu", checkpoint_dir=tmp_path).resumed_from is None
+
+
+def test_two_sweeps_of_one_trial_train_it_once(dataset, tmp_path):
+    """Issue 10: two sweeps of the same trial (a schedule and a manual run) shared one checkpoint
+    folder and a fixed temporary name. Now they take the trial's lock in turn: one trains, the
+    other reuses its model."""
+    workspace = Workspace(
+        sweep_id="s", sweep_dir=tmp_path / "runs" / "s", checkpoint_root=tmp_path / "runs" / "checkpoints",
+        collection="mnist-cnn", tracking=TrackingSettings(mode="disabled", project="p", entity=None),
+        registry=RegistrySettings(backend="local", directory=tmp_path / "registry", project="p", entity=None,
+                                  registry_collection=None))
+    outcomes, errors = [], []
+
+    def sweep():
+        try:
+            outcomes.append(run_trial(spec(epochs=2), dataset, workspace, DeviceSlots(["cpu"], 1), log=lambda _: None))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(o.cached for o in outcomes) == [False, True]
+    assert outcomes[0].model == outcomes[1].model
+    assert len(LocalRegistry(tmp_path / "registry").versions("mnist-cnn")) == 1
+    assert not list((tmp_path / "runs" / "checkpoints").glob("*/" + CHECKPOINT_FILE))
