@@ -137,7 +137,7 @@ def outcome_of(spec: TrialSpec, flow_run: FlowRun | TrialRunFailed) -> TrialOutc
     if isinstance(flow_run, TrialRunFailed):
         return failed_outcome(spec, flow_run)
     state = flow_run.state
-    if state.is_completed():
+    if state.is_completed() or (state.is_failed() and state.data is not None):
         try:
             return TrialOutcome.model_validate(read_outcome_json(flow_run))
         except Exception as error:  # unreadable, not shared between the nodes, not an outcome

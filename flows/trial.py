@@ -27,6 +27,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Failed
 
 from flows.config import SweepConfig
 from flows.plan import make_workspace, new_sweep_id
@@ -105,10 +106,11 @@ def check_fingerprint(dataset: DatasetRef, expected: str | None) -> None:
 
 
 @flow(name=TRIAL_FLOW_NAME, log_prints=True, persist_result=True, result_serializer="json")
-def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: str | None = None) -> dict:
+def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: str | None = None):
     """One trial of a sweep on whichever worker took it; returns the trial's outcome as JSON data.
 
-    A trial that fails or diverges returns its failed outcome (as data, like a local trial's)."""
+    A trial that fails or diverges ends its run Failed, with its failed outcome as the run's
+    (JSON) result, so the sweep reports it like a local one."""
     logger = get_run_logger()
     worker = os.environ.get(WORKER_NAME_VARIABLE)
     sweep_id = config.sweep_id or new_sweep_id()  # set by the sweep; a trial run by hand gets its own
@@ -131,4 +133,7 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
     except Exception as error:
         logger.error(f"trial {spec.name} did not finish: {type(error).__name__}: {error}")
         outcome = failed_outcome(spec, error)
-    return outcome.model_copy(update=placement).model_dump(mode="json")
+    data = outcome.model_copy(update=placement).model_dump(mode="json")
+    if outcome.status != "completed":  # shown as Failed in the UI, its outcome still stored as JSON
+        return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data)
+    return data

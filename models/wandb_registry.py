@@ -49,6 +49,7 @@ from models.registry import (
     VersionInfo,
     check_expected_holder,
     require_digest,
+    split_name,
 )
 from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, model_files, weights_from_bytes, write_files
 
@@ -233,9 +234,13 @@ class WandbRegistry:
         artifact = self._artifact(collection, tag)
         return None if artifact is None else self._ref_of(collection, artifact)
 
-    def fetch(self, ref: ModelRef) -> StoredModel:
-        """Download a version and load it after its files matched the reference's digest."""
-        collection, tag, expected = ref.collection, ref.version, ref.digest
+    def fetch(self, ref: ModelRef | str) -> StoredModel:
+        """Download a version and load it after its files matched the reference's digest (a name
+        typed by a person is resolved first, and checked against the digest W&B records)."""
+        if isinstance(ref, str):
+            (collection, tag), expected = split_name(ref), None
+        else:
+            collection, tag, expected = ref.collection, ref.version, ref.digest
         artifact = self._artifact(collection, tag, use=True)
         if artifact is None:
             raise ModelNotFound(f"no model {collection}:{tag} in W&B project {self.location}")
@@ -243,13 +248,14 @@ class WandbRegistry:
         if not found.digest:
             raise DigestMismatch(f"{found}: the W&B artifact carries no '{DIGEST_KEY}' in its metadata; "
                                  "it was not logged by this registry and is refused")
-        require_digest(ref, found.digest, f"W&B project {self.location}")
+        if expected is not None:
+            require_digest(ref, found.digest, f"W&B project {self.location}")
         with tempfile.TemporaryDirectory(prefix="wandb-fetch-") as download_dir:
             # skip_cache: the bytes checked are the bytes downloaded, not a cached copy.
             root = Path(artifact.download(root=download_dir, skip_cache=True))
             contents = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
         _, actual = digest_files(contents)
-        if set(contents) != EXPECTED_FILES or actual != found.digest or actual != expected:
+        if set(contents) != EXPECTED_FILES or actual != found.digest:
             raise DigestMismatch(
                 f"{found}: downloaded files {sorted(contents)} have digest {actual}, expected "
                 f"{expected or found.digest}; refusing to load it")

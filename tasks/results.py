@@ -24,7 +24,8 @@ def trial_name(learning_rate: float, seed: int) -> str:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # extra="forbid": an outcome read back from another node is exactly an outcome, nothing more
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TrialSpec(Frozen):

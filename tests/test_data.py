@@ -78,6 +78,40 @@ def test_system_archives_are_decompressed_where_torchvision_looks(tmp_path, monk
         [*known, CHECKSUM_FILE])
 
 
+def test_first_install_from_several_processes_at_once_is_whole(tmp_path, monkeypatch):
+    """Issue 10: two containers on one fresh data volume decompressed into the same temporary
+    names at once; the install now happens under a file lock, once."""
+    import gzip
+    import hashlib
+    import multiprocessing
+
+    from tasks import data
+
+    system = tmp_path / "system"
+    make_idx_dataset(system, train=3000, test=500, compress=True)
+    known = {p.name[:-3]: hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() for p in system.iterdir()}
+    monkeypatch.setitem(data.SYSTEM_DIRS, "kmnist", [system])
+    monkeypatch.setitem(data.KNOWN_RAW_SHA256, "kmnist", known)
+    context = multiprocessing.get_context("fork")  # the children see the patched tables
+    barrier = context.Barrier(4)
+
+    def install():
+        barrier.wait()
+        locate_dataset("kmnist", tmp_path / "data", allow_download=False)
+
+    processes = [context.Process(target=install) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    directory = raw_dir("kmnist", tmp_path / "data")
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()
+            if p.name in known} == known
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
 def test_real_fashion_mnist_is_verified(fashion_data_dir):
     ref = prepare_dataset("fashion-mnist", fashion_data_dir, 10000, 0, None, allow_download=False)
     assert (ref.train_size, ref.val_size, ref.test_size) == (50000, 10000, 10000)

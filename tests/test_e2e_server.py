@@ -29,8 +29,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_docker.worker import DockerWorkerJobConfiguration
 
-from flows.dispatch import device_limit_name, worker_device
-from models.registry import LocalRegistry
+from flows.trial import device_limit_name, worker_device
+from models.local_registry import LocalRegistry
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow

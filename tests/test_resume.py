@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import LocalRegistry
+from models.local_registry import LocalRegistry
 
 COLLECTION = "fashion-mnist-cnn"
 LR_SWEEP = Path(sys.executable).parent / "lr-sweep"

@@ -24,10 +24,15 @@ import wandb
 from wandb.errors import CommError
 from wandb.sdk.wandb_run import Run
 
+import requests
+
 from models.cnn import architecture, build_model
+from models.local_registry import LocalRegistry
 from models.registry import AliasConflict, DigestMismatch, ModelNotFound, ModelRef, RegistryError
 from models.serialization import WEIGHTS_FILE, manifest_digest, model_files, sha256_hex
 from models.wandb_registry import DIGEST_KEY, FILES_KEY, PROMOTIONS_KEY, WandbRegistry, is_commit_conflict
+
+from tests.helpers import COLLECTION as SWEEP_COLLECTION  # noqa: E402 - the smoke sweep's collection
 
 COLLECTION = "fashion-mnist-cnn"
 PATH = f"ent/proj/{COLLECTION}"
@@ -46,7 +51,8 @@ def digest_of(files: dict[str, bytes]) -> str:
 class FakeServer:
     """What a W&B server keeps for one collection, served through autospec'd SDK objects."""
 
-    def __init__(self, moves_aliases: bool = True):
+    def __init__(self, moves_aliases: bool = True, collection: str = COLLECTION):
+        self.collection = collection
         self.versions: list[dict] = []  # {"files", "metadata", "aliases"}
         # A real server takes an alias from its holder when another version gets it; the other
         # mode checks that the backend clears the old holder itself when a server does not.
@@ -66,7 +72,7 @@ class FakeServer:
         files = model_files(*small_model(seed))
         digest = digest_of(files)
         version = self.add(files, json.loads(files["metadata.json"]) | {DIGEST_KEY: digest}, aliases)
-        return ModelRef(COLLECTION, version, digest)
+        return ModelRef(collection=self.collection, version=version, digest=digest)
 
     def _give(self, number: int, aliases) -> None:
         for alias in aliases:
@@ -82,11 +88,11 @@ class FakeServer:
 
     def artifact(self, name: str, type: str | None = None):
         collection_path, _, tag = name.rpartition(":")
-        assert collection_path == PATH and type == "model"
+        assert collection_path == f"ent/proj/{self.collection}" and type == "model"
         for number, stored in enumerate(self.versions):
             if tag == f"v{number}" or tag in stored["aliases"]:
                 return self._view(number)
-        raise CommError(f"artifact membership '{COLLECTION}:{tag}' not found in 'ent/proj'")
+        raise CommError(f"artifact membership '{self.collection}:{tag}' not found in 'ent/proj'")
 
     def _view(self, number: int):
         """A fresh client-side Artifact of version `number`, as the API returns one."""
@@ -158,7 +164,7 @@ def test_a_reference_whose_digest_differs_from_the_stored_one_is_refused():
     ref = server.add_model(0)
     registry = WandbRegistry("proj", "ent", api=server.api)
     with pytest.raises(DigestMismatch):
-        registry.fetch(ModelRef(COLLECTION, ref.version, "0" * 64))
+        registry.fetch(ModelRef(collection=COLLECTION, version=ref.version, digest="0" * 64))
 
 
 def test_an_artifact_without_a_recorded_digest_is_refused():
@@ -226,7 +232,7 @@ def test_an_alias_that_moved_meanwhile_is_not_taken():
     registry = WandbRegistry("proj", "ent", api=server.api)
     registry.move_alias(other, "production")  # another sweep promoted meanwhile
     with pytest.raises(AliasConflict):
-        registry.move_alias(candidate, "production", expected_holder=ModelRef(COLLECTION, "v0", "x"))
+        registry.move_alias(candidate, "production", expected_holder=ModelRef(collection=COLLECTION, version="v0", digest="x"))
     assert server.holders("production") == [other.version]
 
 
@@ -234,7 +240,7 @@ def test_a_move_to_a_version_with_another_digest_is_refused():
     server = FakeServer()
     ref = server.add_model(0)
     with pytest.raises(DigestMismatch):
-        WandbRegistry("proj", "ent", api=server.api).move_alias(ModelRef(COLLECTION, ref.version, "f" * 64),
+        WandbRegistry("proj", "ent", api=server.api).move_alias(ModelRef(collection=COLLECTION, version=ref.version, digest="f" * 64),
                                                                "production")
     assert server.holders("production") == []
 
@@ -303,7 +309,7 @@ def test_log_model_logs_one_model_artifact_through_the_trial_run():
     aliases = ("lr-0.001-seed-0", "sweep-s1")
     ref = WandbRegistry("proj", "ent").log_model(COLLECTION, state, metadata, aliases, run=run)
     files = model_files(state, metadata)
-    assert ref == ModelRef(COLLECTION, "v7", digest_of(files))
+    assert ref == ModelRef(collection=COLLECTION, version="v7", digest=digest_of(files))
     [(artifact, sent_aliases)] = sent
     assert isinstance(artifact, wandb.Artifact)  # the real SDK class, built by the backend
     assert (artifact.name, artifact.type) == (COLLECTION, "model")
@@ -348,6 +354,34 @@ def test_a_409_from_the_public_api_is_recognised():
     assert not is_commit_conflict(CommError("HTTP 500", exc=mock.Mock(response=mock.Mock(status_code=500))))
 
 
+def http_error(status: int, text: str) -> CommError:
+    """What wandb's public API raises: a CommError carrying the requests HTTPError."""
+    response = requests.Response()
+    response.status_code = status
+    return CommError(text, exc=requests.HTTPError(text, response=response))
+
+
+@pytest.mark.parametrize("error, conflict", [
+    (http_error(409, "Conflict"), True),
+    (http_error(403, "permission denied: conflict with org policy"), False),  # the status decides
+    (http_error(500, "upload of 409 bytes failed"), False),
+    (ValueError("commitArtifact: 409 Conflict: version index taken"), True),  # wandb-core's text
+    (ValueError("upload of 4096 bytes failed: connection reset"), False),  # issue 10: "409" in "4096"
+    (ValueError("artifact id QXJ0aWZhY3Q6NDA5Ng409x refused: quota exceeded"), False),
+    (ValueError("version conflict"), False),  # no status at all: not a 409
+])
+def test_only_a_real_409_is_a_conflict(error, conflict):
+    assert is_commit_conflict(error) is conflict
+
+
+def test_a_4096_error_is_not_retried():
+    run, sent = logging_run([ValueError("upload of 4096 bytes failed")])
+    state, metadata = small_model(0)
+    with pytest.raises(ValueError, match="4096"):
+        WandbRegistry("proj", "ent", backoff_seconds=0).log_model(COLLECTION, state, metadata, run=run)
+    assert len(sent) == 1
+
+
 def test_commits_of_one_collection_from_threads_do_not_overlap():
     in_flight, overlaps = [0], []
     run, _ = logging_run([])
@@ -379,13 +413,8 @@ def test_commits_of_one_collection_from_threads_do_not_overlap():
 # --- publish: a real offline sweep, read back ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def offline_sweep(prefect_server, fashion_data_dir, tmp_path_factory):
-    from flows.sweep import lr_sweep
-    from tests.helpers import smoke_config
-
-    tmp_path = tmp_path_factory.mktemp("publish")
-    config = smoke_config(tmp_path, fashion_data_dir, train_limit=500, val_size=1000)
-    return config, lr_sweep(config=config)
+def offline_sweep(smoke_sweep):
+    return smoke_sweep
 
 
 def test_publish_plan_lists_the_runs_and_the_promoted_model(offline_sweep):
@@ -397,7 +426,7 @@ def test_publish_plan_lists_the_runs_and_the_promoted_model(offline_sweep):
     assert plan.runs_already_synced == []
     best = next(t for t in summary["trials"] if t["model"] == summary["promotion"]["model"])
     assert (plan.alias, plan.collection, plan.model, plan.digest) == (
-        "production", COLLECTION, best["model"], best["digest"])
+        "production", SWEEP_COLLECTION, best["model"], best["digest"])
     assert plan.skip_reason is None and plan.project == config.wandb_project
 
 
@@ -425,7 +454,7 @@ def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_
 
     config, summary = offline_sweep
     plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
-    server = FakeServer()
+    server = FakeServer(collection=SWEEP_COLLECTION)
     server.add_model(0, aliases=["production"])  # an earlier holder in W&B
 
     def fake_sync(runs, project, entity):  # what `wandb sync` uploads: the runs' artifacts as recorded
@@ -442,16 +471,15 @@ def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_
     result = publishing.publish(plan, registry=WandbRegistry("proj", "ent", api=server.api), sync=fake_sync,
                                 log=lambda line: None)
     winner = next(n for n, v in enumerate(server.versions) if v["metadata"].get(DIGEST_KEY) == plan.digest)
-    assert result["promotion"] == {"moved": True, "alias": "production", "model": f"{COLLECTION}:v{winner}",
-                                   "previous": f"{COLLECTION}:v0"}
+    assert result["promotion"] == {"moved": True, "alias": "production", "model": f"{SWEEP_COLLECTION}:v{winner}",
+                                   "previous": f"{SWEEP_COLLECTION}:v0"}
     assert server.holders("production") == [f"v{winner}"]
-    stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{COLLECTION}:production")  # digest checked
+    stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{SWEEP_COLLECTION}:production")  # digest checked
     assert stored.metadata["sweep_id"] == summary["sweep_id"]
 
 
 def test_a_superseded_promotion_is_not_replayed(offline_sweep, tmp_path):
     from flows.publish import apply_promotion, plan_publish
-    from models.registry import LocalRegistry
 
     config, summary = offline_sweep
     registry_copy = shutil.copytree(config.registry_dir, tmp_path / "registry")
@@ -460,7 +488,7 @@ def test_a_superseded_promotion_is_not_replayed(offline_sweep, tmp_path):
     local.move_alias(local.resolve(*loser.split(":")), "production", reason="manual rollback")
     plan = plan_publish(summary["sweep_id"], config.output_dir, registry_dir=registry_copy)
     assert "superseded" in plan.skip_reason
-    server = FakeServer()
+    server = FakeServer(collection=SWEEP_COLLECTION)
     assert apply_promotion(plan, WandbRegistry("proj", "ent", api=server.api))["moved"] is False
     server.api.artifact.assert_not_called()
 
@@ -479,3 +507,33 @@ def test_publish_refuses_when_the_staged_artifact_files_are_gone(offline_sweep):
             plan_publish(summary["sweep_id"], config.output_dir)
     finally:
         hidden.rename(staged[0])
+
+
+def test_sync_that_exits_0_without_syncing_is_an_error(offline_sweep, monkeypatch):
+    """Issue 10: `wandb sync` 0.31 prints "Not authenticated." per run and exits 0; publish then
+    blamed the sweep. Success is each run's `.wandb.synced` marker."""
+    import sys
+
+    from flows.publish import PublishError, plan_publish, sync_runs
+    from tasks import tracking
+
+    config, summary = offline_sweep
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    monkeypatch.setattr(tracking, "WANDB_COMMAND", [sys.executable, "-c", "print('Not authenticated.')"])
+    with pytest.raises(PublishError, match="2 of 2 run\\(s\\) not synced(.|\\n)*Not authenticated"):
+        sync_runs(plan.runs_to_sync, plan.project, plan.entity)
+
+
+def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep, tmp_path, monkeypatch):
+    """Issue 10: summary.json kept registry_dir as given (relative); from another directory publish
+    saw an empty registry, said "superseded" and exited 0."""
+    from flows.publish import PublishError, plan_publish
+
+    config, summary = offline_sweep
+    monkeypatch.chdir(tmp_path)
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    assert plan.skip_reason is None and plan.digest == summary["promotion"]["digest"]
+    empty = tmp_path / "empty-registry"
+    LocalRegistry(empty)
+    with pytest.raises(PublishError, match="holds no model with the digest"):
+        plan_publish(summary["sweep_id"], config.output_dir, registry_dir=empty)
