@@ -3,13 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-# Local, quiet Prefect; the temporary server needs more than 20 s to start on a 2-core machine.
+# Prefect's state for this checkout. Its other quiet, local defaults live in flows/environment.py;
+# $(QUIET) runs a command with them.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-# Idle OpenMP threads sleep instead of spinning, so processes sharing cores do not slow each other.
-export OMP_WAIT_POLICY ?= PASSIVE
+QUIET := $(BIN)/python -m flows.environment
 
 .PHONY: install data sweep test test-slow clean
 
@@ -31,11 +28,13 @@ data: install
 sweep: data
 	$(BIN)/lr-sweep run
 
+# The fast tests make their own data (synthetic IDX files): no dataset package needed.
 test: install
-	$(BIN)/pytest
+	$(QUIET) $(BIN)/pytest
 
-test-slow: install
-	$(BIN)/pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
+# Real Fashion-MNIST, the real server, SIGKILL and resume: the dataset package is installed first.
+test-slow: data
+	$(QUIET) $(BIN)/pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
 clean:
 	rm -rf runs registry .prefect .pytest_cache
@@ -62,37 +61,37 @@ deploy: export LR_SWEEP_IMAGE_REPO := $(LR_SWEEP_IMAGE_REPO)
 # Prefect server with its embedded SQLite database in PREFECT_HOME; for production point
 # PREFECT_API_DATABASE_CONNECTION_URL at PostgreSQL (README).
 server: install
-	$(BIN)/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
+	$(QUIET) $(BIN)/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 pools: install
-	$(BIN)/prefect work-pool create $(PROCESS_POOL) --type process --overwrite
+	$(QUIET) $(BIN)/prefect work-pool create $(PROCESS_POOL) --type process --overwrite
 	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m deploy.pools docker-template $(GPU_POOL_TEMPLATE)
-	$(BIN)/prefect work-pool create $(GPU_POOL) --type docker --base-job-template $(GPU_POOL_TEMPLATE) --overwrite
+	$(QUIET) $(BIN)/prefect work-pool create $(GPU_POOL) --type docker --base-job-template $(GPU_POOL_TEMPLATE) --overwrite
 
 # Every deployment; builds and pushes the image (needs a Docker engine and LR_SWEEP_IMAGE_REPO).
 deploy: install
-	$(BIN)/prefect --no-prompt deploy --all
+	$(QUIET) $(BIN)/prefect --no-prompt deploy --all
 
 # The process-pool deployments only: no Docker anywhere.
 deploy-local: install
-	$(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local
+	$(QUIET) $(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local
 
 # The GPU deployments from an image built and pushed elsewhere: no Docker engine needed here.
 deploy-prebuilt: install
 	@test -n "$(IMAGE)" || { echo "usage: make deploy-prebuilt IMAGE=registry.example.com/lr-sweep:TAG"; exit 2; }
 	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) > $(PREFECT_HOME)/prefect.prebuilt.yaml
-	$(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
+	$(QUIET) $(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
 		--name lr-sweep/lr-sweep --name lr-sweep-trial/gpu
 
 # Takes sweeps and trials from the process pool, running them from this checkout.
 worker: install
-	$(BIN)/prefect worker start --pool $(PROCESS_POOL) --name $(WORKER_NAME)-process
+	$(QUIET) $(BIN)/prefect worker start --pool $(PROCESS_POOL) --name $(WORKER_NAME)-process
 
 # On a GPU node with Docker and the NVIDIA container toolkit: one worker per node.
 gpu-worker: install
-	$(BIN)/prefect worker start --pool $(GPU_POOL) --type docker --name $(WORKER_NAME) --limit $(WORKER_LIMIT)
+	$(QUIET) $(BIN)/prefect worker start --pool $(GPU_POOL) --type docker --name $(WORKER_NAME) --limit $(WORKER_LIMIT)
 
 # Issue 6: our training engine against a DataLoader loop, the flow's overhead, peak memory,
 # evaluation speed, in one run (about 5 minutes on 2 cores); figures go to $(BENCH_JSON).
@@ -101,4 +100,4 @@ export BENCH_JSON
 
 .PHONY: bench
 bench: data
-	$(BIN)/python benchmarks/bench.py --json $(BENCH_JSON)
+	$(QUIET) $(BIN)/python -m benchmarks.bench --json $(BENCH_JSON)

@@ -20,7 +20,7 @@ the machine they ran on and the load average around the run (other work on the m
 them; every figure is from one run).
 
     make bench                                        # CPU, about 5 minutes on 2 cores
-    .venv/bin/python benchmarks/bench.py --help
+    .venv/bin/python -m flows.environment .venv/bin/python -m benchmarks.bench --help
     benchmarks/gpu_check.sh                           # on a GPU node: default sweep, 3 trials per GPU
 """
 
@@ -40,25 +40,19 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
 
-from flows.environment import apply_local_defaults  # noqa: E402
+from flows.config import SweepConfig
+from models.cnn import architecture, build_model
+from tasks.data import TORCHVISION_CLASSES, DatasetRef, Splits, load_splits, prepare_dataset, split_indices
+from tasks.devices import configure_cpu_threads, resolve_devices
+from tasks.evaluate import measure, place_model
+from tasks.results import TrialSpec
+from tasks.train import make_optimizer, train_trial
 
-# Before Prefect and W&B are imported (they read these at import); idle OpenMP threads sleep.
-apply_local_defaults({"OMP_WAIT_POLICY": "PASSIVE"})
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-
-from flows.config import SweepConfig  # noqa: E402
-from models.cnn import architecture, build_model  # noqa: E402
-from tasks.data import TORCHVISION_CLASSES, DatasetRef, Splits, load_splits, prepare_dataset, split_indices  # noqa: E402
-from tasks.devices import configure_cpu_threads, resolve_devices  # noqa: E402
-from tasks.evaluate import measure, place_model  # noqa: E402
-from tasks.train import TrialSpec, make_optimizer, train_trial  # noqa: E402
 
 # The targets of issue 6, checked and reported (a miss is printed, the exit code stays 0: a
 # benchmark on a shared machine informs, it does not gate).
@@ -234,7 +228,7 @@ def run_sweep_child(overrides: dict, workdir: Path) -> dict:
     result_file = workdir / "sweep.json"
     # A Prefect home of its own: the timed sweep leaves nothing in the user's.
     env = os.environ | {"PREFECT_HOME": str(workdir / "prefect")}
-    subprocess.run([sys.executable, __file__, "--sweep-child", json.dumps(overrides),
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--sweep-child", json.dumps(overrides),
                     "--result-file", str(result_file)], check=True, env=env)
     return json.loads(result_file.read_text())
 

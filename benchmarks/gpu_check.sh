@@ -38,7 +38,7 @@ stop_sampler() { if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true;
 trap 'stop_sampler; rm -f "$samples"' EXIT
 
 status=0
-timeout 290 "$PYTHON" benchmarks/bench.py --device cuda --default-sweep \
+timeout 290 "$PYTHON" -m flows.environment "$PYTHON" -m benchmarks.bench --device cuda --default-sweep \
     --trials-per-device "$TRIALS_PER_DEVICE" --data-dir "$DATA_DIR" --json "$BENCH_JSON" || status=$?
 stop_sampler
 

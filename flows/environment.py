@@ -1,7 +1,15 @@
-"""Quiet, local defaults for Prefect and W&B, applied before either is imported (both read their
-settings at import). Only variables the user has not set are touched."""
+"""Quiet, local defaults for Prefect, W&B and PyTorch, in one place.
+
+They must be in the environment before Prefect, W&B or torch is imported (each reads its
+settings at import), and only variables the user has not set are touched. The CLI applies them
+first thing; for anything else (the Prefect CLI, pytest, the benchmarks, the container) run it
+through this module:
+
+    python -m flows.environment prefect server start      # = the command, with the defaults
+"""
 
 import os
+import sys
 
 LOCAL_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -9,9 +17,19 @@ LOCAL_DEFAULTS = {
     # The temporary local server needs more than the default 20 s to start on a small machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "WANDB_SILENT": "true",
+    # Idle OpenMP threads sleep instead of spinning: processes sharing cores (a server, a worker,
+    # a second trial) do not slow each other 3-5x.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 
 
 def apply_local_defaults(extra: dict[str, str] | None = None) -> None:
     for name, value in (LOCAL_DEFAULTS | (extra or {})).items():
         os.environ.setdefault(name, value)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m flows.environment COMMAND [ARG ...]")
+    apply_local_defaults()
+    os.execvp(sys.argv[1], sys.argv[1:])

@@ -1,6 +1,8 @@
-"""Shared test set-up: quiet, local Prefect and W&B; real data; a temporary Prefect server.
+"""Shared test set-up: quiet, local Prefect and W&B; synthetic and real data; a temporary
+Prefect server.
 
-The environment is set before anything imports Prefect or W&B, since both read it at import.
+The environment is set in `pytest_configure`, before any test module is imported, so before
+anything imports Prefect or W&B (both read it at import).
 """
 
 import gzip
@@ -9,27 +11,30 @@ import struct
 import tempfile
 from pathlib import Path
 
-from flows.environment import LOCAL_DEFAULTS  # noqa: E402 - plain constants, imports nothing else
+import numpy as np
+import pytest
+import torch
 
-_home = tempfile.mkdtemp(prefix="lr-sweep-tests-")
-os.environ.update(LOCAL_DEFAULTS | {
-    "PREFECT_HOME": os.path.join(_home, "prefect"),
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "WANDB_CONFIG_DIR": os.path.join(_home, "wandb-config"),
-    "WANDB_CACHE_DIR": os.path.join(_home, "wandb-cache"),
-    "WANDB_DATA_DIR": os.path.join(_home, "wandb-data"),
-})
+from flows.environment import LOCAL_DEFAULTS
+
 # The live W&B tests (tests/test_wandb_live.py) run with the key the caller gave; no other test
 # sees it, so nothing else can reach a W&B server by accident.
 LIVE_WANDB_API_KEY = os.environ.get("WANDB_API_KEY")
-for _variable in ("WANDB_API_KEY", "PREFECT_API_URL", "PREFECT_API_KEY"):
-    os.environ.pop(_variable, None)
-for _variable in [v for v in os.environ if v.startswith("LR_SWEEP_")]:
-    os.environ.pop(_variable)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+
+def pytest_configure(config):
+    home = tempfile.mkdtemp(prefix="lr-sweep-tests-")
+    os.environ.update(LOCAL_DEFAULTS | {
+        "PREFECT_HOME": os.path.join(home, "prefect"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "WANDB_CONFIG_DIR": os.path.join(home, "wandb-config"),
+        "WANDB_CACHE_DIR": os.path.join(home, "wandb-cache"),
+        "WANDB_DATA_DIR": os.path.join(home, "wandb-data"),
+    })
+    for variable in ("WANDB_API_KEY", "PREFECT_API_URL", "PREFECT_API_KEY"):
+        os.environ.pop(variable, None)
+    for variable in [v for v in os.environ if v.startswith("LR_SWEEP_")]:
+        os.environ.pop(variable)
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,8 @@ def log_untrained(registry, dataset, seed):
 
 
 def test_models_promote_gate_and_force(sweep_data_dir, tmp_path, capsys):
-    fashion_data_dir = sweep_data_dir  # the gate measures on the candidate's dataset: here the synthetic one
     registry = LocalRegistry(tmp_path / "registry")
-    dataset = prepare_dataset("mnist", fashion_data_dir, 200, 0, None, allow_download=False)
+    dataset = prepare_dataset("mnist", sweep_data_dir, 200, 0, None, allow_download=False)
     refs = [log_untrained(registry, dataset, seed) for seed in range(2)]
     splits = load_splits(dataset, "cpu")
     accuracy = {ref: evaluate_stored_model(registry, ref, splits, "cpu").test_accuracy for ref in refs}
@@ -26,12 +25,12 @@ def test_models_promote_gate_and_force(sweep_data_dir, tmp_path, capsys):
     assert accuracy[better] > accuracy[worse]
     common = ["--registry-dir", str(tmp_path / "registry")]
 
-    assert main(["promote", str(worse), "--alias", "production", "--data-dir", str(fashion_data_dir), *common]) == 0
-    assert main(["promote", str(better), "--alias", "production", "--data-dir", str(fashion_data_dir), *common]) == 0
+    assert main(["promote", str(worse), "--alias", "production", "--data-dir", str(sweep_data_dir), *common]) == 0
+    assert main(["promote", str(better), "--alias", "production", "--data-dir", str(sweep_data_dir), *common]) == 0
     assert registry.resolve(COLLECTION, "production") == better
     # Back to the worse one: refused by the gate, then done on purpose with --force (a rollback).
     capsys.readouterr()
-    assert main(["promote", str(worse), "--alias", "production", "--data-dir", str(fashion_data_dir), *common]) == 1
+    assert main(["promote", str(worse), "--alias", "production", "--data-dir", str(sweep_data_dir), *common]) == 1
     assert "not promoted" in capsys.readouterr().err and registry.resolve(COLLECTION, "production") == better
     assert main(["promote", str(worse), "--alias", "production", "--force", *common]) == 0
     assert registry.resolve(COLLECTION, "production") == worse

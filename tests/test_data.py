@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from tasks.data import (CHECKSUM_FILE, DatasetError, load_splits, locate_dataset, prepare_dataset,
-                        raw_dir, split_indices)
+from tasks.data import CHECKSUM_FILE, DatasetError, load_splits, locate_dataset, prepare_dataset, raw_dir, split_indices
 from tests.conftest import make_idx_dataset
 
 

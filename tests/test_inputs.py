@@ -92,8 +92,8 @@ def registry_with_production(tmp_path):
     return tmp_path / "registry"
 
 
-def test_the_table_is_large_enough():
-    assert len(BAD_INPUTS) + len(OTHER_COMMANDS) >= 45
+# The issue asks for at least 45 refused inputs; a shorter table is a mistake in this file.
+assert len(BAD_INPUTS) + len(OTHER_COMMANDS) >= 45
 
 
 @pytest.mark.parametrize("arguments, environment, field, allowed", BAD_INPUTS,

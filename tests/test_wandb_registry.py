@@ -11,115 +11,22 @@ back what the real SDK recorded.
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import requests
 import torch
 import wandb
 from wandb.errors import CommError
 from wandb.sdk.wandb_run import Run
 
-import requests
-
-from models.cnn import architecture, build_model
-from models.local_registry import LocalRegistry
 from models.registry import AliasConflict, DigestMismatch, ModelNotFound, ModelRef, RegistryError
-from models.serialization import WEIGHTS_FILE, manifest_digest, model_files, sha256_hex
+from models.serialization import WEIGHTS_FILE, model_files, sha256_hex
 from models.wandb_registry import DIGEST_KEY, FILES_KEY, PROMOTIONS_KEY, WandbRegistry, is_commit_conflict
-
-from tests.helpers import COLLECTION as SWEEP_COLLECTION  # noqa: E402 - the smoke sweep's collection
-
-COLLECTION = "fashion-mnist-cnn"
-PATH = f"ent/proj/{COLLECTION}"
-
-
-def small_model(seed: int):
-    torch.manual_seed(seed)
-    arch = architecture(hidden_units=8)
-    return build_model(arch).state_dict(), {"architecture": arch, "seed": seed, "trial_key": f"key-{seed}"}
-
-
-def digest_of(files: dict[str, bytes]) -> str:
-    return manifest_digest({name: sha256_hex(data) for name, data in files.items()})
-
-
-class FakeServer:
-    """What a W&B server keeps for one collection, served through autospec'd SDK objects."""
-
-    def __init__(self, moves_aliases: bool = True, collection: str = COLLECTION):
-        self.collection = collection
-        self.versions: list[dict] = []  # {"files", "metadata", "aliases"}
-        # A real server takes an alias from its holder when another version gets it; the other
-        # mode checks that the backend clears the old holder itself when a server does not.
-        self.moves_aliases = moves_aliases
-        self.api = mock.create_autospec(wandb.Api, instance=True)
-        self.api.artifact.side_effect = self.artifact
-        self.api.artifact_collection_exists.side_effect = lambda name, type: bool(self.versions)
-        self.api.artifacts.side_effect = lambda type_name, name, **_: [
-            self._view(n) for n in range(len(self.versions))]
-
-    def add(self, files: dict[str, bytes], metadata: dict, aliases=()) -> str:
-        self.versions.append({"files": files, "metadata": metadata, "aliases": []})
-        self._give(len(self.versions) - 1, ["latest", *aliases])
-        return f"v{len(self.versions) - 1}"
-
-    def add_model(self, seed: int, aliases=()) -> ModelRef:
-        files = model_files(*small_model(seed))
-        digest = digest_of(files)
-        version = self.add(files, json.loads(files["metadata.json"]) | {DIGEST_KEY: digest}, aliases)
-        return ModelRef(collection=self.collection, version=version, digest=digest)
-
-    def _give(self, number: int, aliases) -> None:
-        for alias in aliases:
-            if self.moves_aliases or alias == "latest":
-                for other in self.versions:
-                    if alias in other["aliases"]:
-                        other["aliases"].remove(alias)
-            if alias not in self.versions[number]["aliases"]:
-                self.versions[number]["aliases"].append(alias)
-
-    def holders(self, alias: str) -> list[str]:
-        return [f"v{n}" for n, v in enumerate(self.versions) if alias in v["aliases"]]
-
-    def artifact(self, name: str, type: str | None = None):
-        collection_path, _, tag = name.rpartition(":")
-        assert collection_path == f"ent/proj/{self.collection}" and type == "model"
-        for number, stored in enumerate(self.versions):
-            if tag == f"v{number}" or tag in stored["aliases"]:
-                return self._view(number)
-        raise CommError(f"artifact membership '{self.collection}:{tag}' not found in 'ent/proj'")
-
-    def _view(self, number: int):
-        """A fresh client-side Artifact of version `number`, as the API returns one."""
-        stored = self.versions[number]
-        artifact = mock.create_autospec(wandb.Artifact, instance=True)
-        artifact.version = f"v{number}"
-        artifact.aliases = list(stored["aliases"])
-        artifact.metadata = dict(stored["metadata"])
-        artifact.created_at = f"2026-01-01T00:00:{number:02d}Z"
-        saved_aliases = list(stored["aliases"])
-
-        def save(project=None, settings=None):
-            removed = [a for a in saved_aliases if a not in artifact.aliases]
-            stored["aliases"] = [a for a in stored["aliases"] if a not in removed]
-            self._give(number, [a for a in artifact.aliases if a not in saved_aliases])
-            stored["metadata"] = dict(artifact.metadata)
-
-        def download(root=None, allow_missing_references=False, skip_cache=None, path_prefix=None,
-                     multipart=None):
-            for file_name, data in stored["files"].items():
-                (Path(root) / file_name).write_bytes(data)
-            return root
-
-        artifact.save.side_effect = save
-        artifact.download.side_effect = download
-        return artifact
-
+from tests.wandb_fakes import COLLECTION, PATH, FakeServer, digest_of, small_model
 
 # --- fetch and the digest check ----------------------------------------------------------------
 
@@ -410,130 +317,3 @@ def test_commits_of_one_collection_from_threads_do_not_overlap():
     assert len(overlaps) == 4 and max(overlaps) == 1
 
 
-# --- publish: a real offline sweep, read back ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def offline_sweep(smoke_sweep):
-    return smoke_sweep
-
-
-def test_publish_plan_lists_the_runs_and_the_promoted_model(offline_sweep):
-    from flows.publish import plan_publish
-
-    config, summary = offline_sweep
-    plan = plan_publish(summary["sweep_id"], config.output_dir)
-    assert sorted(map(str, plan.runs_to_sync)) == sorted(t["wandb_run_dir"] for t in summary["trials"])
-    assert plan.runs_already_synced == []
-    best = next(t for t in summary["trials"] if t["model"] == summary["promotion"]["model"])
-    assert (plan.alias, plan.collection, plan.model, plan.digest) == (
-        "production", SWEEP_COLLECTION, best["model"], best["digest"])
-    assert plan.skip_reason is None and plan.project == config.wandb_project
-
-
-def test_publish_dry_run_prints_the_plan_without_a_key(offline_sweep, capsys):
-    from flows.cli import main
-
-    config, summary = offline_sweep
-    assert main(["publish", summary["sweep_id"], "--output-dir", str(config.output_dir), "--dry-run"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["model"] == summary["promotion"]["model"] and len(printed["runs_to_sync"]) == 2
-
-
-def test_publish_without_a_key_says_so(offline_sweep, capsys):
-    from flows.cli import main
-
-    config, summary = offline_sweep
-    assert main(["publish", summary["sweep_id"], "--output-dir", str(config.output_dir)]) == 1
-    assert "WANDB_API_KEY" in capsys.readouterr().err
-
-
-def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch):
-    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one."""
-    from flows import publish as publishing
-    from tasks import tracking
-
-    config, summary = offline_sweep
-    plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
-    server = FakeServer(collection=SWEEP_COLLECTION)
-    server.add_model(0, aliases=["production"])  # an earlier holder in W&B
-
-    def fake_sync(runs, project, entity):  # what `wandb sync` uploads: the runs' artifacts as recorded
-        for run_dir in runs:
-            for record in tracking.run_records(run_dir):
-                if record["type"] == "artifact":
-                    artifact = record["artifact"]
-                    files = {entry["path"]: Path(entry["local_path"]).read_bytes()
-                             for entry in artifact["manifest"]["contents"]}
-                    server.add(files, json.loads(artifact["metadata"]), artifact["aliases"])
-        return ""
-
-    monkeypatch.setattr(tracking, "require_online_access", lambda project, entity: None)
-    result = publishing.publish(plan, registry=WandbRegistry("proj", "ent", api=server.api), sync=fake_sync,
-                                log=lambda line: None)
-    winner = next(n for n, v in enumerate(server.versions) if v["metadata"].get(DIGEST_KEY) == plan.digest)
-    assert result["promotion"] == {"moved": True, "alias": "production", "model": f"{SWEEP_COLLECTION}:v{winner}",
-                                   "previous": f"{SWEEP_COLLECTION}:v0"}
-    assert server.holders("production") == [f"v{winner}"]
-    stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{SWEEP_COLLECTION}:production")  # digest checked
-    assert stored.metadata["sweep_id"] == summary["sweep_id"]
-
-
-def test_a_superseded_promotion_is_not_replayed(offline_sweep, tmp_path):
-    from flows.publish import apply_promotion, plan_publish
-
-    config, summary = offline_sweep
-    registry_copy = shutil.copytree(config.registry_dir, tmp_path / "registry")
-    local = LocalRegistry(registry_copy)
-    loser = next(t["model"] for t in summary["trials"] if t["model"] != summary["promotion"]["model"])
-    local.move_alias(local.resolve(*loser.split(":")), "production", reason="manual rollback")
-    plan = plan_publish(summary["sweep_id"], config.output_dir, registry_dir=registry_copy)
-    assert "superseded" in plan.skip_reason
-    server = FakeServer(collection=SWEEP_COLLECTION)
-    assert apply_promotion(plan, WandbRegistry("proj", "ent", api=server.api))["moved"] is False
-    server.api.artifact.assert_not_called()
-
-
-def test_publish_refuses_when_the_staged_artifact_files_are_gone(offline_sweep):
-    from flows.publish import PublishError, plan_publish
-    from tasks import tracking
-
-    config, summary = offline_sweep
-    staged = tracking.staged_artifact_files(summary["trials"][0]["wandb_run_dir"])
-    assert len(staged) == 2 and all(path.exists() for path in staged)
-    hidden = staged[0].with_name(staged[0].name + ".hidden")
-    staged[0].rename(hidden)  # as a cleaned-up W&B staging folder would leave it
-    try:
-        with pytest.raises(PublishError, match="staged artifact file"):
-            plan_publish(summary["sweep_id"], config.output_dir)
-    finally:
-        hidden.rename(staged[0])
-
-
-def test_sync_that_exits_0_without_syncing_is_an_error(offline_sweep, monkeypatch):
-    """Issue 10: `wandb sync` 0.31 prints "Not authenticated." per run and exits 0; publish then
-    blamed the sweep. Success is each run's `.wandb.synced` marker."""
-    import sys
-
-    from flows.publish import PublishError, plan_publish, sync_runs
-    from tasks import tracking
-
-    config, summary = offline_sweep
-    plan = plan_publish(summary["sweep_id"], config.output_dir)
-    monkeypatch.setattr(tracking, "WANDB_COMMAND", [sys.executable, "-c", "print('Not authenticated.')"])
-    with pytest.raises(PublishError, match="2 of 2 run\\(s\\) not synced(.|\\n)*Not authenticated"):
-        sync_runs(plan.runs_to_sync, plan.project, plan.entity)
-
-
-def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep, tmp_path, monkeypatch):
-    """Issue 10: summary.json kept registry_dir as given (relative); from another directory publish
-    saw an empty registry, said "superseded" and exited 0."""
-    from flows.publish import PublishError, plan_publish
-
-    config, summary = offline_sweep
-    monkeypatch.chdir(tmp_path)
-    plan = plan_publish(summary["sweep_id"], config.output_dir)
-    assert plan.skip_reason is None and plan.digest == summary["promotion"]["digest"]
-    empty = tmp_path / "empty-registry"
-    LocalRegistry(empty)
-    with pytest.raises(PublishError, match="holds no model with the digest"):
-        plan_publish(summary["sweep_id"], config.output_dir, registry_dir=empty)

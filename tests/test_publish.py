@@ -1,0 +1,125 @@
+"""`lr-sweep publish`: a real offline sweep (the session's smoke sweep), read back, planned and
+applied to a fake W&B server; the sync's own failures; paths that outlive the working directory."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import publish as publishing
+from flows.cli import main
+from flows.publish import PublishError, apply_promotion, plan_publish, sync_runs
+from models.local_registry import LocalRegistry
+from models.wandb_registry import DIGEST_KEY, WandbRegistry
+from tasks import tracking
+from tests.helpers import COLLECTION as SWEEP_COLLECTION
+from tests.wandb_fakes import FakeServer
+
+# --- publish: a real offline sweep, read back ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def offline_sweep(smoke_sweep):
+    return smoke_sweep
+
+
+def test_publish_plan_lists_the_runs_and_the_promoted_model(offline_sweep):
+    config, summary = offline_sweep
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    assert sorted(map(str, plan.runs_to_sync)) == sorted(t["wandb_run_dir"] for t in summary["trials"])
+    assert plan.runs_already_synced == []
+    best = next(t for t in summary["trials"] if t["model"] == summary["promotion"]["model"])
+    assert (plan.alias, plan.collection, plan.model, plan.digest) == (
+        "production", SWEEP_COLLECTION, best["model"], best["digest"])
+    assert plan.skip_reason is None and plan.project == config.wandb_project
+
+
+def test_publish_dry_run_prints_the_plan_without_a_key(offline_sweep, capsys):
+    config, summary = offline_sweep
+    assert main(["publish", summary["sweep_id"], "--output-dir", str(config.output_dir), "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == summary["promotion"]["model"] and len(printed["runs_to_sync"]) == 2
+
+
+def test_publish_without_a_key_says_so(offline_sweep, capsys):
+    config, summary = offline_sweep
+    assert main(["publish", summary["sweep_id"], "--output-dir", str(config.output_dir)]) == 1
+    assert "WANDB_API_KEY" in capsys.readouterr().err
+
+
+def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch):
+    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one."""
+    config, summary = offline_sweep
+    plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    server.add_model(0, aliases=["production"])  # an earlier holder in W&B
+
+    def fake_sync(runs, project, entity):  # what `wandb sync` uploads: the runs' artifacts as recorded
+        for run_dir in runs:
+            for record in tracking.run_records(run_dir):
+                if record["type"] == "artifact":
+                    artifact = record["artifact"]
+                    files = {entry["path"]: Path(entry["local_path"]).read_bytes()
+                             for entry in artifact["manifest"]["contents"]}
+                    server.add(files, json.loads(artifact["metadata"]), artifact["aliases"])
+        return ""
+
+    monkeypatch.setattr(tracking, "require_online_access", lambda project, entity: None)
+    result = publishing.publish(plan, registry=WandbRegistry("proj", "ent", api=server.api), sync=fake_sync,
+                                log=lambda line: None)
+    winner = next(n for n, v in enumerate(server.versions) if v["metadata"].get(DIGEST_KEY) == plan.digest)
+    assert result["promotion"] == {"moved": True, "alias": "production", "model": f"{SWEEP_COLLECTION}:v{winner}",
+                                   "previous": f"{SWEEP_COLLECTION}:v0"}
+    assert server.holders("production") == [f"v{winner}"]
+    stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{SWEEP_COLLECTION}:production")  # digest checked
+    assert stored.metadata["sweep_id"] == summary["sweep_id"]
+
+
+def test_a_superseded_promotion_is_not_replayed(offline_sweep, tmp_path):
+    config, summary = offline_sweep
+    registry_copy = shutil.copytree(config.registry_dir, tmp_path / "registry")
+    local = LocalRegistry(registry_copy)
+    loser = next(t["model"] for t in summary["trials"] if t["model"] != summary["promotion"]["model"])
+    local.move_alias(local.resolve(*loser.split(":")), "production", reason="manual rollback")
+    plan = plan_publish(summary["sweep_id"], config.output_dir, registry_dir=registry_copy)
+    assert "superseded" in plan.skip_reason
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    assert apply_promotion(plan, WandbRegistry("proj", "ent", api=server.api))["moved"] is False
+    server.api.artifact.assert_not_called()
+
+
+def test_publish_refuses_when_the_staged_artifact_files_are_gone(offline_sweep):
+    config, summary = offline_sweep
+    staged = tracking.staged_artifact_files(summary["trials"][0]["wandb_run_dir"])
+    assert len(staged) == 2 and all(path.exists() for path in staged)
+    hidden = staged[0].with_name(staged[0].name + ".hidden")
+    staged[0].rename(hidden)  # as a cleaned-up W&B staging folder would leave it
+    try:
+        with pytest.raises(PublishError, match="staged artifact file"):
+            plan_publish(summary["sweep_id"], config.output_dir)
+    finally:
+        hidden.rename(staged[0])
+
+
+def test_sync_that_exits_0_without_syncing_is_an_error(offline_sweep, monkeypatch):
+    """Issue 10: `wandb sync` 0.31 prints "Not authenticated." per run and exits 0; publish then
+    blamed the sweep. Success is each run's `.wandb.synced` marker."""
+    config, summary = offline_sweep
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    monkeypatch.setattr(tracking, "WANDB_COMMAND", [sys.executable, "-c", "print('Not authenticated.')"])
+    with pytest.raises(PublishError, match="2 of 2 run\\(s\\) not synced(.|\\n)*Not authenticated"):
+        sync_runs(plan.runs_to_sync, plan.project, plan.entity)
+
+
+def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep, tmp_path, monkeypatch):
+    """Issue 10: summary.json kept registry_dir as given (relative); from another directory publish
+    saw an empty registry, said "superseded" and exited 0."""
+    config, summary = offline_sweep
+    monkeypatch.chdir(tmp_path)
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    assert plan.skip_reason is None and plan.digest == summary["promotion"]["digest"]
+    empty = tmp_path / "empty-registry"
+    LocalRegistry(empty)
+    with pytest.raises(PublishError, match="holds no model with the digest"):
+        plan_publish(summary["sweep_id"], config.output_dir, registry_dir=empty)
