@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.events.schemas.events import Resource
 
-from flows.export import artifact_key
+from flows.export import artifact_key, lr_sweep_export
 from models.cnn import architecture, build_model
 from models.registry import DigestMismatch, LocalRegistry
+from tests.conftest import REPO_ROOT
 from tasks.evaluate import place_model
 from tasks.export import (
     AliasNotFound,
@@ -184,3 +188,17 @@ def test_a_bundle_path_that_leads_outside_the_output_dir_is_refused(tmp_path):
 def test_artifact_keys_are_what_prefect_accepts():
     assert artifact_key("fashion-mnist-cnn") == "model-card-fashion-mnist-cnn"
     assert artifact_key("My_Model.v2") == "model-card-my-model-v2"
+
+
+def test_the_export_deployment_is_triggered_by_promotions():
+    """prefect.yaml: the trigger's shape; tests/test_promotion_chain.py shows it firing (-m slow)."""
+    project = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    [spec] = [d for d in project["deployments"] if d["entrypoint"] == "flows.export:lr_sweep_export"]
+    assert (spec["name"], spec["work_pool"]["name"]) == ("local", "lr-sweep-process")
+    [trigger] = [DeploymentEventTrigger.model_validate(t) for t in spec["triggers"]]
+    assert trigger.expect == {"lr-sweep.model.promoted"} and trigger.enabled
+    assert trigger.match.matches(Resource({"prefect.resource.id": f"lr-sweep.model.{COLLECTION}"}))
+    assert not trigger.match.matches(Resource({"prefect.resource.id": "lr-sweep.sweep.s1"}))
+    assert trigger.parameters == {name: f"{{{{ event.payload.{name} }}}}"
+                                  for name in ("collection", "alias", "digest", "registry_dir")}
+    assert set(trigger.parameters) <= set(lr_sweep_export.parameters.properties)
