@@ -115,11 +115,22 @@ def normalise(images: torch.Tensor, mean: float, std: float, arch: dict) -> torc
     return ((images - mean) / std).contiguous()
 
 
+def normalisation(metadata: dict) -> tuple[float, float]:
+    """The (mean, std) the model was trained with; without them the bundle could not be used."""
+    dataset = metadata.get("dataset") or {}
+    try:
+        mean, std = float(dataset["mean"]), float(dataset["std"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportError("the model's metadata has no dataset mean/std: its inputs could not be prepared") from None
+    if not std > 0:
+        raise ExportError(f"the model's metadata gives dataset std {std}")
+    return mean, std
+
+
 def sample_batch(metadata: dict, sample_images=None) -> tuple[torch.Tensor, str]:
     """The batch both exports are checked on, and a description of it."""
     arch = metadata["architecture"]
-    dataset = metadata.get("dataset", {})
-    mean, std = float(dataset.get("mean", 0.0)), float(dataset.get("std", 1.0))
+    mean, std = normalisation(metadata)
     if sample_images is not None:
         images = normalise(sample_images, mean, std, arch)
         return images, f"{len(images)} test images"
@@ -278,6 +289,9 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         raise ExportError(f"registry gave an unexpected reference {ref!r}")
     stored = registry.fetch(ref)  # re-checks every file against ref.digest (DigestMismatch)
     metadata = stored.metadata
+    arch = metadata["architecture"]
+    mean, std = normalisation(metadata)
+    batch, description = sample_batch(metadata, sample_images)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     root = output_dir.resolve()
@@ -289,11 +303,9 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         return existing | {"path": str(final.resolve()), "reused": True}
 
     # The eager reference: the stored weights in the layout the project runs them in.
-    arch = metadata["architecture"]
     eager = build_model(arch)
     eager.load_state_dict(stored.state_dict)
     eager = place_model(eager, "cpu").eval()
-    batch, description = sample_batch(metadata, sample_images)
     with torch.inference_mode():
         reference = eager(batch.contiguous(memory_format=torch.channels_last))
     plain = build_model(arch)  # exported in the default layout: it loads anywhere
@@ -322,7 +334,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
             "code": metadata.get("code", {}),
             "packages": metadata.get("packages", {}),
             "input": {"shape": [None, arch["in_channels"], arch["image_size"], arch["image_size"]], "dtype": "float32",
-                      "scale": "pixels / 255", "mean": dataset.get("mean"), "std": dataset.get("std")},
+                      "scale": "pixels / 255", "mean": mean, "std": std},
             "exporter": {"torch": torch.__version__, TORCHSCRIPT_FILE: "torch.jit.script",
                          EXPORTED_PROGRAM_FILE: "torch.export.export (dynamic batch)"},
             "verification": verification,

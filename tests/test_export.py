@@ -22,6 +22,7 @@ from tasks.evaluate import place_model
 from tasks.export import (
     AliasNotFound,
     ExportError,
+    ExportMismatch,
     HolderChanged,
     InvalidName,
     bundle_name,
@@ -134,7 +135,7 @@ def test_real_images_are_normalised_with_the_metadata(tmp_path):
     assert bundle["verification"]["max_abs_diff"] <= 1e-5 and bundle["digest"] == ref.digest
     with pytest.raises(ExportError, match="sample images of shape"):
         export_bundle(registry, COLLECTION, "production", None, tmp_path / "out2", sample_images=torch.zeros(3, 32, 32))
-    assert not (tmp_path / "out2").exists() or not os.listdir(tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_an_alias_that_moved_on_since_the_promotion_is_not_exported(tmp_path):
@@ -149,6 +150,27 @@ def test_an_alias_that_moved_on_since_the_promotion_is_not_exported(tmp_path):
         export_bundle(registry, COLLECTION, "staging", None, tmp_path / "out")
     with pytest.raises(ExportError, match="not a SHA-256"):
         export_bundle(registry, COLLECTION, "production", promoted.digest[:12], tmp_path / "out")
+
+
+def test_an_export_that_does_not_match_leaves_nothing_behind(tmp_path, monkeypatch):
+    import tasks.export
+
+    registry = LocalRegistry(tmp_path / "registry")
+    ref = log(registry, 0.001, 0, aliases=("production",))
+    monkeypatch.setattr(tasks.export, "TOLERANCE", -1.0)  # no difference passes, not even 0
+    with pytest.raises(ExportMismatch, match="differs from the stored weights"):
+        export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []  # the staging folder is gone, no bundle appeared
+
+
+def test_a_model_without_its_normalisation_is_not_exported(tmp_path):
+    registry = LocalRegistry(tmp_path / "registry")
+    bare = metadata(0.001, 0)
+    del bare["dataset"]["std"]
+    ref = registry.log_model(COLLECTION, build_model(architecture(hidden_units=16)).state_dict(), bare, aliases=("production",))
+    with pytest.raises(ExportError, match="no dataset mean/std"):
+        export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_files_that_do_not_match_the_digest_are_refused(tmp_path):
