@@ -1,0 +1,368 @@
+"""Export a promoted model as a self-contained bundle: what comes after a promotion.
+
+`export_bundle` takes the model an alias names (``fashion-mnist-cnn:production``), but only if it
+is exactly the model that was promoted (its digest must equal the one the promotion announced),
+fetches it from the registry (the files are checked against that digest), rebuilds the network
+and writes, into ``OUTPUT_DIR/<collection>-<version>-<digest[:12]>/``:
+
+- ``model.pt``: TorchScript (``torch.jit.script``), loadable with ``torch.jit.load`` without this
+  code, from Python or C++ (libtorch);
+- ``model.pt2``: the same network as a ``torch.export`` program (``torch.export.load``), the
+  format PyTorch now recommends (torch 2.14 marks TorchScript deprecated), batch size dynamic;
+- ``model_card.md``: what a person needs to know: version, digest, training, metrics, data and
+  normalisation, provenance, and how to load it;
+- ``bundle.json``: the same facts for machines, with every other file's SHA-256 and the check below.
+
+Both exported modules are loaded back from the written files and must give the logits of the
+stored weights rebuilt in eager mode, to within 1e-5, on a batch of images (real test images
+when given, else a fixed seeded random batch). The bundle is written in a temporary folder that
+is renamed into place, so a reader sees a complete bundle or none. Plain functions, no Prefect.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from models.cnn import build_model
+from models.registry import LocalRegistry, ModelRef, ModelRegistry
+from tasks.evaluate import place_model
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
+BUNDLE_FORMAT = "lr-sweep-export/1"
+TORCHSCRIPT_FILE = "model.pt"
+EXPORTED_PROGRAM_FILE = "model.pt2"
+CARD_FILE = "model_card.md"
+BUNDLE_FILE = "bundle.json"
+TOLERANCE = 1e-5
+SAMPLE_BATCH = 64
+SAMPLE_SEED = 0
+
+
+class ExportError(RuntimeError):
+    """The bundle cannot be made; nothing was written where a reader looks."""
+
+
+class InvalidName(ExportError, ValueError):
+    """A collection or alias that is not a plain name (it would become part of a path)."""
+
+
+class AliasNotFound(ExportError, LookupError):
+    """No version of the collection holds the alias."""
+
+
+class HolderChanged(ExportError):
+    """The alias is held by another model than the one that was promoted: not exported."""
+
+
+class ExportMismatch(ExportError):
+    """An exported module does not give the logits of the stored weights."""
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise InvalidName(f"{kind} {value!r} is not a valid name: 1-128 characters, letters, digits, "
+                          f"'_', '.', '-', starting with a letter or digit")
+    return value
+
+
+def bundle_name(ref: ModelRef) -> str:
+    return f"{ref.collection}-{ref.version}-{ref.digest[:12]}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def normalise(images: torch.Tensor, mean: float, std: float, arch: dict) -> torch.Tensor:
+    """Raw images (uint8 0-255, or float 0-1), (N, H, W) or (N, C, H, W) -> the network's input."""
+    images = torch.as_tensor(images)
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    images = images.float()
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    expected = (arch["in_channels"], arch["image_size"], arch["image_size"])
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
+        raise ExportError(f"sample images of shape {tuple(images.shape)}; expected (N, {', '.join(map(str, expected))})")
+    return ((images - mean) / std).contiguous()
+
+
+def normalisation(metadata: dict) -> tuple[float, float]:
+    """The (mean, std) the model was trained with; without them the bundle could not be used."""
+    dataset = metadata.get("dataset") or {}
+    try:
+        mean, std = float(dataset["mean"]), float(dataset["std"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportError("the model's metadata has no dataset mean/std: its inputs could not be prepared") from None
+    if not std > 0:
+        raise ExportError(f"the model's metadata gives dataset std {std}")
+    return mean, std
+
+
+def sample_batch(metadata: dict, sample_images=None) -> tuple[torch.Tensor, str]:
+    """The batch both exports are checked on, and a description of it."""
+    arch = metadata["architecture"]
+    mean, std = normalisation(metadata)
+    if sample_images is not None:
+        images = normalise(sample_images, mean, std, arch)
+        return images, f"{len(images)} test images"
+    shape = (SAMPLE_BATCH, arch["in_channels"], arch["image_size"], arch["image_size"])
+    pixels = torch.rand(shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    return normalise(pixels, mean, std, arch), f"{SAMPLE_BATCH} random images (seed {SAMPLE_SEED})"
+
+
+def _max_abs_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
+    if reference.shape != other.shape:
+        return float("inf")
+    return (reference - other).abs().max().item()
+
+
+def _write_exports(model: torch.nn.Module, batch: torch.Tensor, directory: Path) -> None:
+    # torch 2.14 marks TorchScript deprecated (FutureWarning); it still is the one format that
+    # loads without Python, so it stays, next to the torch.export program.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), str(directory / TORCHSCRIPT_FILE))
+    program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(directory / EXPORTED_PROGRAM_FILE))
+
+
+@torch.inference_mode()
+def _check_exports(directory: Path, reference: torch.Tensor, batch: torch.Tensor) -> dict:
+    """Load both files back and compare their logits with the eager network's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(directory / TORCHSCRIPT_FILE), map_location="cpu").eval()
+        script_logits = scripted(batch)
+    program = torch.export.load(str(directory / EXPORTED_PROGRAM_FILE)).module()
+    program_logits = program(batch)
+    diffs = {TORCHSCRIPT_FILE: _max_abs_diff(reference, script_logits),
+             EXPORTED_PROGRAM_FILE: _max_abs_diff(reference, program_logits)}
+    bad = {name: diff for name, diff in diffs.items() if not diff <= TOLERANCE}
+    if bad:
+        raise ExportMismatch(", ".join(f"{name} differs from the stored weights by {diff:g}" for name, diff in bad.items())
+                             + f" (tolerance {TOLERANCE:g}); not exported")
+    agree = bool((reference.argmax(1) == script_logits.argmax(1)).all()
+                 and (reference.argmax(1) == program_logits.argmax(1)).all())
+    return {"max_abs_diff": max(diffs.values()), "max_abs_diff_by_file": diffs, "tolerance": TOLERANCE,
+            "predictions_agree": agree}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "unknown" if value is None else str(value)
+
+
+def model_card(bundle: dict) -> str:
+    """The bundle's facts for a person, in markdown."""
+    training, dataset, metrics = bundle["training"], bundle["dataset"], bundle["metrics"]
+    code, packages = bundle["code"], bundle["packages"]
+    mean, std = bundle["input"]["mean"], bundle["input"]["std"]
+    shape = bundle["input"]["shape"]
+    lines = [
+        f"# {bundle['model']} ({bundle['alias']})",
+        "",
+        f"The model that holds `{bundle['alias']}` of `{bundle['collection']}`, exported "
+        f"{bundle['exported_at']} from the lr-sweep registry.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| version | `{bundle['version']}` |",
+        f"| digest | `{bundle['digest']}` |",
+        f"| alias | `{bundle['alias']}` |",
+        f"| sweep | `{_fmt(bundle.get('sweep_id'))}` |",
+        f"| learning rate | {_fmt(training.get('learning_rate'))} |",
+        f"| seed | {_fmt(training.get('seed'))} |",
+        f"| epochs | {_fmt(training.get('epochs'))} |",
+        f"| batch size / optimizer | {_fmt(training.get('batch_size'))} / {_fmt(training.get('optimizer'))} |",
+        f"| hidden units | {_fmt(bundle['architecture'].get('hidden_units'))} |",
+        "",
+        "## Metrics (at the last epoch)",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {name} | {_fmt(value)} |" for name, value in sorted(metrics.items())),
+        "",
+        "## Data",
+        "",
+        f"- dataset: `{_fmt(dataset.get('name'))}`, fingerprint `{_fmt(dataset.get('fingerprint'))}`",
+        f"- training / validation images: {_fmt(dataset.get('train_size'))} / {_fmt(dataset.get('val_size'))}"
+        f" (split seed {_fmt(dataset.get('split_seed'))})",
+        f"- input: float32, shape (N, {', '.join(map(str, shape[1:]))}), pixels scaled to [0, 1] then "
+        f"normalised: `(x - {mean}) / {std}`; output: {bundle['architecture'].get('num_classes')} logits",
+        "",
+        "## Provenance",
+        "",
+        f"- training code: sha256 `{_fmt(code.get('training_source_sha256'))}`, git commit `{_fmt(code.get('git_commit'))}`",
+        "- packages at training: " + ", ".join(f"{name} {_fmt(version)}" for name, version in sorted(packages.items())),
+        f"- exported with torch {bundle['exporter']['torch']}",
+        "",
+        "## Check",
+        "",
+        f"Both files were loaded back and compared with the stored weights rebuilt in eager mode on "
+        f"{bundle['verification']['batch']}: max abs logit difference "
+        f"{bundle['verification']['max_abs_diff']:.3g} (tolerance {bundle['verification']['tolerance']:g}).",
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "import torch",
+        f'model = torch.jit.load("{TORCHSCRIPT_FILE}").eval()   # or torch.export.load("{EXPORTED_PROGRAM_FILE}").module()',
+        f"pixels = torch.rand(8, {', '.join(map(str, shape[1:]))})            # your images, scaled to [0, 1]",
+        f"logits = model((pixels - {mean}) / {std})",
+        "print(logits.argmax(dim=1))                  # class indices",
+        "```",
+        "",
+        "Files (SHA-256): " + ", ".join(f"`{name}` `{digest[:16]}…`" for name, digest in sorted(bundle["files"].items())),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _existing_bundle(path: Path, digest: str, alias: str) -> dict | None:
+    """A complete bundle already in place for this digest and alias (its files match their SHA-256s)."""
+    try:
+        bundle = json.loads((path / BUNDLE_FILE).read_text())
+        if bundle.get("digest") != digest or bundle.get("alias") != alias:
+            return None
+        if any(_sha256_file(path / name) != sha for name, sha in bundle["files"].items()):
+            return None
+        return bundle
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: str, expected_digest: str | None,
+                  output_dir: str | Path, sample_images=None) -> dict:
+    """Export the model `alias` names in `collection`; returns bundle.json's content plus `path`.
+
+    `expected_digest`: the digest the promotion announced; the model behind the alias must be
+    exactly that one (HolderChanged otherwise). None exports whoever holds the alias now.
+    `sample_images`: raw test images ((N, H, W) or (N, C, H, W), uint8 or float in [0, 1]) to
+    check the exports on; normalised with the dataset's mean and std from the model's metadata.
+    An identical bundle already in place is kept and returned with `reused: True`.
+    """
+    check_name("collection", collection)
+    check_name("alias", alias)
+    if expected_digest is not None and not (isinstance(expected_digest, str) and DIGEST_PATTERN.fullmatch(expected_digest)):
+        raise ExportError(f"expected digest {expected_digest!r} is not a SHA-256 (64 lowercase hex digits)")
+    if isinstance(registry, (str, Path)):
+        registry = LocalRegistry(registry)
+    output_dir = Path(output_dir)
+
+    ref = registry.resolve(collection, alias)
+    if ref is None:
+        raise AliasNotFound(f"no version of {collection} holds '{alias}'; nothing to export")
+    if expected_digest is not None and ref.digest != expected_digest:
+        raise HolderChanged(f"'{alias}' of {collection} is held by {ref.version} (digest {ref.digest[:12]}…), "
+                            f"not by the promoted model (digest {expected_digest[:12]}…); refusing to export it")
+    if not DIGEST_PATTERN.fullmatch(ref.digest) or not re.fullmatch(r"v\d+", ref.version):
+        raise ExportError(f"registry gave an unexpected reference {ref!r}")
+    stored = registry.fetch(ref)  # re-checks every file against ref.digest (DigestMismatch)
+    metadata = stored.metadata
+    arch = metadata["architecture"]
+    mean, std = normalisation(metadata)
+    batch, description = sample_batch(metadata, sample_images)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = output_dir.resolve()
+    final = output_dir / bundle_name(ref)
+    if final.resolve().parent != root:  # e.g. a symlink put in its place
+        raise ExportError(f"bundle path {final} resolves to {final.resolve()}, outside {root}; refusing to write")
+    existing = _existing_bundle(final, ref.digest, alias) if final.is_dir() else None
+    if existing is not None:
+        return existing | {"path": str(final.resolve()), "reused": True}
+
+    # The eager reference: the stored weights in the layout the project runs them in.
+    eager = build_model(arch)
+    eager.load_state_dict(stored.state_dict)
+    eager = place_model(eager, "cpu").eval()
+    with torch.inference_mode():
+        reference = eager(batch.contiguous(memory_format=torch.channels_last))
+    plain = build_model(arch)  # exported in the default layout: it loads anywhere
+    plain.load_state_dict(stored.state_dict)
+    plain.eval()
+
+    dataset = metadata.get("dataset", {})
+    staging = root / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    try:
+        _write_exports(plain, batch, staging)
+        verification = _check_exports(staging, reference, batch) | {"batch": description, "batch_size": len(batch)}
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "model": str(ref),
+            "collection": ref.collection,
+            "version": ref.version,
+            "digest": ref.digest,
+            "alias": alias,
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sweep_id": metadata.get("sweep_id"),
+            "architecture": arch,
+            "training": metadata.get("training", {}),
+            "metrics": metadata.get("metrics", {}),
+            "dataset": dataset,
+            "code": metadata.get("code", {}),
+            "packages": metadata.get("packages", {}),
+            "input": {"shape": [None, arch["in_channels"], arch["image_size"], arch["image_size"]], "dtype": "float32",
+                      "scale": "pixels / 255", "mean": mean, "std": std},
+            "exporter": {"torch": torch.__version__, TORCHSCRIPT_FILE: "torch.jit.script",
+                         EXPORTED_PROGRAM_FILE: "torch.export.export (dynamic batch)"},
+            "verification": verification,
+            "files": {},
+        }
+        for name in (TORCHSCRIPT_FILE, EXPORTED_PROGRAM_FILE):
+            bundle["files"][name] = _sha256_file(staging / name)
+        (staging / CARD_FILE).write_text(model_card(bundle | {"files": dict(bundle["files"])}))
+        bundle["files"][CARD_FILE] = _sha256_file(staging / CARD_FILE)
+        (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        for name in (*bundle["files"], BUNDLE_FILE):
+            _fsync_file(staging / name)
+        _fsync_dir(staging)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Someone else put a bundle there meanwhile (same digest: same content), or a broken
+            # one is in the way: keep a good one, replace a broken one.
+            existing = _existing_bundle(final, ref.digest, alias)
+            if existing is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                return existing | {"path": str(final.resolve()), "reused": True}
+            stale = root / f".{final.name}.{uuid.uuid4().hex}.stale"
+            os.rename(final, stale)
+            os.rename(staging, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return bundle | {"path": str(final.resolve()), "reused": False}
