@@ -37,7 +37,7 @@ test-slow: data
 	$(QUIET) $(BIN)/pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
 clean:
-	rm -rf runs registry .prefect .pytest_cache
+	rm -rf runs registry exports .prefect .pytest_cache
 
 # --- Deploy on a Prefect server (README: "Deploy on a Prefect server") -------------------------
 # `make server` in one terminal; the other targets talk to it through PREFECT_API_URL.
@@ -73,9 +73,10 @@ pools: install
 deploy: install
 	$(QUIET) $(BIN)/prefect --no-prompt deploy --all
 
-# The process-pool deployments only: no Docker anywhere.
+# The process-pool deployments only: no Docker anywhere. lr-sweep-export/local runs on every
+# promotion (its trigger in prefect.yaml).
 deploy-local: install
-	$(QUIET) $(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local
+	$(QUIET) $(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local --name lr-sweep-export/local
 
 # The GPU deployments from an image built and pushed elsewhere: no Docker engine needed here.
 deploy-prebuilt: install

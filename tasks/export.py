@@ -34,10 +34,13 @@ from pathlib import Path
 import torch
 
 from models.cnn import build_model
-from models.registry import LocalRegistry, ModelRef, ModelRegistry
+from models.files import fsync_dir
+from models.local_registry import LocalRegistry
+from models.names import NameNotAllowed, inside
+from models.names import check_name as check_registry_name
+from models.registry import ModelRef, ModelRegistry
 from tasks.evaluate import place_model
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
 BUNDLE_FORMAT = "lr-sweep-export/1"
 TORCHSCRIPT_FILE = "model.pt"
@@ -70,10 +73,11 @@ class ExportMismatch(ExportError):
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise InvalidName(f"{kind} {value!r} is not a valid name: 1-128 characters, letters, digits, "
-                          f"'_', '.', '-', starting with a letter or digit")
-    return value
+    """The registry's one name rule (models/names.py), raised as this module's InvalidName."""
+    try:
+        return check_registry_name(kind, value)
+    except NameNotAllowed as error:
+        raise InvalidName(str(error)) from None
 
 
 def bundle_name(ref: ModelRef) -> str:
@@ -93,12 +97,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def normalise(images: torch.Tensor, mean: float, std: float, arch: dict) -> torch.Tensor:
@@ -296,7 +294,11 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
     output_dir.mkdir(parents=True, exist_ok=True)
     root = output_dir.resolve()
     final = output_dir / bundle_name(ref)
-    if final.resolve().parent != root:  # e.g. a symlink put in its place
+    try:
+        inside(root, final.name)
+    except ValueError as error:  # e.g. a symlink put in its place
+        raise ExportError(f"bundle path {final}: {error}; refusing to write") from None
+    if final.resolve().parent != root:
         raise ExportError(f"bundle path {final} resolves to {final.resolve()}, outside {root}; refusing to write")
     existing = _existing_bundle(final, ref.digest, alias) if final.is_dir() else None
     if existing is not None:
@@ -347,7 +349,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, sort_keys=True, allow_nan=False) + "\n")
         for name in (*bundle["files"], BUNDLE_FILE):
             _fsync_file(staging / name)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         try:
             os.rename(staging, final)
         except OSError:
@@ -361,7 +363,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
             os.rename(final, stale)
             os.rename(staging, final)
             shutil.rmtree(stale, ignore_errors=True)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

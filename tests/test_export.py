@@ -16,8 +16,8 @@ from prefect.events.schemas.events import Resource
 
 from flows.export import artifact_key, lr_sweep_export
 from models.cnn import architecture, build_model
-from models.registry import DigestMismatch, LocalRegistry
-from tests.conftest import REPO_ROOT
+from models.local_registry import LocalRegistry
+from models.registry import DigestMismatch
 from tasks.evaluate import place_model
 from tasks.export import (
     AliasNotFound,
@@ -28,6 +28,7 @@ from tasks.export import (
     bundle_name,
     export_bundle,
 )
+from tests.conftest import REPO_ROOT
 
 # torch 2.14 marks torch.jit deprecated; loading model.pt the way a consumer would is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -40,7 +40,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from models.registry import LocalRegistry
+from models.local_registry import LocalRegistry
 from tasks.export import bundle_name
 from tests.conftest import REPO_ROOT
 from tests.test_export import COLLECTION, log
