@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -288,8 +289,13 @@ def reuse_finished(spec: TrialSpec, registry: ModelRegistry, collection: str, ke
     return None
 
 
+def no_progress(percent: float, status: str) -> None:
+    pass
+
+
 def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, device: str,
-                    checkpoint_dir: Path, log: Callable[[str], None]) -> TrialOutcome:
+                    checkpoint_dir: Path, log: Callable[[str], None],
+                    progress: Callable[[float, str], None] = no_progress) -> TrialOutcome:
     """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
     splits = load_splits(dataset, device)
     run_config = spec.model_dump() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
@@ -301,6 +307,8 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
             log(f"[{spec.name}] epoch {record['epoch']}/{spec.epochs}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
+            progress(100 * record["epoch"] / spec.epochs,
+                     f"epoch {record['epoch']}/{spec.epochs} on {device}: val acc {record['val_accuracy']:.4f}")
 
         with trial_stream(device):
             result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
@@ -327,9 +335,11 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
 
 
 def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
-              log: Callable[[str], None] = print) -> TrialOutcome:
+              log: Callable[[str], None] = print,
+              progress: Callable[[float, str], None] = no_progress) -> TrialOutcome:
     """Reuse, resume or train one trial. Raises on failure (TrialDiverged when it diverged).
 
+    `progress(percent, status)` hears where the trial is: waiting for a device, each epoch, done.
     Two sweeps of the same trial (a schedule and a manual run) take the trial's lock in turn: the
     second one then finds the first one's model and reuses it, instead of both writing one
     checkpoint folder."""
@@ -339,10 +349,14 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
         if (reused := reuse_finished(spec, workspace.registry.open(), workspace.collection, key)) is not None:
             log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
                 "same config, data and code")
+            progress(100, f"reused {reused.model.short}")
             return reused
+        progress(0, "waiting for a device slot")
         with slots.take() as device:
-            outcome = train_and_store(spec, dataset, workspace, key, device, checkpoint_dir, log)
+            progress(0, f"training on {device}")
+            outcome = train_and_store(spec, dataset, workspace, key, device, checkpoint_dir, log, progress)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is stored: done with it
+    progress(100, f"stored {outcome.model.short}")
     return outcome
 
 
@@ -356,5 +370,35 @@ def failed_outcome(spec: TrialSpec, error: BaseException) -> TrialOutcome:
 @task(name="train_model", task_run_name="train lr={spec.learning_rate} seed={spec.seed}",
       cache_policy=NO_CACHE)
 def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> TrialOutcome:
-    """One trial. Reuse of finished trials goes through the registry, not Prefect's cache."""
-    return run_trial(spec, dataset, workspace, slots, log=get_run_logger().info)
+    """One trial. Reuse of finished trials goes through the registry, not Prefect's cache.
+
+    In the UI: a progress artifact (waiting for a device slot, then each epoch) and, once the
+    trial ran, a link to its W&B run."""
+    progress_id = create_progress_artifact(0.0, key=f"progress-{artifact_key(spec.name)}",
+                                           description=f"{spec.name}: starting")
+
+    def progress(percent: float, status: str) -> None:
+        update_progress_artifact(progress_id, percent, description=f"{spec.name}: {status}")
+
+    outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)
+    publish_wandb_link(outcome, workspace)
+    return outcome
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys take lowercase letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
+    """A link artifact to the trial's W&B run: its page online; offline, its folder and the
+    command that uploads it."""
+    if outcome.wandb_url:
+        create_link_artifact(outcome.wandb_url, link_text=f"W&B run {outcome.name}", key=f"wandb-{artifact_key(outcome.name)}",
+                             description=f"W&B run of trial {outcome.name}")
+    elif outcome.wandb_run_dir:
+        create_link_artifact(
+            f"file://{outcome.wandb_run_dir}", link_text=f"offline W&B run {outcome.name}",
+            key=f"wandb-{artifact_key(outcome.name)}",
+            description=f"Offline W&B run of trial {outcome.name} in `{outcome.wandb_run_dir}`; upload the "
+                        f"sweep with `lr-sweep publish {workspace.sweep_id} --output-dir {workspace.sweep_dir.parent}`")

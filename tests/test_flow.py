@@ -117,6 +117,15 @@ def test_report_artifact_embeds_its_charts_and_belongs_to_the_flow_run(smoke, pr
     assert len(images) == 5
     for image in images:
         assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    # Per trial, attached to its task run: a progress bar that reached 100 and a W&B link.
+    with get_client(sync_client=True) as client:
+        of_the_run = [a for a in client.read_artifacts() if a.flow_run_id == report.flow_run_id]
+    progress = {a.key: a for a in of_the_run if a.type == "progress"}
+    links = {a.key: a for a in of_the_run if (a.key or "").startswith("wandb-")}  # link artifacts
+    assert sorted(progress) == ["progress-lr0-0001-seed0", "progress-lr0-001-seed0"]
+    assert all(float(a.data) == 100.0 for a in progress.values())
+    assert sorted(links) == ["wandb-lr0-0001-seed0", "wandb-lr0-001-seed0"]
+    assert all("lr-sweep publish" in a.description and "](file://" in a.data for a in links.values())
     rows = json.loads(table.data)
     assert [row["learning rate"] for row in rows] == ["0.001", "0.0001"]
     assert all(isinstance(row["val acc %"], float) and row["val acc %"] == round(row["val acc %"], 2) for row in rows)
