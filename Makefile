@@ -73,10 +73,10 @@ pools: install
 deploy: install
 	$(QUIET) $(BIN)/prefect --no-prompt deploy --all
 
-# The process-pool deployments only: no Docker anywhere. lr-sweep-export/local runs on every
+# The process-pool deployments only: no Docker anywhere. lr-sweep-export/export-local runs on every
 # promotion (its trigger in prefect.yaml).
 deploy-local: install
-	$(QUIET) $(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/local --name lr-sweep-export/local
+	$(QUIET) $(BIN)/prefect --no-prompt deploy --name lr-sweep/local --name lr-sweep-trial/trial-local --name lr-sweep-export/export-local
 
 # The GPU deployments from an image built and pushed elsewhere: no Docker engine needed here.
 deploy-prebuilt: install
@@ -84,7 +84,7 @@ deploy-prebuilt: install
 	mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) > $(PREFECT_HOME)/prefect.prebuilt.yaml
 	$(QUIET) $(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
-		--name lr-sweep/lr-sweep --name lr-sweep-trial/gpu
+		--name lr-sweep/lr-sweep --name lr-sweep-trial/trial-gpu
 
 # Takes sweeps and trials from the process pool, running them from this checkout.
 worker: install

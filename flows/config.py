@@ -35,72 +35,91 @@ class SweepConfig(BaseSettings):
 
     # --- the experiment -------------------------------------------------------------------
     learning_rates: list[float] = Field(
+        title="1 Experiment · learning rates",
         default=[0.001, 0.0005, 0.0001],
-        description="Learning rates to try, one trial per rate and seed.",
+        description="Learning rates to try, one trial per rate and seed: 1-64 unique values, each > 0 and <= 100.",
     )
     seeds: list[int] = Field(
-        default=[0], description="Seeds; every learning rate is trained once per seed."
+        title="1 Experiment · seeds",
+        default=[0], description="Seeds; every learning rate is trained once per seed: 1-32 unique values in [0, 2**31)."
     )
-    epochs: int = Field(default=5, ge=1, le=1000, description="Training epochs per trial.")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Training batch size.")
+    epochs: int = Field(
+        title="1 Experiment · epochs",default=5, ge=1, le=1000, description="Training epochs per trial (1-1000).")
+    batch_size: int = Field(
+        title="1 Experiment · batch size",default=64, ge=1, le=65536, description="Training batch size (1-65536).")
     hidden_units: int = Field(
-        default=128, ge=1, le=65536, description="Units in the CNN's hidden layer."
+        title="1 Experiment · hidden units",
+        default=128, ge=1, le=65536, description="Units in the CNN's hidden layer (1-65536)."
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        title="1 Experiment · optimizer",
         default="adam", description="Optimizer (sgd uses momentum 0.9)."
     )
     dataset: Literal["fashion-mnist", "mnist", "kmnist"] = Field(
+        title="1 Experiment · dataset",
         default="fashion-mnist", description="Dataset (28x28 grey images, 10 classes)."
     )
     val_size: int = Field(
+        title="1 Experiment · validation images",
         default=10000,
         ge=1,
         le=59000,
-        description="Images held out of the 60k training set for validation.",
+        description="Images held out of the 60k training set for validation (1-59000).",
     )
     split_seed: int = Field(
+        title="1 Experiment · split seed",
         default=0,
         ge=0,
         description="Seed of the train/validation split (the same for every trial).",
     )
     train_limit: int | None = Field(
+        title="1 Experiment · training images limit (smoke runs)",
         default=None,
         ge=1,
-        description="Train on at most this many images (smoke runs); none = all.",
+        description="Train on at most this many images (>= 1; smoke runs, marked as such in the report); none = all.",
     )
 
     # --- selection and promotion ------------------------------------------------------------
     selection_metric: Literal["val_accuracy", "val_loss"] = Field(
+        title="2 Selection · metric",
         default="val_accuracy", description="Metric that picks the best trial."
     )
-    alias: str = Field(default="production", description="Alias given to the winning model.")
+    alias: str = Field(
+        title="2 Promotion · alias",default="production", description="Alias given to the winning model: letters, digits, '_', '.', '-' (not 'latest' or a version name like 'v3').")
     promotion_margin: float = Field(
+        title="2 Promotion · margin",
         default=0.0,
         ge=0.0,
         le=1.0,
         description="The challenger must beat the alias holder's test accuracy by more than "
-        "this to take the alias.",
+        "this to take the alias (0-1).",
     )
 
     # --- where it runs ----------------------------------------------------------------------
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        title="3 Infrastructure · device",default="auto", description="auto (every GPU, else the CPU), cpu, cuda or cuda:N.")
     trials_per_device: int = Field(
+        title="3 Infrastructure · trials per device",
         default=1,
         ge=1,
         le=64,
-        description="Trials that share one GPU at the same time (CPU runs trials one by one).",
+        description="Trials that share one GPU at the same time (1-64; the CPU runs trials one by one).",
     )
     dispatch: Literal["local", "deployment"] = Field(
+        title="3 Infrastructure · dispatch",
         default="local",
         description="local: trials run in the sweep's own flow run; deployment: each trial is a "
         "flow run of TRIAL_DEPLOYMENT, taken by any worker of its pool (several nodes).",
     )
-    trial_deployment: str = Field(
-        default="lr-sweep-trial/gpu",
-        description="Per-trial deployment (lr-sweep-trial/NAME) used when dispatch is 'deployment'.",
+    trial_deployment: str | None = Field(
+        title="3 Infrastructure · trial deployment",
+        default=None,
+        description="Per-trial deployment (lr-sweep-trial/NAME) used when dispatch is 'deployment'; "
+        "none = the lr-sweep-trial deployment on the sweep's own work pool.",
     )
 
     dispatch_timeout_minutes: float = Field(
+        title="3 Infrastructure · dispatch timeout (minutes)",
         default=120.0,
         gt=0,
         le=10080,
@@ -110,27 +129,36 @@ class SweepConfig(BaseSettings):
 
     # --- tracking and storage -----------------------------------------------------------------
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        title="4 Tracking · W&B mode",
         default="offline", description="W&B mode; online needs WANDB_API_KEY."
     )
-    wandb_project: str = Field(default="lr-sweep", min_length=1, description="W&B project.")
-    wandb_entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    wandb_project: str = Field(
+        title="4 Tracking · W&B project",default="lr-sweep", min_length=1, description="W&B project.")
+    wandb_entity: str | None = Field(
+        title="4 Tracking · W&B entity",default=None, description="W&B entity (team or user).")
     wandb_registry_collection: str | None = Field(
+        title="4 Tracking · W&B Registry collection",
         default=None,
         description="W&B Registry collection (e.g. wandb-registry-model/fashion-mnist-cnn) where "
         "the promoted model is also linked with the alias; none = no link.",
     )
     registry: Literal["local", "wandb"] = Field(
+        title="4 Storage · registry backend",
         default="local", description="Model registry backend."
     )
     registry_dir: Path = Field(
+        title="4 Storage · registry directory",
         default=Path("registry"), description="Directory of the local model registry."
     )
-    data_dir: Path = Field(default=Path("data"), description="Dataset cache directory.")
+    data_dir: Path = Field(
+        title="4 Storage · data directory",default=Path("data"), description="Dataset cache directory.")
     output_dir: Path = Field(
+        title="4 Storage · output directory",
         default=Path("runs"),
         description="Sweep outputs go to OUTPUT_DIR/SWEEP_ID (report, charts, W&B runs).",
     )
     sweep_id: str | None = Field(
+        title="4 Storage · sweep id",
         default=None, description="Name of this sweep; generated when not given."
     )
 
@@ -185,11 +213,11 @@ class SweepConfig(BaseSettings):
 
     @field_validator("trial_deployment")
     @classmethod
-    def _check_trial_deployment(cls, name: str) -> str:
-        if not TRIAL_DEPLOYMENT_PATTERN.fullmatch(name):
+    def _check_trial_deployment(cls, name: str | None) -> str | None:
+        if name is not None and not TRIAL_DEPLOYMENT_PATTERN.fullmatch(name):
             raise ValueError(
                 f"{name!r} is not allowed: name a deployment of the per-trial flow as "
-                "lr-sweep-trial/NAME, e.g. lr-sweep-trial/gpu or lr-sweep-trial/local"
+                "lr-sweep-trial/NAME, e.g. lr-sweep-trial/trial-gpu or lr-sweep-trial/trial-local"
             )
         return name
 

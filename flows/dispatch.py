@@ -1,7 +1,8 @@
 """Per-trial dispatch, the sweep's side: each trial as a flow run of the per-trial deployment.
 
 With `dispatch="deployment"` the sweep submits each (learning rate, seed) trial as a flow run of
-`trial_deployment` (a deployment of flows/trial.py's `lr-sweep-trial`) with `run_deployment`,
+the trial deployment (a deployment of flows/trial.py's `lr-sweep-trial`: `trial_deployment`,
+or the one on the sweep's own work pool) with `run_deployment`,
 so every worker that polls that deployment's work pool, on every node, takes trials. The sweep
 waits for the runs until `dispatch_timeout_minutes`, reads each outcome back as JSON and goes
 on to evaluate and compare as a local sweep does.
@@ -23,13 +24,16 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import deployment as current_deployment
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
 from flows.config import SweepConfig
+from flows.plan import TRIAL_FLOW_NAME
 from models.registry import ModelRegistry
 from tasks.data import DatasetRef
 from tasks.results import TrialOutcome, TrialSpec
@@ -57,25 +61,40 @@ def trial_parameters(config: SweepConfig, workspace: Workspace, spec: TrialSpec,
     return {"config": trial_config, "spec": spec, "dataset_fingerprint": dataset.fingerprint}
 
 
-def submit_trials(config: SweepConfig, workspace: Workspace, specs: list[TrialSpec],
+def trial_deployment_of(config: SweepConfig) -> str:
+    """The deployment trials go to: `trial_deployment` when set, else the lr-sweep-trial
+    deployment on the work pool the sweep itself runs on (lr-sweep/local -> trial-local,
+    lr-sweep/lr-sweep -> trial-gpu), so each sweep deployment dispatches where it runs."""
+    if config.trial_deployment:
+        return config.trial_deployment
+    if current_deployment.id is None:
+        raise ValueError("dispatch='deployment' outside a deployment needs trial_deployment "
+                         "(e.g. lr-sweep-trial/trial-local)")
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment(current_deployment.id).work_pool_name
+        candidates = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[TRIAL_FLOW_NAME])),
+                                             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+    if len(candidates) != 1:
+        raise ValueError(f"trial_deployment: {len(candidates)} {TRIAL_FLOW_NAME} deployments on work pool "
+                         f"{pool!r} ({', '.join(d.name for d in candidates) or 'none'}); deploy one "
+                         "(`make deploy-local` or `make deploy`) or name it with trial_deployment")
+    return f"{TRIAL_FLOW_NAME}/{candidates[0].name}"
+
+
+def submit_trials(config: SweepConfig, deployment: str, workspace: Workspace, specs: list[TrialSpec],
                   dataset: DatasetRef) -> list[FlowRun]:
-    if not PREFECT_API_URL.value():
-        raise ValueError(
-            "dispatch='deployment' needs a Prefect server that workers poll: set PREFECT_API_URL "
-            "(e.g. `make server`, then PREFECT_API_URL=http://127.0.0.1:4200/api), or use "
-            "dispatch='local'")
     runs = []
     for spec in specs:
         try:
             runs.append(run_deployment(
-                config.trial_deployment, timeout=0, flow_run_name=f"{workspace.sweep_id}-{spec.name}",
+                deployment, timeout=0, flow_run_name=f"{workspace.sweep_id}-{spec.name}",
                 parameters=trial_parameters(config, workspace, spec, dataset),
                 tags=[f"sweep:{workspace.sweep_id}"]))
         except ObjectNotFound:
             raise ValueError(
-                f"trial_deployment {config.trial_deployment!r} does not exist on the Prefect "
+                f"trial_deployment {deployment!r} does not exist on the Prefect "
                 f"server at {PREFECT_API_URL.value()}: deploy it from prefect.yaml first "
-                f"(`prefect --no-prompt deploy --name {config.trial_deployment}`)") from None
+                f"(`prefect --no-prompt deploy --name {deployment}`)") from None
     return runs
 
 
@@ -166,13 +185,19 @@ def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry,
 
 def dispatch_trials(config: SweepConfig, workspace: Workspace, specs: list[TrialSpec],
                     dataset: DatasetRef) -> list[TrialOutcome]:
-    """Run every trial as a flow run of `config.trial_deployment`; outcomes in `specs` order."""
+    """Run every trial as a flow run of the trial deployment; outcomes in `specs` order."""
     logger = get_run_logger()
-    runs = submit_trials(config, workspace, specs, dataset)
-    logger.info(f"dispatched {len(runs)} trial(s) to deployment {config.trial_deployment!r}; "
+    if not PREFECT_API_URL.value():
+        raise ValueError(
+            "dispatch='deployment' needs a Prefect server that workers poll: set PREFECT_API_URL "
+            "(e.g. `make server`, then PREFECT_API_URL=http://127.0.0.1:4200/api), or use "
+            "dispatch='local'")
+    deployment = trial_deployment_of(config)
+    runs = submit_trials(config, deployment, workspace, specs, dataset)
+    logger.info(f"dispatched {len(runs)} trial(s) to deployment {deployment!r}; "
                 f"waiting for the workers of its pool: {', '.join(run.name for run in runs)}")
     deadline = time.monotonic() + 60 * config.dispatch_timeout_minutes
-    finished = wait_until_final(runs, deadline, queue_of(config.trial_deployment))
+    finished = wait_until_final(runs, deadline, queue_of(deployment))
     outcomes = []
     for spec, run in zip(specs, runs):
         outcome = outcome_of(spec, finished[run.id])

@@ -1,10 +1,10 @@
 """The `lr-sweep-export` flow: export the model a promotion gave an alias to.
 
-Deployed as `lr-sweep-export/local` (prefect.yaml), whose trigger runs it on every
+Deployed as `lr-sweep-export/export-local` (prefect.yaml), whose trigger runs it on every
 `lr-sweep.model.promoted` event with the event's collection, alias, digest and registry
 directory, so a promotion is followed by its bundle without anyone starting it. By hand:
 
-    prefect deployment run lr-sweep-export/local --param collection=fashion-mnist-cnn
+    prefect deployment run lr-sweep-export/export-local --param collection=fashion-mnist-cnn
 
 The work is `tasks.export.export_bundle`; this is its Prefect wrapper: one task, one log line,
 the model card as a markdown artifact. The run fails (and writes nothing) when the alias has

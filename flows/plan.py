@@ -17,6 +17,7 @@ from tasks.results import TrialSpec
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 CHECKPOINTS_FOLDER = "checkpoints"
+TRIAL_FLOW_NAME = "lr-sweep-trial"
 
 
 def new_sweep_id() -> str:

@@ -30,13 +30,12 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
 from flows.config import SweepConfig
-from flows.plan import make_workspace, new_sweep_id
+from flows.plan import TRIAL_FLOW_NAME, make_workspace, new_sweep_id
 from tasks.data import DatasetError, DatasetRef, prepare_data
 from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.results import TrialSpec
 from tasks.train import failed_outcome, train_model
 
-TRIAL_FLOW_NAME = "lr-sweep-trial"
 DEVICE_LIMIT_PREFIX = "lr-sweep-device"
 # Set by every Prefect worker in the environment of the flow runs it starts.
 WORKER_NAME_VARIABLE = "PREFECT__WORKER_NAME"

@@ -34,8 +34,8 @@ from tests.conftest import REPO_ROOT
 IMAGE = "registry.example.com/ml/lr-sweep:2026-01-01"
 # The Docker API version docker-py would negotiate with a current engine (device requests need 1.40+).
 DOCKER_API_VERSION = "1.44"
-GPU_DEPLOYMENTS = [("lr_sweep", "lr-sweep"), ("lr_sweep_trial", "gpu")]
-LOCAL_DEPLOYMENTS = [("lr_sweep", "local"), ("lr_sweep_trial", "local")]
+GPU_DEPLOYMENTS = [("lr_sweep", "lr-sweep"), ("lr_sweep_trial", "trial-gpu")]
+LOCAL_DEPLOYMENTS = [("lr_sweep", "local"), ("lr_sweep_trial", "trial-local")]
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 
@@ -126,7 +126,7 @@ def test_local_deployments_run_the_same_flows_on_the_process_pool():
         spec = deployment(flow_function, name)
         assert spec["work_pool"]["name"] == "lr-sweep-process"
         assert "build" not in spec and "push" not in spec and "job_variables" not in spec["work_pool"]
-        gpu = deployment(flow_function, "lr-sweep" if flow_function == "lr_sweep" else "gpu")
+        gpu = deployment(flow_function, "lr-sweep" if flow_function == "lr_sweep" else "trial-gpu")
         assert spec["entrypoint"] == gpu["entrypoint"]
         assert spec["work_pool"].get("work_queue_name") == gpu["work_pool"].get("work_queue_name", "default")
 
@@ -141,11 +141,13 @@ def test_deployments_restate_no_defaults_and_load_their_flows():
             continue
         config = flow.parameters.properties["config"]  # the sweep: SweepConfig, or None for its defaults
         assert config.get("$ref", (config.get("anyOf") or [{}])[0].get("$ref", "")).endswith("SweepConfig")
-    assert names == {"lr-sweep": {"lr-sweep", "local"}, "lr-sweep-trial": {"gpu", "local"},
-                     "lr-sweep-export": {"local"}}
-    # The sweep's default trial deployment is one of them.
-    flow_name, deployment_name = SweepConfig().trial_deployment.split("/")
-    assert deployment_name in names[flow_name]
+    assert names == {"lr-sweep": {"lr-sweep", "local"}, "lr-sweep-trial": {"trial-gpu", "trial-local"},
+                     "lr-sweep-export": {"export-local"}}
+    # Distinct names in the UI's deployment list; each sweep finds its pool's trial deployment.
+    assert len(set().union(*names.values())) == 5
+    pools = {(d["entrypoint"], d["work_pool"]["name"]) for d in project()["deployments"]}
+    for pool in ("lr-sweep-gpu", "lr-sweep-process"):
+        assert ("flows.trial:lr_sweep_trial", pool) in pools and ("flows.sweep:lr_sweep", pool) in pools
 
 
 def test_the_sweep_schedule_is_defined_but_inactive():

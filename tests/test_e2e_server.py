@@ -3,7 +3,7 @@
 `prefect server start` on 127.0.0.1 (a free port, its own SQLite database), `make pools`,
 `make deploy-local`, process workers started with `prefect worker start`, sweeps started with
 `prefect deployment run ... --watch`; real Fashion-MNIST, real training, real registry. Then the
-dispatch mode: the sweep submits each trial to `lr-sweep-trial/local`, two trial workers take
+dispatch mode: the sweep submits each trial to `lr-sweep-trial/trial-local`, two trial workers take
 them. Then the GPU deployments, registered from a prebuilt image (`make deploy-prebuilt`) on the
 Docker pool `make pools` created, rendered for a real flow run as a Docker worker would. Every
 process started here is stopped by its id at the end.
@@ -168,8 +168,7 @@ def test_dispatch_spreads_the_trials_over_the_workers_of_the_pool(stack, fashion
     # 10 diverges within its first steps (Adam): a failed trial's outcome must come back too.
     config = SMOKE | {"learning_rates": [0.003, 10.0], "data_dir": str(fashion_data_dir),
                       "sweep_id": "e2e-dispatch", "output_dir": str(stack.home / "runs"),
-                      "registry_dir": str(registry_dir), "dispatch": "deployment",
-                      "trial_deployment": "lr-sweep-trial/local"}
+                      "registry_dir": str(registry_dir), "dispatch": "deployment"}  # trial-local: same pool
     flow_run = read_flow_run(stack, run_deployment_cli(stack, "lr-sweep/local", config))
     assert flow_run.state.is_completed(), flow_run.state
 
@@ -229,7 +228,7 @@ def test_gpu_deployments_from_a_prebuilt_image_render_their_gpu_request(stack):
     with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
         pool = client.read_work_pool("lr-sweep-gpu")
         sweep = client.read_deployment_by_name("lr-sweep/lr-sweep")
-        trial = client.read_deployment_by_name("lr-sweep-trial/gpu")
+        trial = client.read_deployment_by_name("lr-sweep-trial/trial-gpu")
         local = client.read_deployment_by_name("lr-sweep/local")
         flow_run = client.create_flow_run_from_deployment(sweep.id)
     assert pool.type == "docker" and "container_create_kwargs" in pool.base_job_template["job_configuration"]

@@ -61,7 +61,7 @@ BAD_INPUTS = [
     (["--alias", "prod\n"], {}, "alias", "1-128 characters"),
     ([], {"LR_SWEEP_SWEEP_ID": ".."}, "sweep_id", "starting with a letter or digit"),
     ([], {"LR_SWEEP_ALIAS": "latest"}, "alias", "not 'latest'"),
-    (["--trial-deployment", "lr-sweep-trial/gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
+    (["--trial-deployment", "lr-sweep-trial/trial-gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
     (["--dispatch-timeout-minutes", "0"], {}, "dispatch_timeout_minutes", "greater than 0"),
 ]
 

@@ -1,7 +1,7 @@
 """A promotion triggers the export, on a real Prefect server.
 
 `prefect server start` on 127.0.0.1 (a free port, its own PREFECT_HOME and SQLite database), the
-process pool, `prefect --no-prompt deploy --name lr-sweep-export/local` from prefect.yaml (which
+process pool, `prefect --no-prompt deploy --name lr-sweep-export/export-local` from prefect.yaml (which
 creates the deployment's trigger as an automation), a process worker; then the events the sweep
 emits, sent by `emit_event` from a separate process pointed at that server:
 
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SERVER_START_SECONDS = 240  # 120 s is typical on a busy 2-core machine; leave room
 RUN_SECONDS = 240
-DEPLOYMENT = "lr-sweep-export/local"
+DEPLOYMENT = "lr-sweep-export/export-local"
 AUTOMATION = "lr-sweep-export on promotion"
 
 # The sweep's side, as it will emit it (issue 13): run in a process of its own, like the sweep.
