@@ -18,6 +18,7 @@ without loading torch, Prefect and W&B.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import types
@@ -102,7 +103,8 @@ def command_run(args: argparse.Namespace) -> int:
     from tasks.tracking import WandbUnavailable
 
     try:
-        summary = lr_sweep(config=config)
+        with terminal_progress(sys.stdout.isatty()):
+            summary = lr_sweep(config=config)
     except (SweepFailed, DatasetError, WandbUnavailable, RegistryNotShared) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
@@ -117,6 +119,34 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"report:  {summary['files']['report']}")
     print(f"summary: {summary['files']['summary']}")
     return 0
+
+
+@contextlib.contextmanager
+def terminal_progress(enabled: bool):
+    """A bar per trial (epochs, images/s, validation accuracy) while the sweep runs, when stdout
+    is a terminal; plain log lines otherwise (logs, CI)."""
+    if not enabled:
+        yield
+        return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from tasks import progress as trial_progress
+
+    bars = Progress(TextColumn("{task.fields[trial]:>16}"), BarColumn(), TaskProgressColumn(),
+                    TextColumn("{task.description}"), transient=False)
+    ids: dict[str, int] = {}
+
+    def update(trial: str, percent: float, status: str) -> None:
+        if trial not in ids:
+            ids[trial] = bars.add_task(status, total=100, trial=trial)
+        bars.update(ids[trial], completed=percent, description=status)
+
+    trial_progress.add_observer(update)
+    try:
+        with bars:
+            yield
+    finally:
+        trial_progress.remove_observer(update)
 
 
 def command_data(args: argparse.Namespace) -> int:

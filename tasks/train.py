@@ -34,6 +34,7 @@ from models.files import atomic_write, file_lock
 from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import model_files, write_files
+from tasks import progress as trial_progress
 from tasks import tracking
 from tasks.data import DatasetRef, Splits, load_splits
 from tasks.devices import DeviceSlots, trial_stream
@@ -302,13 +303,19 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
                                       "train_size": dataset.train_size, "device": device, "trial_key": key}
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
                             run_dir=workspace.sweep_dir, config=run_config) as run:
+        epoch_started = [time.perf_counter()]
+
         def report_epoch(record: dict) -> None:
+            now = time.perf_counter()
+            images_per_second = dataset.train_size / (now - epoch_started[0])
+            epoch_started[0] = now
             tracking.log_epoch(run, record)
             log(f"[{spec.name}] epoch {record['epoch']}/{spec.epochs}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
             progress(100 * record["epoch"] / spec.epochs,
-                     f"epoch {record['epoch']}/{spec.epochs} on {device}: val acc {record['val_accuracy']:.4f}")
+                     f"epoch {record['epoch']}/{spec.epochs} on {device}, {images_per_second:,.0f} images/s, "
+                     f"val acc {record['val_accuracy']:.4f}")
 
         with trial_stream(device):
             result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
@@ -379,6 +386,7 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
 
     def progress(percent: float, status: str) -> None:
         update_progress_artifact(progress_id, percent, description=f"{spec.name}: {status}")
+        trial_progress.notify(spec.name, percent, status)
 
     outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)
     publish_wandb_link(outcome, workspace)
