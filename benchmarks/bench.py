@@ -47,12 +47,11 @@ from torchvision import transforms
 
 from flows.config import SweepConfig
 from models.cnn import architecture, build_model
-from tasks.data import TORCHVISION_CLASSES, DatasetRef, Splits, load_splits, prepare_dataset, split_indices
+from tasks.data import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, torchvision_class
 from tasks.devices import configure_cpu_threads, resolve_devices
 from tasks.evaluate import measure, place_model
 from tasks.results import TrialSpec
 from tasks.train import make_optimizer, train_trial
-
 
 # The targets of issue 6, checked and reported (a miss is printed, the exit code stays 0: a
 # benchmark on a shared machine informs, it does not gate).
@@ -163,7 +162,7 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
     between that loop and the engine is what the resident data path alone is worth.
     """
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((ref.mean,), (ref.std,))])
-    dataset = TORCHVISION_CLASSES[ref.name](ref.root, train=True, download=False, transform=transform)
+    dataset = torchvision_class(ref.name)(ref.root, train=True, download=False, transform=transform)
     train_idx, _ = split_indices(len(dataset), ref.val_size, ref.split_seed, ref.train_limit)
     loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
                         num_workers=0, pin_memory=device.startswith("cuda"),
