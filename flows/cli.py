@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import types
 import typing
 
 from pydantic import ValidationError
 
+from flows import local_server
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
 from models.names import NameNotAllowed
@@ -97,14 +99,26 @@ def command_run(args: argparse.Namespace) -> int:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         print(f"would train {len(config.trial_grid())} trial(s) on {', '.join(resolve_devices(config.device))}")
         return 0
+    server = None
+    if not (args.temporary_server or os.environ.get("PREFECT_API_URL")):
+        # Launched first: it starts while the imports below run (they do not need it).
+        server, new = local_server.ensure_started(local_server.prefect_home())
+        os.environ["PREFECT_API_URL"] = server.api_url  # before Prefect is imported
     from flows.dispatch import RegistryNotShared
     from flows.sweep import SweepFailed, lr_sweep
     from tasks.data import DatasetError
     from tasks.tracking import WandbUnavailable
 
     try:
+        if server is not None:
+            local_server.wait_until_healthy(server)
+            print(f"Prefect UI: {server.url} ({'started' if new else 'reused'}; every sweep of this "
+                  "PREFECT_HOME is there; `lr-sweep server stop` stops it)", file=sys.stderr)
         with terminal_progress(sys.stdout.isatty()):
             summary = lr_sweep(config=config)
+    except local_server.ServerError as error:
+        print(f"lr-sweep: {error}\n(or run with --temporary-server)", file=sys.stderr)
+        return 1
     except (SweepFailed, DatasetError, WandbUnavailable, RegistryNotShared) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
@@ -147,6 +161,24 @@ def terminal_progress(enabled: bool):
             yield
     finally:
         trial_progress.remove_observer(update)
+
+
+def command_server(args: argparse.Namespace) -> int:
+    """The background Prefect server `lr-sweep run` uses: status, start, stop."""
+    home = local_server.prefect_home()
+    if args.action == "stop":
+        stopped = local_server.stop_recorded(home)
+        print(f"stopped the Prefect server at {stopped.url}" if stopped else f"no lr-sweep server runs for {home}")
+        return 0
+    if args.action == "start":
+        server, _ = local_server.ensure_started(home)
+        local_server.wait_until_healthy(server)
+    server = local_server.recorded(home)
+    if server is None:
+        print(f"no lr-sweep server runs for {home}")
+        return 0 if args.action == "status" else 1
+    print(f"Prefect UI: {server.url} (pid {server.pid}, log {server.log}, PREFECT_HOME {home})")
+    return 0
 
 
 def command_data(args: argparse.Namespace) -> int:
@@ -265,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a sweep (starts a temporary Prefect server if none is set)")
     add_config_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
+    run.add_argument("--temporary-server", action="store_true",
+                     help="without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
+                     "behaviour) instead of the background one `lr-sweep server` manages")
     run.set_defaults(handler=command_run)
+
+    server = commands.add_parser("server", help="the background Prefect server of `lr-sweep run` (UI of every sweep)")
+    server.add_argument("action", choices=("status", "start", "stop"), nargs="?", default="status")
+    server.set_defaults(handler=command_server)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
     add_config_arguments(data, ["dataset", "data_dir"])

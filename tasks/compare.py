@@ -24,7 +24,6 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
-from scipy import stats
 
 from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
 from tasks.data import DatasetRef
@@ -52,7 +51,11 @@ def describe(values: list[float]) -> dict:
     n = len(values)
     centre = mean(values)
     spread = stdev(values) if n > 1 else 0.0
-    half_width = stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n) if n > 1 else None
+    half_width = None
+    if n > 1:
+        from scipy import stats  # 0.8 s of import, needed only with several seeds
+
+        half_width = stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n)
     return {
         "n": n, "mean": centre, "std": spread,
         "ci95": [centre - half_width, centre + half_width] if half_width is not None else None,
@@ -100,6 +103,8 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
         # undefined; identical values are no lead, different ones are a certain one.
         p_value = 1.0 if mean(winner) == mean(runner_up) else 0.0
     else:
+        from scipy import stats  # 0.8 s of import, needed only with several seeds
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # scipy's precision note for tiny spreads
             p_value = float(stats.ttest_ind(winner, runner_up, equal_var=False).pvalue)

@@ -30,7 +30,7 @@ def wait_for(condition, timeout: float, what: str, log: Path) -> None:
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_retraining_finished_trials(fashion_data_dir, tmp_path):
     output, registry_dir = tmp_path / "runs", tmp_path / "registry"
-    command = [str(LR_SWEEP), "run", "--learning-rates", "0.001", "0.0005", "--epochs", "3",
+    command = [str(LR_SWEEP), "run", "--temporary-server", "--learning-rates", "0.001", "0.0005", "--epochs", "3",
                "--train-limit", "8000", "--val-size", "2000", "--device", "cpu",
                "--output-dir", str(output), "--registry-dir", str(registry_dir), "--data-dir", str(fashion_data_dir)]
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect")}
