@@ -322,6 +322,30 @@ def test_tpe_search_refuses_a_resume_with_other_settings(tmp_path):
         open_study(url, "s", direction="minimize")
 
 
+def test_only_trials_whose_driver_is_gone_are_taken_over(tmp_path):
+    import optuna
+
+    from tasks.search import process_owner, recover_stale_trials
+
+    study = open_study(f"sqlite:///{tmp_path}/o.db", "s")
+    distribution = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    mine, elsewhere, dead = (study.ask(distribution) for _ in range(3))
+    mine.set_user_attr("owner", process_owner())  # this process: alive
+    elsewhere.set_user_attr("owner", {"host": "other-node", "pid": 1, "start": 1})
+    elsewhere.set_user_attr("heartbeat", time.time() - 120)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid no longer runs (and if reused, by a process with another start time)
+    dead.set_user_attr("owner", process_owner() | {"pid": gone.pid})
+    assert recover_stale_trials(study) == [dead.number]
+    assert recover_stale_trials(study, stale_after_s=600) == []  # the other node beat 2 minutes ago
+    assert recover_stale_trials(study, stale_after_s=60) == [elsewhere.number]
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[mine.number] == "RUNNING" and states[dead.number] == states[elsewhere.number] == "FAIL"
+    waiting = [t for t in study.get_trials() if t.state.name == "WAITING"]
+    assert sorted(t.user_attrs["requeued_from"] for t in waiting) == sorted([dead.number, elsewhere.number])
+    assert {t.system_attrs["fixed_params"]["learning_rate"] for t in waiting} == {dead.params["learning_rate"], elsewhere.params["learning_rate"]}
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(n_trials=0), "n_trials"), (dict(parallel=0), "parallel"), (dict(lr_range=(1e-2, 1e-4)), "lr_range"),
     (dict(lr_range=(0, 1e-2)), "lr_range min"), (dict(rungs=[]), "rungs"), (dict(reduction_factor=1), "reduction_factor"),
