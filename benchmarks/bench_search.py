@@ -33,17 +33,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+import numpy as np
+import torch
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: idle threads sleep
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tasks.data import load_splits, prepare_dataset  # noqa: E402
-from tasks.search import (  # noqa: E402
+from tasks.data import load_splits, prepare_dataset
+from tasks.results import TrialSpec
+from tasks.search import (
     CheckpointedTrainer,
     epoch_accounting,
     lr_range_test,
@@ -54,7 +49,6 @@ from tasks.search import (  # noqa: E402
     successive_halving,
     tpe_search,
 )
-from tasks.train import TrialSpec  # noqa: E402
 
 MAX_GAP_POINTS = 0.3  # successive halving's best val accuracy vs the grid's, in points
 MAX_EPOCH_FRACTION = 0.40  # of the grid's epochs

@@ -33,6 +33,8 @@ from flows.environment import apply_local_defaults
 from models.names import NameNotAllowed
 
 EXIT_USER_ERROR = 2
+TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
+                         "behaviour) instead of the background one `lr-sweep server` manages")
 
 
 def _flag(field_name: str) -> str:
@@ -57,8 +59,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{field.description} Default: {shown}."
         options: dict = {"default": argparse.SUPPRESS, "dest": name}
-        if origin is list:
-            options.update(nargs="+", metavar=args[0].__name__.upper())
+        lists = [a for a in (args if origin in (typing.Union, types.UnionType) else (annotation,))
+                 if typing.get_origin(a) is list]
+        if lists:  # a list, or a list or a keyword (learning_rates: FLOAT ... or 'auto')
+            item = typing.get_args(lists[0])[0].__name__.upper()
+            keywords = [k for a in args if typing.get_origin(a) is typing.Literal for k in typing.get_args(a)]
+            options.update(nargs="+", metavar=item if not keywords else f"{item}|{'|'.join(keywords)}")
         elif origin is typing.Literal:
             help_text += f" Allowed: {', '.join(args)}."
             options.update(metavar="{" + ",".join(args) + "}")
@@ -97,23 +103,16 @@ def command_run(args: argparse.Namespace) -> int:
         from tasks.devices import resolve_devices
 
         print(json.dumps(config.model_dump(mode="json"), indent=2))
-        print(f"would train {len(config.trial_grid())} trial(s) on {', '.join(resolve_devices(config.device))}")
+        print(f"would train {config.plan_description()} on {', '.join(resolve_devices(config.device))}")
         return 0
-    server = None
-    if not (args.temporary_server or os.environ.get("PREFECT_API_URL")):
-        # Launched first: it starts while the imports below run (they do not need it).
-        server, new = local_server.ensure_started(local_server.prefect_home())
-        os.environ["PREFECT_API_URL"] = server.api_url  # before Prefect is imported
+    server = launch_server(args)
     from flows.dispatch import RegistryNotShared
     from flows.sweep import SweepFailed, lr_sweep
     from tasks.data import DatasetError
     from tasks.tracking import WandbUnavailable
 
     try:
-        if server is not None:
-            local_server.wait_until_healthy(server)
-            print(f"Prefect UI: {server.url} ({'started' if new else 'reused'}; every sweep of this "
-                  "PREFECT_HOME is there; `lr-sweep server stop` stops it)", file=sys.stderr)
+        wait_for_server(server)
         with terminal_progress(sys.stdout.isatty()):
             summary = lr_sweep(config=config)
     except local_server.ServerError as error:
@@ -133,6 +132,25 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"report:  {summary['files']['report']}")
     print(f"summary: {summary['files']['summary']}")
     return 0
+
+
+def launch_server(args: argparse.Namespace) -> tuple[local_server.LocalServer, bool] | None:
+    """The background Prefect server (started if none runs), unless PREFECT_API_URL names one or
+    --temporary-server asks for Prefect's own. Call it before Prefect is imported: the server
+    starts while the imports run, and the API URL is in the environment when Prefect reads it."""
+    if args.temporary_server or os.environ.get("PREFECT_API_URL"):
+        return None
+    server, new = local_server.ensure_started(local_server.prefect_home())
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server, new
+
+
+def wait_for_server(launched: tuple[local_server.LocalServer, bool] | None) -> None:
+    if launched is not None:
+        server, new = launched
+        local_server.wait_until_healthy(server)
+        print(f"Prefect UI: {server.url} ({'started' if new else 'reused'}; every sweep of this "
+              "PREFECT_HOME is there; `lr-sweep server stop` stops it)", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -161,6 +179,25 @@ def terminal_progress(enabled: bool):
             yield
     finally:
         trial_progress.remove_observer(update)
+
+
+def command_find(args: argparse.Namespace) -> int:
+    """The LR range test alone: a suggested rate, the grid `--learning-rates auto` would sweep."""
+    config = parse_config(args)
+    server = launch_server(args)
+    from flows.search import lr_sweep_find
+
+    try:
+        wait_for_server(server)
+        found = lr_sweep_find(config=config)
+    except local_server.ServerError as error:
+        print(f"lr-sweep: {error}\n(or run with --temporary-server)", file=sys.stderr)
+        return 1
+    print(f"suggested learning rate: {found['suggestion']:.3g} (steepest descent of the smoothed loss, "
+          f"{found['steps']} steps from {config.min_lr:g} to {config.max_lr:g})")
+    print(f"--learning-rates auto would sweep: {' '.join(f'{r:g}' for r in found['grid'])}")
+    print(f"chart: {found['chart']}")
+    return 0
 
 
 def command_server(args: argparse.Namespace) -> int:
@@ -297,10 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a sweep (starts a temporary Prefect server if none is set)")
     add_config_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
-    run.add_argument("--temporary-server", action="store_true",
-                     help="without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
-                     "behaviour) instead of the background one `lr-sweep server` manages")
+    run.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
     run.set_defaults(handler=command_run)
+
+    find = commands.add_parser("find", help="LR range test: suggest a learning rate (Smith 2015)")
+    add_config_arguments(find, ["min_lr", "max_lr", "auto_factors", "batch_size", "hidden_units", "optimizer",
+                                "seeds", "dataset", "val_size", "split_seed", "train_limit", "device",
+                                "wandb_mode", "wandb_project", "wandb_entity", "data_dir", "output_dir", "sweep_id"])
+    find.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
+    find.set_defaults(handler=command_find)
 
     server = commands.add_parser("server", help="the background Prefect server of `lr-sweep run` (UI of every sweep)")
     server.add_argument("action", choices=("status", "start", "stop"), nargs="?", default="status")

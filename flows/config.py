@@ -34,10 +34,11 @@ class SweepConfig(BaseSettings):
     )
 
     # --- the experiment -------------------------------------------------------------------
-    learning_rates: list[float] = Field(
+    learning_rates: list[float] | Literal["auto"] = Field(
         title="1 Experiment · learning rates",
         default=[0.001, 0.0005, 0.0001],
-        description="Learning rates to try, one trial per rate and seed: 1-64 unique values, each > 0 and <= 100.",
+        description="Learning rates to try, one trial per rate and seed: 1-64 unique values, each > 0 and <= 100; "
+        "'auto' runs the LR range test first and tries auto_factors x its suggestion.",
     )
     seeds: list[int] = Field(
         title="1 Experiment · seeds",
@@ -78,6 +79,34 @@ class SweepConfig(BaseSettings):
         ge=1,
         description="Train on at most this many images (>= 1; smoke runs, marked as such in the report); none = all.",
     )
+
+    # --- search -------------------------------------------------------------------------------
+    search: Literal["grid", "asha", "tpe"] = Field(
+        default="grid",
+        title="2 Search · method",
+        description="grid: every learning rate for every epoch; asha: successive halving over epochs "
+        "(rungs at grace_epochs x reduction_factor^k); tpe: Optuna TPE over lr_range, trials rates, "
+        "stopped at the same rungs.",
+    )
+    grace_epochs: int = Field(default=1, ge=1, le=1000, title="2 Search · grace epochs",
+                              description="First rung of asha/tpe: epochs every trial gets (1-1000).")
+    reduction_factor: int = Field(default=3, ge=2, le=16, title="2 Search · reduction factor",
+                                  description="asha/tpe keep the best 1/reduction_factor at each rung (2-16).")
+    lr_range: list[float] = Field(default=[1e-4, 1e-2], title="2 Search · learning-rate range",
+                                  description="tpe: MIN MAX of the log-uniform learning rate (0 < MIN < MAX <= 100).")
+    trials: int = Field(default=9, ge=1, le=256, title="2 Search · trials",
+                        description="tpe: learning rates to try in all (1-256).")
+    optuna_storage: str | None = Field(
+        default=None, title="2 Search · Optuna storage",
+        description="tpe: the study's database URL (postgresql://... for trials on several nodes); "
+        "none = sqlite in OUTPUT_DIR/optuna.db. The same command resumes the same study.")
+    auto_factors: list[float] = Field(default=[0.3, 1.0, 3.0], title="2 Search · auto factors",
+                                      description="learning_rates 'auto': multiples of the range test's "
+                                      "suggestion to try (1-16 values > 0).")
+    min_lr: float = Field(default=1e-7, gt=0, le=100, title="2 Search · range test min lr",
+                          description="LR range test: first learning rate (> 0).")
+    max_lr: float = Field(default=10.0, gt=0, le=1000, title="2 Search · range test max lr",
+                          description="LR range test: last learning rate (> min_lr).")
 
     # --- selection and promotion ------------------------------------------------------------
     selection_metric: Literal["val_accuracy", "val_loss"] = Field(
@@ -163,9 +192,17 @@ class SweepConfig(BaseSettings):
     )
 
     # --- validators -------------------------------------------------------------------------
+    @field_validator("learning_rates", mode="before")
+    @classmethod
+    def _auto(cls, rates):
+        # `--learning-rates auto` arrives as ["auto"], LR_SWEEP_LEARNING_RATES=auto as "auto".
+        return "auto" if rates == ["auto"] else rates
+
     @field_validator("learning_rates")
     @classmethod
-    def _check_learning_rates(cls, rates: list[float]) -> list[float]:
+    def _check_learning_rates(cls, rates: list[float] | str) -> list[float] | str:
+        if rates == "auto":
+            return rates
         if not rates:
             raise ValueError("give at least one learning rate")
         if len(rates) > MAX_LEARNING_RATES:
@@ -254,8 +291,34 @@ class SweepConfig(BaseSettings):
             raise ValueError(f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
         return path
 
+    @field_validator("lr_range")
+    @classmethod
+    def _check_lr_range(cls, bounds: list[float]) -> list[float]:
+        if len(bounds) != 2 or not all(math.isfinite(b) for b in bounds) or not 0 < bounds[0] < bounds[1] <= 100:
+            raise ValueError(f"{bounds!r} is not allowed: give MIN MAX with 0 < MIN < MAX <= 100")
+        return bounds
+
+    @field_validator("auto_factors")
+    @classmethod
+    def _check_auto_factors(cls, factors: list[float]) -> list[float]:
+        if not 1 <= len(factors) <= 16 or not all(math.isfinite(f) and f > 0 for f in factors) \
+                or len(set(factors)) != len(factors):
+            raise ValueError(f"{factors!r} is not allowed: 1-16 unique values, each finite and > 0")
+        return factors
+
     @model_validator(mode="after")
     def _check_combination(self) -> SweepConfig:
+        if self.min_lr >= self.max_lr:
+            raise ValueError(f"min_lr {self.min_lr:g} must be below max_lr {self.max_lr:g}")
+        if self.search != "grid" and self.dispatch == "deployment":
+            raise ValueError(f"search '{self.search}' runs its rungs in the sweep's own flow run; use "
+                             "dispatch 'local' with it (several GPUs of one node still run trials at once)")
+        if self.search != "grid" and len(self.seeds) != 1:
+            raise ValueError(f"search '{self.search}' trains one seed per learning rate; give one seed "
+                             f"(got {len(self.seeds)}), or use search 'grid' for seed repeats")
+        if self.search == "tpe" and self.learning_rates != SweepConfig.model_fields["learning_rates"].default:
+            raise ValueError("search 'tpe' proposes its own learning rates within lr_range; do not "
+                             "give learning_rates with it")
         if self.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise ValueError(
                 "wandb_mode='online' needs a W&B API key: set WANDB_API_KEY "
@@ -269,9 +332,24 @@ class SweepConfig(BaseSettings):
         return self
 
     # --- derived values -----------------------------------------------------------------------
-    def trial_grid(self) -> list[tuple[float, int]]:
-        """(learning rate, seed) pairs in a fixed order: rates as given, then seeds."""
-        return [(rate, seed) for rate in self.learning_rates for seed in self.seeds]
+    def plan_description(self) -> str:
+        """What the sweep will train, in words (the rates of `auto` and `tpe` are not known yet)."""
+        seeds = f" x {len(self.seeds)} seed(s)" if len(self.seeds) > 1 else ""
+        rates = ("the LR range test's rates" if self.learning_rates == "auto"
+                 else f"{len(self.learning_rates)} learning rate(s)")
+        if self.search == "tpe":
+            return f"TPE over {self.lr_range[0]:g}..{self.lr_range[1]:g}, {self.trials} trial(s)"
+        if self.search == "asha":
+            return f"successive halving of {rates}, {self.epochs} epoch(s) at most"
+        return f"{rates}{seeds}, {self.epochs} epoch(s) each"
+
+    def trial_grid(self, learning_rates: list[float] | None = None) -> list[tuple[float, int]]:
+        """(learning rate, seed) pairs in a fixed order: rates as given, then seeds. With
+        learning_rates 'auto' the rates come from the range test, passed in here."""
+        rates = self.learning_rates if learning_rates is None else learning_rates
+        if rates == "auto":
+            raise ValueError("learning_rates 'auto': the rates come from the LR range test")
+        return [(rate, seed) for rate in rates for seed in self.seeds]
 
 
 def describe_validation_error(error: ValidationError) -> str:

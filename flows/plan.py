@@ -29,10 +29,11 @@ def collection_name(dataset: str) -> str:
     return f"{dataset}-{ARCHITECTURE_NAME}"
 
 
-def trial_specs(config: SweepConfig) -> list[TrialSpec]:
+def trial_specs(config: SweepConfig, learning_rates: list[float] | None = None) -> list[TrialSpec]:
+    """One spec per (learning rate, seed); `learning_rates` replaces the config's (auto, searches)."""
     return [TrialSpec(learning_rate=rate, seed=seed, epochs=config.epochs, batch_size=config.batch_size,
                       hidden_units=config.hidden_units, optimizer=config.optimizer)
-            for rate, seed in config.trial_grid()]
+            for rate, seed in config.trial_grid(learning_rates)]
 
 
 def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:

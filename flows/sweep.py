@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
 from flows.plan import make_workspace, new_sweep_id, trial_specs
+from flows.search import auto_learning_rates, run_search
 from tasks import tracking
 from tasks.compare import compare_and_promote_task
 from tasks.data import DatasetRef, prepare_data
@@ -96,16 +97,20 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
     workspace = make_workspace(config, sweep_id)
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
-    logger.info(f"sweep {sweep_id}: {len(config.trial_grid())} trial(s) on {', '.join(devices)} "
+    logger.info(f"sweep {sweep_id}: {config.plan_description()} on {', '.join(devices)} "
                 f"({slots.per_device} at a time per device, {threads} CPU thread(s)); "
                 f"output in {workspace.sweep_dir}")
 
     dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
                            config.train_limit)
-    specs = trial_specs(config)
-    if config.dispatch == "deployment":  # each trial a flow run on any worker of the trial pool
-        trials = dispatch_trials(config, workspace, specs, dataset)
+    rates = auto_learning_rates(config, dataset, workspace, slots) if config.learning_rates == "auto" else None
+    search = None
+    if config.search != "grid":  # waves of trials, stopped at rungs
+        trials, search = run_search(config, dataset, workspace, slots, rates or config.learning_rates)
+    elif config.dispatch == "deployment":  # each trial a flow run on any worker of the trial pool
+        trials = dispatch_trials(config, workspace, trial_specs(config, rates), dataset)
     else:
+        specs = trial_specs(config, rates)
         trials = collect_trials(specs, [train_model.submit(spec, dataset, workspace, slots) for spec in specs])
     trials = evaluate_trials(trials, dataset, workspace, slots)
     decision = compare_and_promote_task(trials, dataset, workspace, slots, alias=config.alias,
@@ -119,6 +124,7 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
         trials=trials, decision=decision, wall_seconds=time.perf_counter() - started, devices=devices,
         wandb={"mode": config.wandb_mode, "project": config.wandb_project, "entity": config.wandb_entity,
                "output_dir": str(workspace.sweep_dir.parent)},
+        search=search,
     )
     files, report_markdown = write_report_task(summary, workspace.sweep_dir)
     publish_artifacts(summary, report_markdown)

@@ -53,7 +53,7 @@ def promotion_record(promotion: Promotion) -> dict:
 
 
 def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[TrialOutcome], decision: Decision,
-                  wall_seconds: float, devices: list[str], wandb: dict) -> dict:
+                  wall_seconds: float, devices: list[str], wandb: dict, search: dict | None = None) -> dict:
     """summary.json: where the typed results of the sweep become plain data."""
     best = decision.best
     selection = decision.selection
@@ -71,6 +71,7 @@ def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[Tr
         "wall_seconds": wall_seconds,
         "devices": devices,
         "wandb": wandb,
+        "search": search,
     }
 
 
@@ -173,6 +174,11 @@ def verdict(summary: dict, metric: str) -> list[str]:
         )
     for trial in summary["trials"]:
         label = f"lr {trial['learning_rate']:g} (seed {trial['seed']})"
+        if trial["status"] == "stopped":
+            last = trial["history"][-1] if trial["history"] else {}
+            lines.append(f"{label} was stopped by the search at epoch {trial['stopped_at']} (validation "
+                         f"accuracy {_fmt(last.get('val_accuracy'))} there, not among the best of its rung).")
+            continue
         if trial["status"] != "completed":
             lines.append(f"{label} {trial['status']}: {trial.get('error') or 'no detail'}.")
             continue
@@ -239,9 +245,25 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
             f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
             f"- previous holder: {promotion.get('previous') or '-'}",
             f"- promoted: {'yes' if promotion['promoted'] else 'no'}", f"- reason: {promotion['reason']}"]
+    if summary.get("search"):
+        out += ["", "## Search", ""] + search_lines(summary["search"])
     out += ["", "## Weights & Biases", ""] + wandb_lines(summary)
     out += ["", "## Charts", ""] + [f"![{name}]({source})" for name, source in charts.items()]
     return "\n".join(out) + "\n"
+
+
+def search_lines(search: dict) -> list[str]:
+    """What a search did: its rungs, which trials it stopped where, the compute it spent."""
+    name = {"asha": "successive halving", "tpe": "TPE (Optuna)"}.get(search["method"], search["method"])
+    lines = [f"- {name}, rungs at epochs {', '.join(map(str, search['rungs']))}, keeping the best "
+             f"1/{search['reduction_factor']} at each rung.",
+             f"- Compute: {search['epochs_trained']} epochs trained against {search['grid_epochs']} for the "
+             f"full grid ({search['fraction_of_grid']:.0%}, {search['epochs_saved']} epochs saved)."]
+    lines += [f"- lr {rate}: stopped at epoch {rung}" for rate, rung in search["stopped_at"].items()]
+    if search.get("study"):
+        lines.append(f"- Optuna study `{search['study']}` in {search['storage']} ({search['trials_now']} "
+                     "trial(s) trained by this run; running the same command again resumes it).")
+    return lines
 
 
 def wandb_lines(summary: dict) -> list[str]:
@@ -263,11 +285,12 @@ def data_uri(path: Path) -> str:
 
 # --- charts ------------------------------------------------------------------------------------
 
-def _curves_by_rate(trials: list[dict], key: str) -> dict[float, list[list[float]]]:
-    curves: dict[float, list[list[float]]] = {}
+def _curves_by_rate(trials: list[dict], key: str) -> dict[tuple[float, bool], list[list[float]]]:
+    """(learning rate, stopped by a search) -> the curve of each of its seeds."""
+    curves: dict[tuple[float, bool], list[list[float]]] = {}
     for t in trials:
         if t["history"]:
-            curves.setdefault(t["learning_rate"], []).append([r[key] for r in t["history"]])
+            curves.setdefault((t["learning_rate"], t["status"] == "stopped"), []).append([r[key] for r in t["history"]])
     return curves
 
 
@@ -278,12 +301,13 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
     for key, title in CURVES:
         fig = Figure(figsize=(6, 4), dpi=100)
         ax = fig.subplots()
-        for rate, runs in sorted(_curves_by_rate(trials, key).items()):
+        for (rate, stopped), runs in sorted(_curves_by_rate(trials, key).items()):
             length = min(len(run) for run in runs)
             epochs = list(range(1, length + 1))
             columns = list(zip(*(run[:length] for run in runs)))
             centre = [sum(c) / len(c) for c in columns]
-            line, = ax.plot(epochs, centre, marker="o", label=f"lr {rate:g} (n={len(runs)})")
+            line, = ax.plot(epochs, centre, marker="o", linestyle="--" if stopped else "-",
+                            label=f"lr {rate:g} (n={len(runs)}{', stopped' if stopped else ''})")
             if len(runs) > 1:
                 ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
                                 color=line.get_color(), alpha=0.2)
@@ -308,6 +332,11 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
             by_rate.setdefault(rate, []).append(value)
         rates = sorted(by_rate)
         ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], marker="s", label="mean")
+        stopped = [(t["learning_rate"], t["history"][-1]["val_accuracy"]) for t in trials
+                   if t["status"] == "stopped" and t["history"]]
+        if stopped:  # where the search stopped them (at their rung, not after every epoch)
+            ax.scatter([r for r, _ in stopped], [v for _, v in stopped], marker="x", color="0.4",
+                       label="stopped (at its rung)")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final validation accuracy")

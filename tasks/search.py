@@ -39,16 +39,20 @@ import os
 import socket
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from tasks.data import Splits
-from tasks.train import TrialDiverged, TrialSpec, TrainResult, epoch_order, init_model, make_optimizer, train_trial
+from tasks.results import TrialSpec
+from tasks.train import TrainResult, TrialDiverged, checkpointed_history, epoch_order, init_model, make_optimizer, train_trial
 
 if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module does not need it
     import optuna
@@ -454,16 +458,19 @@ class CheckpointedTrainer:
         self.trained: list[tuple[float, int]] = []
 
     def spec(self, learning_rate: float, epochs: int) -> TrialSpec:
-        return replace(self.base_spec, learning_rate=float(learning_rate), epochs=epochs)
+        return self.base_spec.model_copy(update={"learning_rate": float(learning_rate), "epochs": epochs})
 
     def checkpoint_dir(self, learning_rate: float) -> Path:
-        identity = asdict(self.spec(learning_rate, 0)) | {"torch": torch.__version__}
+        identity = self.spec(learning_rate, 0).model_dump() | {"torch": torch.__version__}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return self.checkpoint_root / f"lr{float(learning_rate)!r}-seed{self.base_spec.seed}-{digest}"
 
     def __call__(self, learning_rates: Iterable[float], epoch: int) -> dict[float, list[dict]]:
         histories = {}
         for lr in learning_rates:
+            if len(history := checkpointed_history(self.checkpoint_dir(lr))) >= epoch:
+                histories[lr] = history[:epoch]  # already trained this far (a resumed search)
+                continue
             spec = self.spec(lr, epoch)
             on_epoch = (lambda record, lr=lr: self.on_epoch(lr, record)) if self.on_epoch else None
             try:
@@ -755,7 +762,6 @@ def tpe_search(study: "optuna.Study", n_trials: int, parallel: int, lr_range: tu
     checkpoint is counted up to the epoch it reached, not twice).
     """
     optuna = _import_optuna()
-    state = optuna.trial.TrialState
     _check_int("n_trials", n_trials, 1)
     _check_int("parallel", parallel, 1)
     _check_int("reduction_factor", reduction_factor, 2)
@@ -885,3 +891,48 @@ def _abandon(study, batch) -> None:
         if trial.params.get(PARAM) is not None and trial.params[PARAM] not in waiting:
             study.enqueue_trial({PARAM: trial.params[PARAM]}, user_attrs={"requeued_from": trial.number})
         study.tell(trial, state=state.FAIL, skip_if_finished=True)
+
+
+# --- in a sweep: the range test as a step --------------------------------------------------------------
+
+def find_learning_rate(spec: TrialSpec, dataset, workspace, slots, *, min_lr: float, max_lr: float,
+                       max_steps: int = 100) -> tuple[RangeTestResult, Path]:
+    """The LR range test on the sweep's data, on a free device: its result, `lr_find.png` in the
+    sweep's folder, and a W&B run (job type lr-find) holding the curve and the suggestion."""
+    from tasks import tracking
+    from tasks.data import load_splits
+
+    with slots.take() as device:
+        result = lr_range_test(spec, load_splits(dataset, device), device, min_lr=min_lr, max_lr=max_lr,
+                               max_steps=max_steps)
+    chart = plot_range_test(result, workspace.sweep_dir / "lr_find.png")
+    with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name="lr-find",
+                            run_dir=workspace.sweep_dir, config=spec.model_dump() | {"min_lr": min_lr, "max_lr": max_lr},
+                            job_type="lr-find") as run:
+        for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+            run.log({"learning_rate": lr, "loss": loss, "smoothed_loss": smooth}, step=step)
+        run.summary.update({"suggestion": result.suggestion, "best_lr": result.best_lr,
+                            "stopped_early": result.stopped_early})
+    return result, chart
+
+
+def study_name(config_identity: dict) -> str:
+    """One study per search: the same command (same data, network, range, rungs) gives the same
+    name, so running it again resumes the study."""
+    return "lr-search-" + hashlib.sha256(json.dumps(config_identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@task(name="find_learning_rate", task_run_name="LR range test {min_lr:g}..{max_lr:g}", cache_policy=NO_CACHE)
+def find_learning_rate_task(spec: TrialSpec, dataset, workspace, slots, min_lr: float, max_lr: float) -> RangeTestResult:
+    import base64
+
+    result, chart = find_learning_rate(spec, dataset, workspace, slots, min_lr=min_lr, max_lr=max_lr)
+    image = base64.b64encode(chart.read_bytes()).decode()
+    create_markdown_artifact(
+        key="lr-find", description=f"LR range test of sweep {workspace.sweep_id}",
+        markdown=f"# LR range test\n\nSuggested learning rate **{result.suggestion:.3g}** (steepest descent of "
+                 f"the smoothed loss, {len(result.lrs)} steps from {min_lr:g} to {max_lr:g}"
+                 f"{', stopped on blow-up' if result.stopped_early else ''}).\n\n"
+                 f"![lr_find](data:image/png;base64,{image})\n")
+    get_run_logger().info(f"LR range test: suggestion {result.suggestion:.3g} ({chart})")
+    return result

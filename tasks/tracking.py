@@ -86,12 +86,12 @@ def start_run(settings, *, group: str, name: str, config: dict, run_dir: Path, j
 
 
 @contextlib.contextmanager
-def trial_run(settings, *, group: str, name: str, config: dict, run_dir: Path):
+def trial_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = "train"):
     """One trial's W&B run, always finished: with exit code 1 and the error in its summary when
     anything in the block raises (training, storing the model, logging the artifact).
 
     The error's `status` attribute, when it has one (a diverged trial), becomes the run's status."""
-    run = start_run(settings, group=group, name=name, config=config, run_dir=run_dir)
+    run = start_run(settings, group=group, name=name, config=config, run_dir=run_dir, job_type=job_type)
     try:
         yield run
     except BaseException as error:

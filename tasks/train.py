@@ -9,6 +9,7 @@ from a checkpoint continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,7 +90,7 @@ def make_optimizer(name: str, parameters, learning_rate: float,
 
 
 def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's result: same key, same weights. Resume and reuse go by this key."""
+    """Identity of a trial's result: same key, same weights. Reuse of stored models goes by it."""
     identity = {
         "spec": spec.model_dump(),
         "architecture": architecture(spec.hidden_units),
@@ -98,6 +99,13 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
+    """Identity of a trial's trajectory: the same for every number of epochs (nothing in an epoch
+    depends on how many follow it), so a trial stopped at epoch E of a search, or killed there,
+    continues from its checkpoint to any later epoch with the weights of an uninterrupted run."""
+    return trial_key(spec.model_copy(update={"epochs": 0}), dataset)
 
 
 # torch's global RNG is shared by every thread; network initialisation is the one place that
@@ -123,8 +131,8 @@ def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
 log = logging.getLogger(__name__)
 
 
-def save_checkpoint(directory: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    history: list[dict], train_seconds: float) -> None:
+def save_checkpoint(directory: Path, spec: TrialSpec, epoch: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, history: list[dict], train_seconds: float) -> None:
     """Model and optimizer state after `epoch`, in one safetensors file replaced atomically."""
     optimizer_state = optimizer.state_dict()
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -135,15 +143,17 @@ def save_checkpoint(directory: Path, epoch: int, model: nn.Module, optimizer: to
                 tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    header = {"epoch": epoch, "history": history, "train_seconds": train_seconds,
+    header = {"epoch": epoch, "spec": spec.model_dump(), "history": history, "train_seconds": train_seconds,
               "param_groups": optimizer_state["param_groups"], "scalars": scalars}
     directory.mkdir(parents=True, exist_ok=True)
     data = save_safetensors({k: v.cpu() for k, v in tensors.items()}, metadata={"state": json.dumps(header)})
     atomic_write(directory / CHECKPOINT_FILE, data)
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore the last completed epoch into `model` and `optimizer`; None when there is none.
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    up_to_epoch: int | None = None) -> dict | None:
+    """Restore the last completed epoch into `model` and `optimizer`; None when there is none,
+    or when it is past `up_to_epoch` (a longer run of the same trial: this one starts over).
 
     A checkpoint that cannot be read (truncated, from another layout of the network) is
     discarded with a warning and the trial starts from scratch: a damaged file must not fail
@@ -152,7 +162,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     if not path.exists():
         return None
     try:
-        return _restore(path, model, optimizer)
+        return _restore(path, model, optimizer, up_to_epoch)
     except (SafetensorError, OSError, ValueError, KeyError, IndexError, RuntimeError) as error:
         log.warning(f"discarding unreadable checkpoint {path} ({type(error).__name__}: {error}); "
                     "the trial starts from scratch")
@@ -160,9 +170,21 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         return None
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def checkpointed_history(directory: Path) -> list[dict]:
+    """The epochs a checkpoint holds (its history), without loading any tensor; [] without one."""
+    try:
+        with safe_open(str(directory / CHECKPOINT_FILE), framework="pt") as handle:
+            return json.loads(handle.metadata()["state"])["history"]
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return []
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, up_to_epoch: int | None) -> dict | None:
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()["state"])
+    if up_to_epoch is not None and header["epoch"] > up_to_epoch:
+        log.info(f"checkpoint {path} is at epoch {header['epoch']}, past {up_to_epoch}: not used")
+        return None
     tensors = load_file(str(path))
     device = next(model.parameters()).device
     model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
@@ -196,9 +218,12 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
     optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate)
     history: list[dict] = []
     first_epoch, resumed_from, seconds_before = 1, None, 0.0
-    if checkpoint_dir is not None and (header := load_checkpoint(checkpoint_dir, model, optimizer)):
+    if checkpoint_dir is not None and (header := load_checkpoint(checkpoint_dir, model, optimizer, spec.epochs)):
         history, resumed_from = header["history"], header["epoch"]
         first_epoch, seconds_before = header["epoch"] + 1, header["train_seconds"]
+        for record in history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
+            if on_epoch is not None:
+                on_epoch(record)
 
     images, labels = splits.train_x, splits.train_y
     size = len(images)
@@ -237,7 +262,7 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
                   "val_loss": val_loss, "val_accuracy": val_accuracy}
         history.append(record)
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, epoch, model, optimizer, history,
+            save_checkpoint(checkpoint_dir, spec, epoch, model, optimizer, history,
                             seconds_before + time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(record)
@@ -351,8 +376,7 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
     second one then finds the first one's model and reuses it, instead of both writing one
     checkpoint folder."""
     key = trial_key(spec, dataset)
-    checkpoint_dir = inside(workspace.checkpoint_root, key[:24])
-    with file_lock(workspace.checkpoint_root, f".{key[:24]}.lock"):
+    with trial_lock(spec, dataset, workspace) as checkpoint_dir:
         if (reused := reuse_finished(spec, workspace.registry.open(), workspace.collection, key)) is not None:
             log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
                 "same config, data and code")
@@ -365,6 +389,58 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is stored: done with it
     progress(100, f"stored {outcome.model.short}")
     return outcome
+
+
+@contextlib.contextmanager
+def trial_lock(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace):
+    """The trial's checkpoint folder, held for the block: one process at a time trains a trial."""
+    folder = checkpoint_key(spec, dataset)[:24]
+    with file_lock(workspace.checkpoint_root, f".{folder}.lock"):
+        yield inside(workspace.checkpoint_root, folder)
+
+
+def train_until(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots, epoch: int,
+                log: Callable[[str], None] = print,
+                progress: Callable[[float, str], None] = no_progress) -> list[dict]:
+    """A search's rung: the trial trained (or resumed) up to `epoch` and checkpointed there, not
+    stored; its history. A trial a previous search already finished is not trained again: its
+    stored history answers."""
+    with trial_lock(spec, dataset, workspace) as checkpoint_dir:
+        stored = reuse_finished(spec, workspace.registry.open(), workspace.collection, trial_key(spec, dataset))
+        if stored is not None:
+            progress(100 * epoch / spec.epochs, f"rung {epoch}: from the stored {stored.model.short}")
+            return stored.history[:epoch]
+        if len(history := checkpointed_history(checkpoint_dir)) >= epoch:  # a killed search got further
+            return history[:epoch]
+        progress(0, "waiting for a device slot")
+        with slots.take() as device:
+            def report(record: dict) -> None:
+                log(f"[{spec.name}] epoch {record['epoch']}/{epoch} (rung): val loss {record['val_loss']:.4f} "
+                    f"acc {record['val_accuracy']:.4f}")
+                progress(100 * record["epoch"] / spec.epochs, f"epoch {record['epoch']} (rung {epoch}) on {device}")
+
+            result = train_trial(spec.model_copy(update={"epochs": epoch}), load_splits(dataset, device), device,
+                                 checkpoint_dir, report)
+    return result.history
+
+
+def saved_history(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace) -> list[dict]:
+    """The epochs the trial's checkpoint holds (a trial an earlier run of a search stopped)."""
+    return checkpointed_history(inside(workspace.checkpoint_root, checkpoint_key(spec, dataset)[:24]))
+
+
+def record_stopped(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, history: list[dict],
+                   rung: int) -> TrialOutcome:
+    """A trial a search stopped at `rung`: its W&B run (epochs and status), never a stored model."""
+    history = history or saved_history(spec, dataset, workspace)[:rung]
+    with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
+                            run_dir=workspace.sweep_dir, config=spec.model_dump() | {"dataset": dataset.name}) as run:
+        for record in history:
+            tracking.log_epoch(run, record)
+        run.summary.update({"status": "stopped", "stopped_at_epoch": rung})
+        run_dir = tracking.run_directory(run)
+    return TrialOutcome(learning_rate=spec.learning_rate, seed=spec.seed, status="stopped", history=history,
+                        stopped_at=rung, wandb_run_dir=run_dir)
 
 
 def failed_outcome(spec: TrialSpec, error: BaseException) -> TrialOutcome:
@@ -410,3 +486,17 @@ def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
             key=f"wandb-{artifact_key(outcome.name)}",
             description=f"Offline W&B run of trial {outcome.name} in `{outcome.wandb_run_dir}`; upload the "
                         f"sweep with `lr-sweep publish {workspace.sweep_id} --output-dir {workspace.sweep_dir.parent}`")
+
+
+@task(name="train_until", task_run_name="train lr={spec.learning_rate} to epoch {epoch}", cache_policy=NO_CACHE)
+def train_until_task(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+                     epoch: int) -> list[dict]:
+    """One rung of a search for one trial (checkpointed, not stored)."""
+    return train_until(spec, dataset, workspace, slots, epoch, log=get_run_logger().info,
+                       progress=lambda percent, status: trial_progress.notify(spec.name, percent, status))
+
+
+@task(name="record_stopped", task_run_name="stopped lr={spec.learning_rate} at epoch {rung}", cache_policy=NO_CACHE)
+def record_stopped_task(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, history: list[dict],
+                        rung: int) -> TrialOutcome:
+    return record_stopped(spec, dataset, workspace, history, rung)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.results import TrialSpec
 from tasks.search import (
     CheckpointedTrainer,
     StudyStorageError,
@@ -39,7 +40,7 @@ from tasks.search import (
     survivors,
     tpe_search,
 )
-from tasks.train import TrialSpec, train_trial
+from tasks.train import train_trial
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,135 @@
+"""Searches beyond the grid, orchestrated: the LR range test before a sweep (`learning_rates:
+auto`), successive halving (`search: asha`) and TPE (`search: tpe`) as waves of Prefect tasks.
+
+The decisions are tasks/search.py's plain functions; this module gives them a `train_to` that
+trains a rung's trials in parallel, one Prefect task each, on the sweep's device slots: a rung
+below the last trains to that epoch and checkpoints (`train_until`), the last rung is the
+ordinary trial (`train_model`: it resumes from that checkpoint with the weights of an
+uninterrupted run, stores the model and logs its W&B run). Stopped trials get a W&B run and a
+`stopped` outcome and are never stored, so never promoted.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.config import SweepConfig
+from flows.plan import make_workspace, new_sweep_id, trial_specs
+from tasks.compare import higher_is_better
+from tasks.data import DatasetRef, prepare_data
+from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices
+from tasks.results import TrialOutcome, TrialSpec
+from tasks.search import (
+    default_storage_url,
+    epoch_accounting,
+    find_learning_rate_task,
+    open_study,
+    rung_epochs,
+    study_name,
+    successive_halving,
+    tpe_search,
+)
+from tasks.train import failed_outcome, record_stopped_task, train_model, train_until_task
+from tasks.workspace import Workspace
+
+
+def auto_learning_rates(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> list[float]:
+    """`learning_rates: auto`: the range test's suggestion times each of `auto_factors`."""
+    base = trial_specs(config, [1.0])[0]
+    result = find_learning_rate_task(base, dataset, workspace, slots, config.min_lr, config.max_lr)
+    rates = sorted({float(f"{factor * result.suggestion:.3g}") for factor in config.auto_factors})
+    get_run_logger().info(f"learning rates from the range test: {', '.join(f'{r:g}' for r in rates)}")
+    return rates
+
+
+class RungTrainer:
+    """`train_to(rates, epoch)` for the search drivers: one Prefect task per trial of the rung."""
+
+    def __init__(self, base: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots):
+        self.base, self.dataset, self.workspace, self.slots = base, dataset, workspace, slots
+        self.finished: dict[float, TrialOutcome] = {}  # trials that reached the last epoch
+        self.failed: dict[float, TrialOutcome] = {}
+        self.histories: dict[float, list[dict]] = {}  # each trial's epochs so far
+
+    def spec(self, rate: float) -> TrialSpec:
+        return self.base.model_copy(update={"learning_rate": float(rate)})
+
+    def __call__(self, rates, epoch: int) -> dict[float, list[dict]]:
+        last = epoch >= self.base.epochs
+        futures = {rate: (train_model if last else train_until_task).submit(
+            self.spec(rate), self.dataset, self.workspace, self.slots, *(() if last else (epoch,)))
+            for rate in rates}
+        answered = {}
+        for rate, future in futures.items():
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, BaseException):  # diverged or failed: out of the search
+                self.failed[rate] = failed_outcome(self.spec(rate), result)
+                continue
+            if isinstance(result, TrialOutcome):
+                self.finished[rate] = result
+                result = result.history
+            self.histories[rate] = answered[rate] = result
+        return answered
+
+    def stopped(self, stopped_at: dict[float, int]) -> list[TrialOutcome]:
+        futures = [record_stopped_task.submit(self.spec(rate), self.dataset, self.workspace,
+                                              self.histories.get(rate, [])[:rung], rung)
+                   for rate, rung in stopped_at.items()]
+        return [future.result() for future in futures]
+
+
+def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+               rates: list[float] | None) -> tuple[list[TrialOutcome], dict]:
+    """The trials of an asha or tpe search (outcomes in learning-rate order) and what the search
+    did, for summary.json."""
+    logger = get_run_logger()
+    rungs = rung_epochs(config.epochs, config.grace_epochs, config.reduction_factor)
+    trainer = RungTrainer(trial_specs(config, [1.0])[0], dataset, workspace, slots)
+    metric = config.selection_metric
+    if config.search == "asha":
+        result = successive_halving(rates, rungs, config.reduction_factor, trainer, metric, log=logger.info)
+        stopped_at, epochs, grid_trials = result.stopped_at, result.epochs_trained, len(rates)
+        extra = {}
+    else:
+        storage = config.optuna_storage or default_storage_url(workspace.sweep_dir.parent)
+        name = study_name({"dataset": dataset.fingerprint, "train_limit": dataset.train_limit,
+                           "spec": trainer.base.model_dump(exclude={"learning_rate"}), "lr_range": config.lr_range,
+                           "rungs": rungs, "eta": config.reduction_factor, "metric": metric})
+        study = open_study(storage, name, seed=config.seeds[0],
+                           direction="maximize" if higher_is_better(metric) else "minimize")
+        parallel = len(slots.devices) * slots.per_device
+        result = tpe_search(study, config.trials, parallel, tuple(config.lr_range), rungs, trainer, metric,
+                            reduction_factor=config.reduction_factor, log=logger.info)
+        # Trials finished by an earlier, killed run of this search: stored, so reused, not retrained.
+        for trial in result.trials:
+            if trial.state == "complete" and trial.learning_rate not in trainer.finished:
+                trainer([trial.learning_rate], config.epochs)
+        stopped_at = {t.learning_rate: t.stopped_at for t in result.trials if t.state == "pruned"}
+        epochs, grid_trials = {t.number: t.epochs_trained for t in result.trials}, len(result.trials)
+        extra = {"study": name, "storage": storage.split("@")[-1], "trials_now": len(result.trained_now),
+                 "recovered": result.recovered}
+    outcomes = [*trainer.finished.values(), *trainer.failed.values(), *trainer.stopped(stopped_at)]
+    outcomes.sort(key=lambda t: t.learning_rate)
+    summary = {"method": config.search, "rungs": rungs, "reduction_factor": config.reduction_factor,
+               "stopped_at": {f"{rate:g}": rung for rate, rung in sorted(stopped_at.items())},
+               **epoch_accounting(epochs, grid_trials, config.epochs), **extra}
+    logger.info(f"search {config.search}: {summary['epochs_trained']} epochs trained, "
+                f"{summary['fraction_of_grid']:.0%} of the {summary['grid_epochs']} the grid would train")
+    return outcomes, summary
+
+
+@flow(name="lr-sweep-find", log_prints=True)
+def lr_sweep_find(config: SweepConfig | None = None) -> dict:
+    """The LR range test alone (`lr-sweep find`): its suggestion, the grid `auto` would sweep,
+    lr_find.png, a W&B run and a Prefect artifact."""
+    config = config or SweepConfig()
+    devices = resolve_devices(config.device)
+    configure_cpu_threads(devices)
+    workspace = make_workspace(config, config.sweep_id or new_sweep_id())
+    dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit)
+    slots = DeviceSlots(devices, 1)
+    result = find_learning_rate_task(trial_specs(config, [1.0])[0], dataset, workspace, slots,
+                                     config.min_lr, config.max_lr)
+    return {"suggestion": result.suggestion, "grid": [float(f"{f * result.suggestion:.3g}") for f in config.auto_factors],
+            "chart": str(workspace.sweep_dir / "lr_find.png"), "stopped_early": result.stopped_early,
+            "steps": len(result.lrs)}
