@@ -105,6 +105,8 @@ def command_run(args: argparse.Namespace) -> int:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         print(f"would train {config.plan_description()} on {', '.join(resolve_devices(config.device))}")
         return 0
+    if config.search == "tpe":
+        check_study_storage(config)
     server = launch_server(args)
     from flows.dispatch import RegistryNotShared
     from flows.sweep import SweepFailed, lr_sweep
@@ -132,6 +134,26 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"report:  {summary['files']['report']}")
     print(f"summary: {summary['files']['summary']}")
     return 0
+
+
+def check_study_storage(config: SweepConfig) -> None:
+    """An unreachable Optuna storage is bad input: refused before anything trains."""
+    from tasks.search import StudyStorageError, open_study
+
+    if config.optuna_storage is None:
+        return  # sqlite in the output directory, made by the sweep
+    try:
+        open_study(config.optuna_storage, "lr-sweep-storage-check")
+    except StudyStorageError as error:
+        raise InvalidInput("optuna_storage", str(error)) from None
+
+
+class InvalidInput(ValueError):
+    """Bad input found beyond the config's own checks; `field` is the one to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def launch_server(args: argparse.Namespace) -> tuple[local_server.LocalServer, bool] | None:
@@ -389,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except NameNotAllowed as error:
         print(f"lr-sweep: invalid input:\n{error.kind}: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except InvalidInput as error:
+        print(f"lr-sweep: invalid input:\n{error.field}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (LookupError, ValueError) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)

@@ -352,14 +352,22 @@ class SweepConfig(BaseSettings):
         return [(rate, seed) for rate in rates for seed in self.seeds]
 
 
+def _is_union_branch(part) -> bool:
+    # pydantic names the member of a union a value failed in the location: list[float], literal['auto']
+    return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool"))
+
+
 def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem: the field, the value it got and what is allowed."""
-    lines = []
+    """One line per problem: the field, the value it got and what is allowed. A value that fits
+    no member of a union (learning_rates: numbers or 'auto') gets one line with every option."""
+    lines: dict[str, list[str]] = {}
     for problem in error.errors():
-        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"])
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}"
+                        for part in problem["loc"] if not _is_union_branch(part))
         field = field.lstrip(".") or "config"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{field}: {message}{shown}")
-    return "\n".join(lines)
+        lines.setdefault(field.split("[")[0] if any(map(_is_union_branch, problem["loc"])) else field, []).append(
+            f"{message}{shown}")
+    return "\n".join(f"{field}: {' - or - '.join(messages)}" for field, messages in lines.items())

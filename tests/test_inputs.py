@@ -63,6 +63,20 @@ BAD_INPUTS = [
     ([], {"LR_SWEEP_ALIAS": "latest"}, "alias", "not 'latest'"),
     (["--trial-deployment", "lr-sweep-trial/trial-gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
     (["--dispatch-timeout-minutes", "0"], {}, "dispatch_timeout_minutes", "greater than 0"),
+    # Searches (issue 12).
+    (["--search", "tpe", "--lr-range", "0.01", "0.001"], {}, "lr_range", "0 < MIN < MAX"),
+    (["--lr-range", "0.001"], {}, "lr_range", "give MIN MAX"),
+    (["--reduction-factor", "1"], {}, "reduction_factor", "greater than or equal to 2"),
+    (["--grace-epochs", "0"], {}, "grace_epochs", "greater than or equal to 1"),
+    (["--trials", "0"], {}, "trials", "greater than or equal to 1"),
+    (["--search", "bayes"], {}, "search", "'grid', 'asha' or 'tpe'"),
+    (["--search", "asha", "--seeds", "0", "1"], {}, "config", "one seed"),
+    (["--search", "tpe", "--dispatch", "deployment"], {}, "config", "dispatch 'local'"),
+    (["--search", "tpe", "--learning-rates", "0.1"], {}, "config", "do not give learning_rates"),
+    (["--min-lr", "1", "--max-lr", "0.1"], {}, "config", "below max_lr"),
+    (["--auto-factors", "0"], {}, "auto_factors", "each finite and > 0"),
+    (["--search", "tpe", "--optuna-storage", "postgresql://u:secret@127.0.0.1:1/x"], {}, "optuna_storage",
+     "cannot open the Optuna study storage"),
 ]
 
 # The other commands take names too: the same rule, the same exit code, nothing written.
@@ -129,6 +143,22 @@ def test_other_commands_refuse_bad_names_and_change_nothing(arguments, field, al
     before = snapshot(tmp_path)
     assert_refused(main(arguments), capsys.readouterr().err, field, allowed)
     assert snapshot(tmp_path) == before
+
+
+def test_auto_with_a_range_test_that_blows_up_at_once_trains_nothing(registry_with_production, tmp_path, capsys):
+    """The range test from 50 to 100 diverges on its first steps: no suggestion, a clear error
+    (exit 2) and no trial trained or stored."""
+    from tests.conftest import make_idx_dataset
+
+    make_idx_dataset(tmp_path / "data" / "MNIST" / "raw")
+    before = snapshot(registry_with_production)
+    code = main(["run", "--temporary-server", "--dataset", "mnist", "--val-size", "100", "--learning-rates", "auto",
+                 "--min-lr", "50", "--max-lr", "100", "--device", "cpu", "--registry-dir", str(registry_with_production),
+                 "--output-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lower min_lr" in err, err[-2000:]
+    assert snapshot(registry_with_production) == before
+    assert not list((tmp_path / "runs").glob("checkpoints/*/*"))
 
 
 def test_deployment_parameters_go_through_the_same_rule():
