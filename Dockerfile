@@ -7,6 +7,9 @@
 # second one. Pinned by tag here; for reproducible builds append its digest once you have pulled
 # it: `docker buildx imagetools inspect pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime`, then
 # --build-arg BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime@sha256:<digest>.
+# Where no registry serves it, docker/base-image.sh builds an equivalent CPU base from Debian
+# packages and the package index (Python 3.11, torch in /opt/venv): docker/build-image.sh builds
+# both (README, "Docker worker without a GPU").
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -22,13 +25,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/lr-sweep
 
+# Behind a TLS-inspecting proxy pip must trust the proxy's CA: pass its certificate(s) as PEM text,
+# --build-arg EXTRA_CA_CERTS="$(cat proxy-ca.pem)". pip trusts them besides its own bundle during
+# the pip steps below (deploy/pip-ca.sh); no file of the image keeps them. A private index works
+# the same way: --build-arg PIP_INDEX_URL=https://pypi.example/simple. Build arguments are
+# recorded in `docker history`: a CA certificate is public, but never pass a password or a token
+# this way. README, "Docker worker without a GPU".
+ARG EXTRA_CA_CERTS=
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+
 # Dependencies first, from pyproject.toml's own list (no second copy of the pins): this layer is
 # rebuilt only when pyproject.toml changes. `check` fails the build unless every installed
 # version, the base image's torch included, is the one pyproject.toml asks for.
 COPY pyproject.toml ./
-COPY deploy/pins.py /usr/local/share/lr-sweep/pins.py
+COPY deploy/pins.py deploy/pip-ca.sh /usr/local/share/lr-sweep/
 RUN python3 /usr/local/share/lr-sweep/pins.py requirements pyproject.toml > /tmp/requirements.txt \
- && python3 -m pip install -r /tmp/requirements.txt \
+ && /usr/local/share/lr-sweep/pip-ca.sh python3 -m pip install -r /tmp/requirements.txt \
  && python3 /usr/local/share/lr-sweep/pins.py check pyproject.toml
 
 # A non-root user owns the directories the deployments mount volumes on; a fresh named volume
@@ -42,7 +55,7 @@ COPY README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
 COPY models ./models
-RUN python3 -m pip install --no-deps . && rm -rf build ./*.egg-info
+RUN /usr/local/share/lr-sweep/pip-ca.sh python3 -m pip install --no-deps . && rm -rf build ./*.egg-info
 
 USER lrsweep
 # A Docker worker replaces this with `prefect flow-run execute`; by hand, `docker run --gpus all

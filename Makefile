@@ -50,9 +50,14 @@ GPU_POOL_TEMPLATE := $(PREFECT_HOME)/docker-pool-template.json
 # The registry GPU nodes pull the image from (`make deploy`), or the image `make deploy-prebuilt` uses.
 LR_SWEEP_IMAGE_REPO ?= localhost:5000/lr-sweep
 IMAGE ?=
+# A JSON file of job variables that replace the GPU deployments' own (deploy/prebuilt.py), e.g.
+# deploy/cpu-host.json for one machine without a GPU.
+JOB_VARIABLES ?=
 # A GPU worker's name keys its per-device concurrency limits: one stable name per node.
 WORKER_NAME ?= $(shell hostname)
 WORKER_LIMIT ?= 8
+# The work queues a worker takes runs from (default: every queue of the pool), e.g. `trials`.
+WORKER_QUEUES ?=
 
 .PHONY: server pools deploy deploy-local deploy-prebuilt worker gpu-worker
 pools deploy deploy-local deploy-prebuilt worker gpu-worker: export PREFECT_API_URL ?= http://$(SERVER_HOST):$(SERVER_PORT)/api
@@ -82,7 +87,8 @@ deploy-local: install
 deploy-prebuilt: install
 	@test -n "$(IMAGE)" || { echo "usage: make deploy-prebuilt IMAGE=registry.example.com/lr-sweep:TAG"; exit 2; }
 	mkdir -p $(PREFECT_HOME)
-	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) > $(PREFECT_HOME)/prefect.prebuilt.yaml
+	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) $(if $(JOB_VARIABLES),--job-variables $(JOB_VARIABLES)) \
+		> $(PREFECT_HOME)/prefect.prebuilt.yaml
 	$(QUIET) $(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
 		--name lr-sweep/lr-sweep --name lr-sweep-trial/trial-gpu
 
@@ -92,7 +98,24 @@ worker: install
 
 # On a GPU node with Docker and the NVIDIA container toolkit: one worker per node.
 gpu-worker: install
-	$(QUIET) $(BIN)/prefect worker start --pool $(GPU_POOL) --type docker --name $(WORKER_NAME) --limit $(WORKER_LIMIT)
+	$(QUIET) $(BIN)/prefect worker start --pool $(GPU_POOL) --type docker --name $(WORKER_NAME) --limit $(WORKER_LIMIT) \
+		$(foreach queue,$(WORKER_QUEUES),--work-queue $(queue))
+
+# --- The Docker worker on a machine without a GPU (README: "Docker worker without a GPU") -------
+# The image on docker/base-image.sh's CPU base (built once per recipe, then reused), for machines
+# that cannot pull pytorch/pytorch; behind a TLS-inspecting proxy give its CA certificate(s):
+# `make image IMAGE=lr-sweep:local EXTRA_CA=proxy-ca.pem`. Needs root and a Docker engine.
+EXTRA_CA ?=
+
+.PHONY: image test-docker
+image:
+	@test -n "$(IMAGE)" || { echo "usage: make image IMAGE=lr-sweep:local [EXTRA_CA=proxy-ca.pem]"; exit 2; }
+	docker/build-image.sh $(IMAGE) $(if $(EXTRA_CA),--extra-ca $(EXTRA_CA))
+
+# The Docker worker end to end (tests/test_docker_e2e.py): needs root, a Docker engine and a
+# PostgreSQL database in DOCKER_E2E_DATABASE_URL; docker/ci.sh sets up both and runs this.
+test-docker: install
+	$(QUIET) $(BIN)/pytest -m docker -s
 
 # Issue 6: our training engine against a DataLoader loop, the flow's overhead, peak memory,
 # evaluation speed, in one run (about 5 minutes on 2 cores); figures go to $(BENCH_JSON).

@@ -27,7 +27,7 @@ from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
 from deploy.pins import pin_mismatches, pinned_requirements
 from deploy.pools import TemplateError, check_template, docker_pool_template
-from deploy.prebuilt import BUILT_IMAGE_PLACEHOLDER, prebuilt_project
+from deploy.prebuilt import BUILT_IMAGE_PLACEHOLDER, main as prebuilt_main, prebuilt_project
 from flows.config import SweepConfig
 from tests.conftest import REPO_ROOT
 
@@ -176,6 +176,33 @@ def test_prebuilt_variant_is_prefect_yaml_without_build_and_push():
         prebuilt_project(original, "")
 
 
+def test_cpu_host_job_variables_drop_the_gpu_request_and_use_the_host_network(tmp_path, capsys):
+    """deploy/cpu-host.json (make deploy-prebuilt JOB_VARIABLES=...): one machine, no GPU."""
+    cpu_host = json.loads((REPO_ROOT / "deploy/cpu-host.json").read_text())
+    prebuilt = prebuilt_project(project(), IMAGE, cpu_host)
+    for flow_function, name in GPU_DEPLOYMENTS:
+        job_variables = deployment(flow_function, name, prebuilt)["work_pool"]["job_variables"]
+        assert job_variables["image"] == IMAGE
+        created = render_container(job_variables, docker_pool_template())
+        host = created["host_config"]
+        assert "DeviceRequests" not in host and host["NetworkMode"] == "host"
+        assert host["ShmSize"] == 8 * 1024**3
+        assert host["Binds"] == ["lr-sweep-data:/opt/lr-sweep/data", "lr-sweep-registry:/opt/lr-sweep/registry",
+                                 "lr-sweep-runs:/opt/lr-sweep/runs"]
+        assert created["environment"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/opt/lr-sweep/runs/")
+    for flow_function, name in LOCAL_DEPLOYMENTS:
+        assert deployment(flow_function, name, prebuilt) == deployment(flow_function, name)
+    with pytest.raises(ValueError, match="image argument"):
+        prebuilt_project(project(), IMAGE, {"image": "other:tag"})
+    # The command line of `make deploy-prebuilt JOB_VARIABLES=FILE`.
+    assert prebuilt_main([str(REPO_ROOT / "prefect.yaml"), IMAGE, "--job-variables",
+                          str(REPO_ROOT / "deploy/cpu-host.json")]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == prebuilt
+    (tmp_path / "list.json").write_text("[]")
+    assert prebuilt_main([str(REPO_ROOT / "prefect.yaml"), IMAGE, "--job-variables", str(tmp_path / "list.json")]) == 1
+    assert "a JSON object is needed" in capsys.readouterr().err
+
+
 # --- the Dockerfile ------------------------------------------------------------------------------
 
 def test_dockerfile_installs_exactly_the_pins_of_pyproject():
@@ -215,6 +242,45 @@ def test_dockerfile_layers_user_and_secrets():
     for line in lines:
         if re.match(r"^(ENV|ARG)\b", line):
             assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", line, re.I), line
+
+
+def test_dockerfile_builds_with_the_classic_builder_and_takes_a_proxy_ca():
+    """prefect-docker's build step (docker-py) and an offline engine use the classic builder: no
+    BuildKit-only instruction. Every pip step trusts EXTRA_CA_CERTS through deploy/pip-ca.sh, a
+    build argument, never an ENV (which would stay in the image)."""
+    lines = [line for line in DOCKERFILE.splitlines() if line and not line.startswith("#")]
+    assert not any(re.search(r"--mount|--secret|<<", line) for line in lines)
+    assert "ARG EXTRA_CA_CERTS=" in lines
+    assert not any(line.startswith("ENV") and "CA_CERT" in line for line in lines)
+    pip_steps = [line for line in lines if "pip install" in line]
+    assert len(pip_steps) == 2
+    assert all("/usr/local/share/lr-sweep/pip-ca.sh python3 -m pip install" in line for line in pip_steps)
+    assert "COPY deploy/pins.py deploy/pip-ca.sh /usr/local/share/lr-sweep/" in lines
+
+
+def test_pip_ca_wrapper_adds_the_certificates_for_the_command_only(tmp_path):
+    certificate = "-----BEGIN CERTIFICATE-----\nMIIBproxyca\n-----END CERTIFICATE-----"
+    show = [sys.executable, "-c", "import os; p = os.environ['PIP_CERT']; print(p); print(open(p).read())"]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "EXTRA_CA_CERTS": certificate}
+    result = subprocess.run([str(REPO_ROOT / "deploy/pip-ca.sh"), *show], env=env, capture_output=True, text=True,
+                            check=True)
+    bundle, contents = result.stdout.split("\n", 1)
+    assert contents.rstrip().endswith(certificate)  # after pip's own bundle
+    assert contents.count("BEGIN CERTIFICATE") > 50
+    assert not Path(bundle).exists()  # gone with the command
+    plain = subprocess.run([str(REPO_ROOT / "deploy/pip-ca.sh"), sys.executable, "-c",
+                            "import os; print(os.environ.get('PIP_CERT'))"],
+                           env={**env, "EXTRA_CA_CERTS": ""}, capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "None"
+
+
+def test_the_cpu_base_recipe_holds_the_pins_and_names_its_image_by_its_hash():
+    pins = dict(r.split("==") for r in pinned_requirements(REPO_ROOT / "pyproject.toml") if r.startswith("torch"))
+    constraints = dict(line.split("==") for line in (REPO_ROOT / "docker/base-constraints.txt").read_text().split())
+    assert {name: constraints[name] for name in pins} == pins  # base and Dockerfile agree
+    printed = subprocess.run([str(REPO_ROOT / "docker/base-image.sh"), "--print-image"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"lr-sweep-base:[0-9a-f]{16}", printed)
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
