@@ -44,7 +44,7 @@ from prefect.states import Scheduled
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
-from models.registry import LocalRegistry
+from models.local_registry import LocalRegistry
 from tests.conftest import REPO_ROOT, SYSTEM_FASHION_MNIST
 
 pytestmark = pytest.mark.docker
