@@ -217,7 +217,7 @@ def test_the_export_deployment_is_triggered_by_promotions():
     """prefect.yaml: the trigger's shape; tests/test_promotion_chain.py shows it firing (-m slow)."""
     project = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     [spec] = [d for d in project["deployments"] if d["entrypoint"] == "flows.export:lr_sweep_export"]
-    assert (spec["name"], spec["work_pool"]["name"]) == ("local", "lr-sweep-process")
+    assert (spec["name"], spec["work_pool"]["name"]) == ("export-local", "lr-sweep-process")
     [trigger] = [DeploymentEventTrigger.model_validate(t) for t in spec["triggers"]]
     assert trigger.expect == {"lr-sweep.model.promoted"} and trigger.enabled
     assert trigger.match.matches(Resource({"prefect.resource.id": f"lr-sweep.model.{COLLECTION}"}))
