@@ -122,6 +122,11 @@ test-docker: install
 BENCH_JSON ?= bench.json
 export BENCH_JSON
 
-.PHONY: bench
+.PHONY: bench bench-search
 bench: data
 	$(QUIET) $(BIN)/python -m benchmarks.bench --json $(BENCH_JSON)
+
+# Issue 12: the full grid against successive halving and TPE, and the LR range test, on
+# Fashion-MNIST (about 15-25 minutes on 2 cores); figures go to benchmarks/bench_search.json.
+bench-search: data
+	$(QUIET) $(BIN)/python -m benchmarks.bench_search --json benchmarks/bench_search.json

@@ -17,8 +17,9 @@ after the other, sequentially, on the CPU with 2 threads by default. Targets (is
 halving within 0.3 points of the grid's best validation accuracy with at most 40% of its epochs.
 A miss is printed and recorded; the exit code stays 0 (a benchmark on a shared machine informs).
 
-    nice -n 19 .venv/bin/python benchmarks/bench_search.py --json benchmarks/bench_search.json
-    .venv/bin/python benchmarks/bench_search.py --train-limit 2000 --epochs 2 --json /tmp/s.json  # smoke
+    make bench-search                                     # = the line below, through flows.environment
+    .venv/bin/python -m benchmarks.bench_search --json benchmarks/bench_search.json
+    .venv/bin/python -m benchmarks.bench_search --train-limit 2000 --epochs 2 --json /tmp/s.json  # smoke
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 

@@ -84,7 +84,8 @@ def launch(home: Path) -> LocalServer:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", url.rsplit(":", 1)[1]],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-            env=LOCAL_DEFAULTS | os.environ | {"PREFECT_HOME": str(home)})
+            # The UI calls the API at PREFECT_SERVER_UI_API_URL, which otherwise stays at port 4200.
+            env=LOCAL_DEFAULTS | os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_API_URL": f"{url}/api"})
     return LocalServer(url=url, pid=process.pid, log=str(log))
 
 

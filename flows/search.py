@@ -119,10 +119,10 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
 
 
 @flow(name="lr-sweep-find", log_prints=True)
-def lr_sweep_find(config: SweepConfig | None = None) -> dict:
+def lr_sweep_find(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     """The LR range test alone (`lr-sweep find`): its suggestion, the grid `auto` would sweep,
     lr_find.png, a W&B run and a Prefect artifact."""
-    config = config or SweepConfig()
+    config = SweepConfig(**config.model_dump(exclude_unset=True))  # see flows/sweep.py's `validated`
     devices = resolve_devices(config.device)
     configure_cpu_threads(devices)
     workspace = make_workspace(config, config.sweep_id or new_sweep_id())

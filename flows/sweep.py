@@ -37,6 +37,19 @@ TASK_THREADS = 64
 FINISHED_EVENT = "lr-sweep.sweep.finished"
 
 
+class Timings:
+    """Seconds spent in each phase of the flow, for summary.json (`make bench` reads them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
+
+
 class SweepFailed(RuntimeError):
     """No trial produced a usable model."""
 
@@ -76,6 +89,14 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
     return evaluated
 
 
+def validated(config: SweepConfig) -> SweepConfig:
+    """The flow's default config is built without validation (`model_construct`), so importing a
+    flow module reads no LR_SWEEP_* variable and refuses nothing, while the run form still shows
+    every field with its default. Here, at run time, the fields the caller set are validated
+    together with the environment and the defaults, as the CLI does."""
+    return SweepConfig(**config.model_dump(exclude_unset=True))
+
+
 def publish_artifacts(summary: dict, report_markdown: str) -> None:
     """The report (charts embedded) and the trial table, attached to the flow run."""
     create_markdown_artifact(markdown=report_markdown, key="lr-sweep-report",
@@ -85,9 +106,9 @@ def publish_artifacts(summary: dict, report_markdown: str) -> None:
 
 
 @flow(name="lr-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS))
-def lr_sweep(config: SweepConfig | None = None) -> dict:
+def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     """Train one CNN per learning rate and seed, evaluate, promote the best, write the report."""
-    config = config or SweepConfig()
+    config = validated(config)
     logger = get_run_logger()
     started = time.perf_counter()
     sweep_id = config.sweep_id or new_sweep_id()
@@ -101,8 +122,10 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
                 f"({slots.per_device} at a time per device, {threads} CPU thread(s)); "
                 f"output in {workspace.sweep_dir}")
 
+    timings = Timings()
     dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
                            config.train_limit)
+    timings.lap("prepare_data")
     rates = auto_learning_rates(config, dataset, workspace, slots) if config.learning_rates == "auto" else None
     search = None
     if config.search != "grid":  # waves of trials, stopped at rungs
@@ -112,9 +135,12 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
     else:
         specs = trial_specs(config, rates)
         trials = collect_trials(specs, [train_model.submit(spec, dataset, workspace, slots) for spec in specs])
+    timings.lap("trials")
     trials = evaluate_trials(trials, dataset, workspace, slots)
+    timings.lap("evaluate")
     decision = compare_and_promote_task(trials, dataset, workspace, slots, alias=config.alias,
                                         metric=config.selection_metric, margin=config.promotion_margin)
+    timings.lap("compare_and_promote")
     summary = build_summary(
         sweep_id=sweep_id, config=config.model_dump(mode="json") | {  # paths as used, whatever the cwd later
             "registry_dir": str(workspace.registry.directory), "output_dir": str(workspace.sweep_dir.parent),
@@ -124,10 +150,11 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
         trials=trials, decision=decision, wall_seconds=time.perf_counter() - started, devices=devices,
         wandb={"mode": config.wandb_mode, "project": config.wandb_project, "entity": config.wandb_entity,
                "output_dir": str(workspace.sweep_dir.parent)},
-        search=search,
+        search=search, timings=timings.seconds,
     )
     files, report_markdown = write_report_task(summary, workspace.sweep_dir)
     publish_artifacts(summary, report_markdown)
+    timings.lap("report")
     logger.info(f"report: {files['report']}")
     emit_event(event=FINISHED_EVENT, resource={"prefect.resource.id": f"lr-sweep.sweep.{sweep_id}"},
                payload={"sweep_id": sweep_id, "report": files["report"], "promoted": decision.promotion.promoted,
@@ -137,3 +164,4 @@ def lr_sweep(config: SweepConfig | None = None) -> dict:
         raise SweepFailed(f"no trial of sweep {sweep_id} produced a usable model; the alias "
                           f"'{config.alias}' was not touched. Report: {files['report']}")
     return summary
+

@@ -53,7 +53,8 @@ def promotion_record(promotion: Promotion) -> dict:
 
 
 def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[TrialOutcome], decision: Decision,
-                  wall_seconds: float, devices: list[str], wandb: dict, search: dict | None = None) -> dict:
+                  wall_seconds: float, devices: list[str], wandb: dict, search: dict | None = None,
+                  timings: dict | None = None) -> dict:
     """summary.json: where the typed results of the sweep become plain data."""
     best = decision.best
     selection = decision.selection
@@ -72,6 +73,7 @@ def build_summary(*, sweep_id: str, config: dict, dataset: dict, trials: list[Tr
         "devices": devices,
         "wandb": wandb,
         "search": search,
+        "timings": timings,  # seconds per phase of the flow; filled in until the report is written
     }
 
 

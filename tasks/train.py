@@ -323,6 +323,7 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
                     checkpoint_dir: Path, log: Callable[[str], None],
                     progress: Callable[[float, str], None] = no_progress) -> TrialOutcome:
     """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
+    started = time.perf_counter()
     splits = load_splits(dataset, device)
     run_config = spec.model_dump() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
                                       "train_size": dataset.train_size, "device": device, "trial_key": key}
@@ -342,6 +343,7 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
                      f"epoch {record['epoch']}/{spec.epochs} on {device}, {images_per_second:,.0f} images/s, "
                      f"val acc {record['val_accuracy']:.4f}")
 
+        setup_seconds = time.perf_counter() - started  # data on the device, W&B run started
         with trial_stream(device):
             result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
         metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result)
@@ -363,7 +365,7 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
         learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
         history=result.history, train_seconds=result.train_seconds,
         samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
-        device=device, wandb_run_dir=run_dir, wandb_url=url)
+        device=device, wandb_run_dir=run_dir, wandb_url=url, setup_seconds=setup_seconds)
 
 
 def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,

@@ -27,7 +27,8 @@ from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
 from deploy.pins import pin_mismatches, pinned_requirements
 from deploy.pools import TemplateError, check_template, docker_pool_template
-from deploy.prebuilt import BUILT_IMAGE_PLACEHOLDER, main as prebuilt_main, prebuilt_project
+from deploy.prebuilt import BUILT_IMAGE_PLACEHOLDER, prebuilt_project
+from deploy.prebuilt import main as prebuilt_main
 from flows.config import SweepConfig
 from tests.conftest import REPO_ROOT
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import docker as docker_sdk
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -44,6 +43,7 @@ from prefect.states import Scheduled
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
+import docker as docker_sdk
 from models.local_registry import LocalRegistry
 from tests.conftest import REPO_ROOT, SYSTEM_FASHION_MNIST
 
