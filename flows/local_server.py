@@ -92,11 +92,9 @@ def launch(home: Path) -> LocalServer:
 def wait_until_healthy(server: LocalServer, timeout: float = START_TIMEOUT_SECONDS) -> None:
     deadline = time.monotonic() + timeout
     while not is_healthy(server.url, timeout=1.0):
-        try:
-            os.kill(server.pid, 0)
-        except OSError:
+        if is_gone(server.pid):
             raise ServerError(f"the Prefect server exited while starting; its log ({server.log}):\n"
-                              f"{Path(server.log).read_text()[-2000:]}") from None
+                              f"{Path(server.log).read_text()[-2000:]}")
         if time.monotonic() > deadline:
             stop(server)
             raise ServerError(f"the Prefect server did not answer within {timeout:.0f} s; its log "
@@ -116,6 +114,21 @@ def ensure_started(home: Path) -> tuple[LocalServer, bool]:
         return server, True
 
 
+def is_gone(pid: int) -> bool:
+    """True once the process has exited (reaped here when it is this process's child: an unreaped
+    child still answers kill(pid, 0))."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    return False
+
+
 def stop(server: LocalServer) -> None:
     try:
         os.killpg(server.pid, signal.SIGTERM)
@@ -123,11 +136,9 @@ def stop(server: LocalServer) -> None:
         return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
-            os.kill(server.pid, 0)
-        except OSError:
+        if is_gone(server.pid):
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(server.pid, signal.SIGKILL)
 
 

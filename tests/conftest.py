@@ -93,13 +93,23 @@ def fashion_data_dir(tmp_path_factory) -> Path:
     return directory
 
 
+# The session's Prefect server, launched when collection shows that a test needs it, so that it
+# starts (about 10 s on 2 cores) while the tests that do not need it run first.
+_session_server = None
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
-    """Prefect's temporary local server (a real API on SQLite), started once per session."""
-    from prefect.testing.utilities import prefect_test_harness
+    """A real Prefect server (`prefect server start`, SQLite in the session's PREFECT_HOME),
+    started once per session, as `lr-sweep run` starts its background server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from flows import local_server
+
+    server = _session_server or local_server.launch(Path(os.environ["PREFECT_HOME"]))
+    local_server.wait_until_healthy(server)
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -114,13 +124,26 @@ def smoke_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where CUDA is."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """`gpu` tests run only where CUDA is; tests that need the Prefect server run last, and the
+    server is launched now, so its start overlaps the others."""
+    global _session_server
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    items.sort(key=lambda item: "prefect_server" in item.fixturenames)  # stable: file order otherwise
+    if not config.option.collectonly and any("prefect_server" in item.fixturenames for item in items):
+        from flows import local_server
+
+        _session_server = local_server.launch(Path(os.environ["PREFECT_HOME"]))
+
+
+def pytest_unconfigure(config):
+    if _session_server is not None:
+        from flows import local_server
+
+        local_server.stop(_session_server)  # also when the session ends before the fixture ran
 
 
 @pytest.fixture(autouse=True)

@@ -145,14 +145,16 @@ def test_other_commands_refuse_bad_names_and_change_nothing(arguments, field, al
     assert snapshot(tmp_path) == before
 
 
-def test_auto_with_a_range_test_that_blows_up_at_once_trains_nothing(registry_with_production, tmp_path, capsys):
+def test_auto_with_a_range_test_that_blows_up_at_once_trains_nothing(prefect_server, registry_with_production, tmp_path,
+                                                                     capsys, monkeypatch):
     """The range test from 50 to 100 diverges on its first steps: no suggestion, a clear error
     (exit 2) and no trial trained or stored."""
     from tests.conftest import make_idx_dataset
 
     make_idx_dataset(tmp_path / "data" / "MNIST" / "raw")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)  # the session's server, not a new one
     before = snapshot(registry_with_production)
-    code = main(["run", "--temporary-server", "--dataset", "mnist", "--val-size", "100", "--learning-rates", "auto",
+    code = main(["run", "--dataset", "mnist", "--val-size", "100", "--learning-rates", "auto",
                  "--min-lr", "50", "--max-lr", "100", "--device", "cpu", "--registry-dir", str(registry_with_production),
                  "--output-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data")])
     err = capsys.readouterr().err
