@@ -143,7 +143,7 @@ def one_epoch_spec(config: SweepConfig) -> TrialSpec:
 def warm_up(spec: TrialSpec, splits: Splits, device: str) -> None:
     """A few hundred images through the engine, so that one-time costs (oneDNN primitives, CUDA
     context and cuDNN heuristics) land in neither of the timed epochs."""
-    small = Splits(splits.train_x[:2048], splits.train_y[:2048], splits.val_x[:1000],
+    small = Splits(splits.dataset, splits.train_x[:2048], splits.train_y[:2048], splits.val_x[:1000],
                    splits.val_y[:1000], splits.test_x[:1000], splits.test_y[:1000])
     train_trial(spec, small, device)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench import cpu_model
 from tasks.data import load_splits, prepare_dataset
 from tasks.results import TrialSpec
 from tasks.search import (
@@ -55,16 +56,6 @@ from tasks.search import (
 MAX_GAP_POINTS = 0.3  # successive halving's best val accuracy vs the grid's, in points
 MAX_EPOCH_FRACTION = 0.40  # of the grid's epochs
 RANGE_TEST_FACTOR = 3.0  # the suggestion within this factor of the grid's best rate
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load() -> list[float]:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MB blocks (dataset files are 47 MB)."""
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def temporary_sibling(path: Path) -> Path:

@@ -18,7 +18,6 @@ DataLoader): see `load_splits`.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import math
 import os
 import shutil
@@ -30,7 +29,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.files import atomic_write, file_lock, temporary_sibling
+from models.files import atomic_write, file_digest, file_lock, temporary_sibling
 from models.serialization import manifest_digest
 
 
@@ -137,24 +136,8 @@ def raw_dir(name: str, data_dir: Path) -> Path:
     return Path(data_dir) / DATASET_FILES[name].folder / "raw"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(directory: Path, names: list[str]) -> dict[str, str]:
-    hashes = {name: _sha256_file(directory / name) for name in names}
+    hashes = {name: file_digest(directory / name) for name in names}
     atomic_write(directory / CHECKSUM_FILE, "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes)))
     return hashes
 
@@ -184,7 +167,7 @@ def _install_from_system(name: str, target: Path) -> bool:
             tmp = temporary_sibling(target / archive.stem)
             with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            if _md5_file(archive) != expected_md5[archive.name] and known.get(archive.stem) != _sha256_file(tmp):
+            if file_digest(archive, "md5") != expected_md5[archive.name] and known.get(archive.stem) != file_digest(tmp):
                 tmp.unlink()
                 raise DatasetError(
                     f"{archive} is corrupt: neither its MD5 nor its decompressed SHA-256 matches "
@@ -221,7 +204,7 @@ def locate_dataset(name: str, data_dir: Path, allow_download: bool = True) -> tu
                 raise DatasetError(f"dataset {name!r} not found in {directory} (download disabled)")
             hashes = _write_checksums(directory, names)
         else:
-            hashes = {n: _sha256_file(directory / n) for n in names}
+            hashes = {n: file_digest(directory / n) for n in names}
             recorded = KNOWN_RAW_SHA256.get(name) or _read_checksums(directory)
             if recorded is None:
                 _write_checksums(directory, names)

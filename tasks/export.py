@@ -22,7 +22,6 @@ is renamed into place, so a reader sees a complete bundle or none. Plain functio
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from models.cnn import build_model
-from models.files import fsync_dir
+from models.files import file_digest, fsync_dir
 from models.local_registry import LocalRegistry
 from models.names import NameNotAllowed, inside
 from models.names import check_name as check_registry_name
@@ -82,14 +81,6 @@ def check_name(kind: str, value: str) -> str:
 
 def bundle_name(ref: ModelRef) -> str:
     return f"{ref.collection}-{ref.version}-{ref.digest[:12]}"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -252,7 +243,7 @@ def _existing_bundle(path: Path, digest: str, alias: str) -> dict | None:
         bundle = json.loads((path / BUNDLE_FILE).read_text())
         if bundle.get("digest") != digest or bundle.get("alias") != alias:
             return None
-        if any(_sha256_file(path / name) != sha for name, sha in bundle["files"].items()):
+        if any(file_digest(path / name) != sha for name, sha in bundle["files"].items()):
             return None
         return bundle
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -343,9 +334,9 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
             "files": {},
         }
         for name in (TORCHSCRIPT_FILE, EXPORTED_PROGRAM_FILE):
-            bundle["files"][name] = _sha256_file(staging / name)
+            bundle["files"][name] = file_digest(staging / name)
         (staging / CARD_FILE).write_text(model_card(bundle | {"files": dict(bundle["files"])}))
-        bundle["files"][CARD_FILE] = _sha256_file(staging / CARD_FILE)
+        bundle["files"][CARD_FILE] = file_digest(staging / CARD_FILE)
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, sort_keys=True, allow_nan=False) + "\n")
         for name in (*bundle["files"], BUNDLE_FILE):
             _fsync_file(staging / name)

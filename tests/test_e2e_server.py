@@ -12,15 +12,8 @@ process started here is stopped by its id at the end.
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -31,78 +24,13 @@ from prefect_docker.worker import DockerWorkerJobConfiguration
 
 from flows.trial import device_limit_name, worker_device
 from models.local_registry import LocalRegistry
-from tests.conftest import REPO_ROOT
+from tests.stack import BIN, Stack, free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-SERVER_START_SECONDS = 240  # a 2-core machine shared with other test runs is slow to start it
 RUN_SECONDS = 300
 TRIAL_WORKERS = ("trial-worker-1", "trial-worker-2")
 SMOKE = {"epochs": 1, "train_limit": 1000, "val_size": 2000, "device": "cpu"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Stack:
-    env: dict
-    api_url: str
-    home: Path
-    processes: list
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        """A long-running process in its own session, so that stopping it stops its children."""
-        log = open(self.home / f"{name}.log", "w")
-        process = subprocess.Popen(args, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.processes.append((name, process))
-        return process
-
-    def run(self, *args: str, timeout: float = 180) -> str:
-        result = subprocess.run(args, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def make(self, *targets: str) -> str:
-        # -o: the venv is given; do not let make reinstall it.
-        return self.run("make", "-s", "-o", ".venv/.installed", *targets)
-
-    def worker(self, name: str, queue: str, limit: int) -> None:
-        self.start(name, str(BIN / "prefect"), "worker", "start", "--pool", "lr-sweep-process",
-                   "--work-queue", queue, "--name", name, "--limit", str(limit))
-
-    def log(self, name: str) -> str:
-        return (self.home / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for _, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for _, process in reversed(self.processes):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def wait_until_healthy(stack: Stack, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{stack.log('server')}"
-        try:
-            with urllib.request.urlopen(f"{stack.api_url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_SECONDS} s:\n{stack.log('server')}")
 
 
 @pytest.fixture(scope="module")

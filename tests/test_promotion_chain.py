@@ -18,18 +18,12 @@ Every process started here is stopped by its process group at the end.
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -42,13 +36,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from models.local_registry import LocalRegistry
 from tasks.export import bundle_name
-from tests.conftest import REPO_ROOT
+from tests.stack import BIN, Stack, free_port, wait_until_healthy
 from tests.test_export import COLLECTION, log
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
-SERVER_START_SECONDS = 240  # 120 s is typical on a busy 2-core machine; leave room
 RUN_SECONDS = 240
 DEPLOYMENT = "lr-sweep-export/export-local"
 AUTOMATION = "lr-sweep-export on promotion"
@@ -63,70 +55,6 @@ EMIT = textwrap.dedent("""
     print(event.model_dump_json())
     # the events worker drains its queue when the process exits
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class Stack:
-    env: dict
-    api_url: str
-    home: Path
-    processes: list
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        """A long-running process in its own session, so that stopping it stops its children."""
-        log_file = open(self.home / f"{name}.log", "w")
-        process = subprocess.Popen(args, env=self.env, cwd=self.home, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.processes.append((name, process))
-        return process
-
-    def run(self, *args: str, timeout: float = 180) -> str:
-        result = subprocess.run(args, env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def log(self, name: str) -> str:
-        return (self.home / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for _, process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for _, process in reversed(self.processes):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    def client(self):
-        return get_client(sync_client=True)
-
-    def api(self, path: str, body: dict) -> object:
-        request = urllib.request.Request(f"{self.api_url}{path}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-
-def wait_until_healthy(stack: Stack, server: subprocess.Popen) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_SECONDS:
-        assert server.poll() is None, f"prefect server exited:\n{stack.log('server')}"
-        try:
-            with urllib.request.urlopen(f"{stack.api_url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_SECONDS} s:\n{stack.log('server')}")
 
 
 @pytest.fixture(scope="module")
