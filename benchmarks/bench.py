@@ -222,8 +222,10 @@ def sweep_overrides(args, config: SweepConfig, engine_images_per_s: float, workd
     if args.default_sweep:
         return overrides
     available = 60000 - config.val_size
-    limit = math.ceil(args.trial_seconds * engine_images_per_s / args.sweep_epochs / 1000) * 1000
-    return overrides | {"epochs": args.sweep_epochs, "train_limit": max(1000, min(available, limit))}
+    # More epochs when the whole training split is too short for `--trial-seconds` (fast machines).
+    epochs = max(args.sweep_epochs, math.ceil(args.trial_seconds * engine_images_per_s / available))
+    limit = math.ceil(args.trial_seconds * engine_images_per_s / epochs / 1000) * 1000
+    return overrides | {"epochs": epochs, "train_limit": max(1000, min(available, limit))}
 
 
 def run_sweep_child(overrides: dict, workdir: Path) -> dict:
@@ -397,7 +399,10 @@ def main(argv=None) -> int:
         sweep = run_sweep_child(overrides, workdir)
         print("the real `lr-sweep run` of the same sweep, warm PREFECT_HOME (background server running) ...",
               flush=True)
-        figures.update(cli_fixed_cost(overrides, workdir))
+        # Its own registry and outputs: the flow's sweep above stored these trials, which the CLI
+        # would otherwise reuse instead of training.
+        figures.update(cli_fixed_cost(overrides | {"output_dir": str(workdir / "cli-runs"),
+                                                   "registry_dir": str(workdir / "cli-registry")}, workdir))
     finally:
         if args.keep:
             print(f"sweep output kept in {workdir}")
