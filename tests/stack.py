@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
 
 from tests.conftest import REPO_ROOT
 
@@ -56,6 +57,9 @@ class Stack:
 
     def log(self, name: str) -> str:
         return (self.home / f"{name}.log").read_text()
+
+    def client(self):
+        return get_client(sync_client=True)
 
     def api(self, path: str, body: dict) -> object:
         request = urllib.request.Request(f"{self.api_url}{path}", data=json.dumps(body).encode(), method="POST",
