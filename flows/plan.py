@@ -36,6 +36,14 @@ def trial_specs(config: SweepConfig, learning_rates: list[float] | None = None) 
             for rate, seed in config.trial_grid(learning_rates)]
 
 
+def validated(config: SweepConfig) -> SweepConfig:
+    """The flow's default config is built without validation (`model_construct`), so importing a
+    flow module reads no LR_SWEEP_* variable and refuses nothing, while the run form still shows
+    every field with its default. Here, at run time, the fields the caller set are validated
+    together with the environment and the defaults, as the CLI does."""
+    return SweepConfig(**config.model_dump(exclude_unset=True))
+
+
 def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
     """The workspace of a sweep (or of one trial of it), with its folder made and W&B's folders
     pointed into the output directory, ready for tasks to write. The sweep's folder is checked

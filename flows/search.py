@@ -14,7 +14,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.config import SweepConfig
-from flows.plan import make_workspace, new_sweep_id, trial_specs
+from flows.plan import make_workspace, new_sweep_id, trial_specs, validated
 from tasks.compare import higher_is_better
 from tasks.data import DatasetRef, prepare_data
 from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices
@@ -122,7 +122,7 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
 def lr_sweep_find(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     """The LR range test alone (`lr-sweep find`): its suggestion, the grid `auto` would sweep,
     lr_find.png, a W&B run and a Prefect artifact."""
-    config = SweepConfig(**config.model_dump(exclude_unset=True))  # see flows/sweep.py's `validated`
+    config = validated(config)
     devices = resolve_devices(config.device)
     configure_cpu_threads(devices)
     workspace = make_workspace(config, config.sweep_id or new_sweep_id())

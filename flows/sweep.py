@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
-from flows.plan import make_workspace, new_sweep_id, trial_specs
+from flows.plan import make_workspace, new_sweep_id, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
 from tasks import tracking
 from tasks.compare import compare_and_promote_task
@@ -87,14 +87,6 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
         else:
             evaluated.append(trial.model_copy(update={"evaluation": result}))
     return evaluated
-
-
-def validated(config: SweepConfig) -> SweepConfig:
-    """The flow's default config is built without validation (`model_construct`), so importing a
-    flow module reads no LR_SWEEP_* variable and refuses nothing, while the run form still shows
-    every field with its default. Here, at run time, the fields the caller set are validated
-    together with the environment and the defaults, as the CLI does."""
-    return SweepConfig(**config.model_dump(exclude_unset=True))
 
 
 def publish_artifacts(summary: dict, report_markdown: str) -> None:

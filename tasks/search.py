@@ -32,6 +32,7 @@ mapping id -> learning rate.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -50,7 +51,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from tasks.data import Splits
+from tasks import tracking
+from tasks.data import Splits, load_splits
 from tasks.results import TrialSpec
 from tasks.train import TrainResult, TrialDiverged, checkpointed_history, epoch_order, init_model, make_optimizer, train_trial
 
@@ -899,9 +901,6 @@ def find_learning_rate(spec: TrialSpec, dataset, workspace, slots, *, min_lr: fl
                        max_steps: int = 100) -> tuple[RangeTestResult, Path]:
     """The LR range test on the sweep's data, on a free device: its result, `lr_find.png` in the
     sweep's folder, and a W&B run (job type lr-find) holding the curve and the suggestion."""
-    from tasks import tracking
-    from tasks.data import load_splits
-
     with slots.take() as device:
         result = lr_range_test(spec, load_splits(dataset, device), device, min_lr=min_lr, max_lr=max_lr,
                                max_steps=max_steps)
@@ -924,8 +923,6 @@ def study_name(config_identity: dict) -> str:
 
 @task(name="find_learning_rate", task_run_name="LR range test {min_lr:g}..{max_lr:g}", cache_policy=NO_CACHE)
 def find_learning_rate_task(spec: TrialSpec, dataset, workspace, slots, min_lr: float, max_lr: float) -> RangeTestResult:
-    import base64
-
     result, chart = find_learning_rate(spec, dataset, workspace, slots, min_lr=min_lr, max_lr=max_lr)
     image = base64.b64encode(chart.read_bytes()).decode()
     create_markdown_artifact(
