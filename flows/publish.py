@@ -10,9 +10,11 @@ Two steps:
    link). A promotion is replayed only while the local registry still gives the alias to that
    model: if a later sweep or a manual promotion moved it since, replaying the old one would
    set W&B back in time, so it is skipped and the reason is said.
+3. The sweep's W&B report (tasks/wandb_report.py) is saved in the project: its curves are drawn by
+   W&B from the synced runs, the verdict and tables come from summary.json.
 
-Publishing is idempotent: synced runs are skipped by `wandb sync`, and an alias already on the
-right version is left as it is.
+Publishing is idempotent: synced runs are skipped by `wandb sync`, an alias already on the
+right version is left as it is, and the report saved before is updated, not added again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from models.names import check_name, inside
 from models.registry import ModelRef, split_name
 from models.wandb_registry import WandbRegistry
 from tasks import tracking
+from tasks.wandb_report import save_wandb_report
 
 # `wandb sync` has committed the artifacts when it returns; the server may take a moment before
 # a query lists them, so the synced version is looked for a few times.
@@ -190,7 +193,7 @@ def apply_promotion(plan: PublishPlan, registry, *, attempts: int = FIND_ATTEMPT
 
 def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str, str | None], str] = sync_runs,
             log: Callable[[str], None] = print) -> dict:
-    """Sync the plan's runs, then apply its promotion in W&B."""
+    """Sync the plan's runs, apply its promotion in W&B, then save the sweep's W&B report."""
     tracking.require_online_access(plan.project, plan.entity)
     log(f"syncing {len(plan.runs_to_sync)} run(s) of sweep {plan.sweep_id} to {plan.entity or '(default entity)'}"
         f"/{plan.project} ({len(plan.runs_already_synced)} already synced)")
@@ -199,4 +202,10 @@ def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str
         registry = WandbRegistry(project=plan.project, entity=plan.entity,
                                  registry_collection=plan.registry_collection)
     result = apply_promotion(plan, registry)
-    return {"plan": plan.as_dict(), "promotion": result}
+    try:
+        report_url = save_wandb_report(read_summary(plan.sweep_dir), plan.sweep_dir, plan.project, plan.entity)
+    except Exception as error:  # the runs and the alias are in W&B by now: say so, and how to retry
+        raise PublishError(f"the runs are synced and the promotion applied ({result}), but the W&B report "
+                           f"could not be saved: {str(error).rstrip('.')}. Run publish again to retry (it is idempotent).") from error
+    log(f"W&B report: {report_url}")
+    return {"plan": plan.as_dict(), "promotion": result, "report": report_url}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -29,6 +29,7 @@ from tasks.evaluate import evaluate_model
 from tasks.report import build_summary, ui_table, write_report_task
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.train import failed_outcome, train_model
+from tasks.wandb_report import save_wandb_report_task
 from tasks.workspace import Workspace
 
 # Threads of the flow's task runner: enough for every trial to wait for a device slot; the slots,
@@ -90,11 +91,14 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
 
 
 def publish_artifacts(summary: dict, report_markdown: str) -> None:
-    """The report (charts embedded) and the trial table, attached to the flow run."""
+    """The report (charts embedded), the trial table and the W&B report's link, attached to the flow run."""
     create_markdown_artifact(markdown=report_markdown, key="lr-sweep-report",
                              description=f"Learning-rate sweep {summary['sweep_id']}")
     create_table_artifact(table=ui_table(summary), key="lr-sweep-trials",
                           description=f"Trials of sweep {summary['sweep_id']}")
+    if summary["wandb"].get("report_url"):
+        create_link_artifact(summary["wandb"]["report_url"], link_text=f"W&B report of sweep {summary['sweep_id']}",
+                             key="lr-sweep-wandb-report")
 
 
 @flow(name="lr-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=TASK_THREADS))
@@ -144,6 +148,9 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
                "output_dir": str(workspace.sweep_dir.parent)},
         search=search, timings=timings.seconds,
     )
+    if config.wandb_mode == "online":  # offline sweeps get theirs from `lr-sweep publish`
+        summary["wandb"] |= save_wandb_report_task(summary, workspace.sweep_dir, config.wandb_project,
+                                                   config.wandb_entity)
     files, report_markdown = write_report_task(summary, workspace.sweep_dir)
     publish_artifacts(summary, report_markdown)
     timings.lap("report")

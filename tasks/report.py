@@ -207,51 +207,69 @@ def verdict(summary: dict, metric: str) -> list[str]:
     return lines
 
 
-def render_markdown(summary: dict, charts: dict[str, str]) -> str:
-    """report.md; `charts` maps a chart's name to its image source (a file name, or a data URI
-    for the Prefect UI, which does not serve files)."""
-    metric = summary["config"]["selection_metric"]
-    dataset = summary["dataset"]
-    out = [f"# Learning-rate sweep `{summary['sweep_id']}`", ""]
+def header_lines(summary: dict) -> list[str]:
+    """What ran, and a warning first when it was a smoke run (the report, the W&B report)."""
+    dataset, config = summary["dataset"], summary["config"]
+    out = []
     if summary["smoke"]:
         out += [f"> **Smoke run**: trained on {dataset['train_size']:,} images (train_limit set), not the "
                 "full training split. Do not mistake its models for real ones.", ""]
     out.append(f"Dataset {dataset['name']} (fingerprint `{dataset['fingerprint'][:12]}`), "
-               f"{summary['config']['epochs']} epochs, batch {summary['config']['batch_size']}, "
-               f"{summary['config']['optimizer']}, selection by {metric}; devices {', '.join(summary['devices'])}; "
+               f"{config['epochs']} epochs, batch {config['batch_size']}, {config['optimizer']}, "
+               f"selection by {config['selection_metric']}; devices {', '.join(summary['devices'])}; "
                f"wall time {summary['wall_seconds']:.1f} s.")
-    out += ["", "## Verdict", ""] + [f"- {line}" for line in verdict(summary, metric)]
-    out += ["", "## Trials", "",
-            "| learning rate | seed | status | train acc | val acc | test acc | train loss | val loss | test loss | seconds | images/s | model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return out
+
+
+def promotion_lines(summary: dict) -> list[str]:
+    promotion = summary["promotion"]
+    return [f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
+            f"- previous holder: {promotion.get('previous') or '-'}",
+            f"- promoted: {'yes' if promotion['promoted'] else 'no'}", f"- reason: {promotion['reason']}"]
+
+
+def render_markdown(summary: dict, charts: dict[str, str]) -> str:
+    """report.md; `charts` maps a chart's name to its image source (a file name, or a data URI
+    for the Prefect UI, which does not serve files)."""
+    out = [f"# Learning-rate sweep `{summary['sweep_id']}`", ""] + header_lines(summary)
+    out += ["", "## Verdict", ""] + [f"- {line}" for line in verdict(summary, summary["config"]["selection_metric"])]
+    out += ["", "## Trials", ""] + trials_markdown(summary)
+    if summary["aggregates"]:
+        out += ["", "## Per learning rate (over seeds)", ""] + aggregates_markdown(summary)
+    out += ["", "## Promotion", ""] + promotion_lines(summary)
+    if summary.get("search"):
+        out += ["", "## Search", ""] + search_lines(summary["search"])
+    out += ["", "## Weights & Biases", ""] + wandb_lines(summary)
+    out += ["", "## Charts", ""] + [f"![{name}]({source})" for name, source in charts.items()]
+    return "\n".join(out) + "\n"
+
+
+def trials_markdown(summary: dict) -> list[str]:
+    """The comparison table in markdown (the report, the W&B report)."""
+    out = ["| learning rate | seed | status | train acc | val acc | test acc | train loss | val loss | test loss | seconds | images/s | model |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in trial_table(summary["trials"]):
         out.append(
             f"| {r['learning_rate']:g} | {r['seed']} | {r['status']} | {_pct(r['train_accuracy'])} | "
             f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {_fmt(r['train_loss'])} | "
             f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {_fmt(r['train_seconds'], 1)} | "
             f"{_fmt(r['images_per_second'], 0)} | {r['model'] or '-'} |")
-    if summary["aggregates"]:
-        out += ["", "## Per learning rate (over seeds)", "",
-                "| learning rate | seeds | val acc mean ± std | 95% CI | test acc mean ± std | val loss mean ± std |",
-                "|---|---|---|---|---|---|"]
-        for row in summary["aggregates"]:
-            ci = row["val_accuracy"]["ci95"]
-            out.append(
-                f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])}"
-                f"{_spread(row['val_accuracy'])} | "
-                f"{'-' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
-                f"{_pct(row['test_accuracy']['mean'])}{_spread(row['test_accuracy'])} | "
-                f"{_fmt(row['val_loss']['mean'])}{_spread(row['val_loss'], 1.0, 4)} |")
-    promotion = summary["promotion"]
-    out += ["", "## Promotion", "",
-            f"- alias: `{promotion['alias']}`", f"- candidate: {promotion.get('model') or '-'}",
-            f"- previous holder: {promotion.get('previous') or '-'}",
-            f"- promoted: {'yes' if promotion['promoted'] else 'no'}", f"- reason: {promotion['reason']}"]
-    if summary.get("search"):
-        out += ["", "## Search", ""] + search_lines(summary["search"])
-    out += ["", "## Weights & Biases", ""] + wandb_lines(summary)
-    out += ["", "## Charts", ""] + [f"![{name}]({source})" for name, source in charts.items()]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def aggregates_markdown(summary: dict) -> list[str]:
+    """Each learning rate over its seeds: mean ± std and the 95% interval, in markdown."""
+    out = ["| learning rate | seeds | val acc mean ± std | 95% CI | test acc mean ± std | val loss mean ± std |",
+           "|---|---|---|---|---|---|"]
+    for row in summary["aggregates"]:
+        ci = row["val_accuracy"]["ci95"]
+        out.append(
+            f"| {row['learning_rate']:g} | {len(row['seeds'])} | {_pct(row['val_accuracy']['mean'])}"
+            f"{_spread(row['val_accuracy'])} | "
+            f"{'-' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
+            f"{_pct(row['test_accuracy']['mean'])}{_spread(row['test_accuracy'])} | "
+            f"{_fmt(row['val_loss']['mean'])}{_spread(row['val_loss'], 1.0, 4)} |")
+    return out
 
 
 def search_lines(search: dict) -> list[str]:
@@ -275,9 +293,14 @@ def wandb_lines(summary: dict) -> list[str]:
         return ["- W&B was disabled for this sweep."]
     lines = [f"- {t['learning_rate']:g} seed {t['seed']}: {t.get('wandb_url') or t.get('wandb_run_dir') or '-'}"
              for t in summary["trials"]]
+    if wandb.get("report_url"):
+        lines.append(f"- W&B report: {wandb['report_url']}")
+    elif wandb.get("report_error"):
+        lines.append(f"- The W&B report could not be saved: {wandb['report_error']}")
     if wandb["mode"] == "offline":
-        lines.append(f"- Offline runs: upload them with `lr-sweep publish {summary['sweep_id']} "
-                     f"--output-dir {wandb['output_dir']}` (needs WANDB_API_KEY).")
+        lines.append(f"- Offline runs: upload them, with the promotion and a W&B report of the sweep, with "
+                     f"`lr-sweep publish {summary['sweep_id']} --output-dir {wandb['output_dir']}` "
+                     "(needs WANDB_API_KEY).")
     return lines
 
 

@@ -110,6 +110,12 @@ def prefect_server():
     local_server.wait_until_healthy(server)
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server
+        # Send the last logs and events while the server still runs: at exit it is gone.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +127,18 @@ def smoke_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
 
     config = smoke_config(tmp_path_factory.mktemp("smoke"), sweep_data_dir)
     return config, lr_sweep(config=config)
+
+
+@pytest.fixture
+def report_server(monkeypatch):
+    """W&B's report endpoints, faked behind autospec'd SDK objects; `wandb.Api()` returns them."""
+    import wandb
+
+    from tests.wandb_fakes import FakeReportServer
+
+    server = FakeReportServer()
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: server.api)
+    return server
 
 
 def pytest_collection_modifyitems(config, items):

@@ -48,14 +48,16 @@ def test_publish_without_a_key_says_so(offline_sweep, capsys):
     assert "WANDB_API_KEY" in capsys.readouterr().err
 
 
-def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch):
-    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one."""
+def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch, report_server):
+    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one, and
+    the sweep's W&B report is saved in the project."""
     config, summary = offline_sweep
     plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
     server = FakeServer(collection=SWEEP_COLLECTION)
     server.add_model(0, aliases=["production"])  # an earlier holder in W&B
 
     def fake_sync(runs, project, entity):  # what `wandb sync` uploads: the runs' artifacts as recorded
+        report_server.projects.append(project)  # (and the project, which it creates)
         for run_dir in runs:
             for record in tracking.run_records(run_dir):
                 if record["type"] == "artifact":
@@ -74,6 +76,19 @@ def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_
     assert server.holders("production") == [f"v{winner}"]
     stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{SWEEP_COLLECTION}:production")  # digest checked
     assert stored.metadata["sweep_id"] == summary["sweep_id"]
+    [report] = report_server.upserts
+    assert result["report"].endswith(f"--{report['id']}") and report["projectName"] == plan.project
+    assert summary["sweep_id"] in report["displayName"]
+
+
+def test_a_report_that_cannot_be_saved_fails_publish_and_says_what_is_done(offline_sweep, monkeypatch, report_server):
+    config, summary = offline_sweep
+    plan = publishing.plan_publish(summary["sweep_id"], config.output_dir, project="not-in-wandb")
+    monkeypatch.setattr(tracking, "require_online_access", lambda project, entity: None)
+    monkeypatch.setattr(publishing, "apply_promotion", lambda plan, registry: {"moved": False, "reason": "test"})
+    with pytest.raises(PublishError, match="runs are synced and the promotion applied(.|\n)*not found(.|\n)*"
+                                           "Run publish again"):
+        publishing.publish(plan, registry=object(), sync=lambda runs, project, entity: "", log=lambda line: None)
 
 
 def test_a_superseded_promotion_is_not_replayed(offline_sweep, tmp_path):

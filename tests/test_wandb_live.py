@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 import wandb
+import wandb_workspaces.reports.v2 as wr
 
 from flows.sweep import lr_sweep
+from tasks.report import CURVES
 from tests.conftest import LIVE_WANDB_API_KEY
 from tests.helpers import smoke_config
 
@@ -52,3 +54,10 @@ def test_an_online_sweep_moves_the_alias_in_wandb_and_leaves_the_old_holder(
     assert len(runs) == 2
     for run in runs:
         assert [artifact.type for artifact in run.logged_artifacts()] == ["model"]
+
+    # The sweep saved its W&B report: read back from W&B, it plots the sweep's runs by learning rate.
+    report = wr.Report.from_url(second["wandb"]["report_url"])
+    assert second["sweep_id"] in report.title
+    [grid] = [block for block in report.blocks if isinstance(block, wr.PanelGrid)]
+    assert [[metric.name for metric in panel.y] for panel in grid.panels] == [[key] for key, _ in CURVES]
+    assert grid.runsets[0].groupby[0].startswith("config.learning_rate") and second["sweep_id"] in str(grid.runsets[0].filters)

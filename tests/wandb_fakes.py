@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
 import wandb
+from wandb import Api  # the real class, whatever a test later puts at wandb.Api
+from wandb.apis.public.service_api import ServiceApi
 from wandb.errors import CommError
 
 from models.cnn import architecture, build_model
@@ -39,7 +42,7 @@ class FakeServer:
         # A real server takes an alias from its holder when another version gets it; the other
         # mode checks that the backend clears the old holder itself when a server does not.
         self.moves_aliases = moves_aliases
-        self.api = mock.create_autospec(wandb.Api, instance=True)
+        self.api = mock.create_autospec(Api, instance=True)
         self.api.artifact.side_effect = self.artifact
         self.api.artifact_collection_exists.side_effect = lambda name, type: bool(self.versions)
         self.api.artifacts.side_effect = lambda type_name, name, **_: [
@@ -103,3 +106,38 @@ class FakeServer:
         return artifact
 
 
+
+
+class FakeReportServer:
+    """W&B's side of saving a report (the project lookup and `upsertView`), behind an autospec'd
+    `wandb.Api` whose GraphQL goes through an autospec'd `ServiceApi`, as in wandb 0.31. It keeps
+    every upsert, so a test reads back the spec the real wandb-workspaces classes produced."""
+
+    APP_URL = "https://wandb.example"
+
+    def __init__(self, entity: str = "ent", projects=("proj",)):
+        self.projects = list(projects)
+        self.upserts: list[dict] = []  # the variables of each upsertView, spec parsed
+        self.api = mock.create_autospec(Api, instance=True)
+        self.api.default_entity = entity
+        self.api.projects.side_effect = lambda entity=None, per_page=200: [
+            SimpleNamespace(name=name) for name in self.projects]
+        self.api.create_project.side_effect = lambda name, entity: self.projects.append(name)
+        service = mock.create_autospec(ServiceApi, instance=True)
+        service.app_url = self.APP_URL
+        service.execute_graphql.side_effect = self.execute_graphql
+        self.api._service_api = service  # where wandb-workspaces looks for the transport
+
+    def execute_graphql(self, query: str, variables=None, timeout=None, **_):
+        if "ProjectInternalId" in query:
+            known = variables["projectName"] in self.projects
+            return {"project": {"id": "UHJvamVjdDox", "internalId": "internal-1"} if known else None}
+        assert "upsertView" in query, query
+        view_id = variables["id"] or f"VmlldzoxMjM0NT{len(self.upserts)}"
+        self.upserts.append(variables | {"id": view_id, "spec": json.loads(variables["spec"])})
+        view = {"id": view_id, "type": variables["type"], "name": variables["name"],
+                "displayName": variables["displayName"], "description": variables["description"],
+                "project": {"id": "UHJvamVjdDox", "name": variables["projectName"],
+                            "entityName": variables["entityName"]},
+                "spec": variables["spec"], "updatedAt": "2026-11-29T00:00:00"}
+        return {"upsertView": {"view": view, "inserted": variables["id"] is None}}
