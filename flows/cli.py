@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -97,6 +98,25 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+@contextlib.contextmanager
+def collector_paused(module: str):
+    """Import `module` (torch, Prefect and W&B behind it) with the cyclic garbage collector paused,
+    then freeze what the imports made. They create about 360,000 long-lived objects and almost no
+    garbage; the collector would scan them over and over while they load, again during the run,
+    and once more at exit: about 2 s of `lr-sweep run` on 2 cores (`make bench`). Frozen, they
+    are never scanned again; what the run creates afterwards is collected as usual. A process
+    that has loaded the module already (tests calling main()) is left as it is."""
+    if module in sys.modules:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def command_run(args: argparse.Namespace) -> int:
     config = parse_config(args)
     if args.dry_run:
@@ -108,10 +128,11 @@ def command_run(args: argparse.Namespace) -> int:
     if config.search == "tpe":
         check_study_storage(config)
     server = launch_server(args)
-    from flows.dispatch import RegistryNotShared
-    from flows.sweep import SweepFailed, lr_sweep
-    from tasks.data import DatasetError
-    from tasks.tracking import WandbUnavailable
+    with collector_paused("flows.sweep"):
+        from flows.dispatch import RegistryNotShared
+        from flows.sweep import SweepFailed, lr_sweep
+        from tasks.data import DatasetError
+        from tasks.tracking import WandbUnavailable
 
     try:
         wait_for_server(server)
@@ -207,7 +228,8 @@ def command_find(args: argparse.Namespace) -> int:
     """The LR range test alone: a suggested rate, the grid `--learning-rates auto` would sweep."""
     config = parse_config(args)
     server = launch_server(args)
-    from flows.search import lr_sweep_find
+    with collector_paused("flows.search"):
+        from flows.search import lr_sweep_find
 
     try:
         wait_for_server(server)
@@ -420,5 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def console_main() -> int:
+    """The `lr-sweep` executable. The process ends right after main(): freezing what is alive
+    spares the interpreter's teardown a last full collection over every object (~0.5 s)."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

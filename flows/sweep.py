@@ -114,6 +114,8 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     workspace = make_workspace(config, sweep_id)
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
+    if config.dispatch == "local" or config.search != "grid":  # this process starts the W&B runs
+        tracking.start_service_in_background(config.wandb_mode)
     logger.info(f"sweep {sweep_id}: {config.plan_description()} on {', '.join(devices)} "
                 f"({slots.per_device} at a time per device, {threads} CPU thread(s)); "
                 f"output in {workspace.sweep_dir}")

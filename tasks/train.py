@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch._dynamo  # noqa: F401  (see make_optimizer)
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -73,6 +74,9 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+# torch.optim imports torch._dynamo when the first optimizer is made (0.6-0.8 s on 2 cores): the
+# first trial of every sweep paid it between its W&B start and its first step. Imported here, it
+# loads with the rest of the sweep's modules (the CLI loads them with the garbage collector paused).
 def make_optimizer(name: str, parameters, learning_rate: float,
                    fused: bool | None = True) -> torch.optim.Optimizer:
     """`fused`: one kernel updates every parameter (CPU and CUDA) instead of PyTorch's default
