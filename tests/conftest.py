@@ -106,16 +106,14 @@ def prefect_server():
 
     from flows import local_server
 
+    from tests.stack import flush_prefect_workers
+
     server = _session_server or local_server.launch(Path(os.environ["PREFECT_HOME"]))
     local_server.wait_until_healthy(server)
+    flush_prefect_workers()  # none left bound to a server an earlier test used
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield server
-        # Send the last logs and events while the server still runs: at exit it is gone.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        for worker in (APILogWorker, EventsWorker):
-            worker.drain_all(timeout=10)
+        flush_prefect_workers()  # the last logs and events, while the server still runs
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,24 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 
 from tests.conftest import REPO_ROOT
 
 BIN = Path(sys.executable).parent
 SERVER_START_SECONDS = 240  # a 2-core machine shared with other test runs is slow to start it
+
+
+def flush_prefect_workers(timeout: float = 10) -> None:
+    """Send this process's queued Prefect events and logs now, and stop their workers.
+
+    Call it while the server they were for still runs, before a test points the process at
+    another one: a worker binds to the API of its first item, and its instance key omits the
+    URL, so it would carry a later server's events to this one once it is stopped (the slow
+    session then spent ~50 s at exit retrying them into a closed stderr)."""
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
 
 
 def free_port() -> int:
@@ -68,6 +81,7 @@ class Stack:
             return json.loads(response.read())
 
     def stop_all(self) -> None:
+        flush_prefect_workers()  # what this process sent to the stack's server, while it runs
         for _, process in reversed(self.processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
