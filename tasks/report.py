@@ -246,14 +246,15 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
 
 def trials_markdown(summary: dict) -> list[str]:
     """The comparison table in markdown (the report, the W&B report)."""
-    out = ["| learning rate | seed | status | train acc | val acc | test acc | train loss | val loss | test loss | seconds | images/s | model |",
+    # The model right after the status: the Prefect UI cuts a wide table at its right edge.
+    out = ["| learning rate | seed | status | model | val acc | test acc | train acc | val loss | test loss | train loss | seconds | images/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in trial_table(summary["trials"]):
         out.append(
-            f"| {r['learning_rate']:g} | {r['seed']} | {r['status']} | {_pct(r['train_accuracy'])} | "
-            f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {_fmt(r['train_loss'])} | "
-            f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {_fmt(r['train_seconds'], 1)} | "
-            f"{_fmt(r['images_per_second'], 0)} | {r['model'] or '-'} |")
+            f"| {r['learning_rate']:g} | {r['seed']} | {r['status']} | {r['model'] or '-'} | "
+            f"{_pct(r['val_accuracy'])} | {_pct(r['test_accuracy'])} | {_pct(r['train_accuracy'])} | "
+            f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {_fmt(r['train_loss'])} | "
+            f"{_fmt(r['train_seconds'], 1)} | {_fmt(r['images_per_second'], 0)} |")
     return out
 
 

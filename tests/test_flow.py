@@ -57,7 +57,7 @@ def test_report_and_charts_are_written(smoke):
         with open(files[curve], "rb") as png:
             assert png.read(8) == b"\x89PNG\r\n\x1a\n"
     report = open(files["report"]).read()
-    assert "| learning rate | seed | status | train acc | val acc | test acc" in report
+    assert "| learning rate | seed | status | model | val acc | test acc | train acc" in report
     assert "won" in report and summary["best"]["model"] in report
 
 
