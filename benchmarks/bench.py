@@ -271,20 +271,25 @@ def cli_fixed_cost(overrides: dict, workdir: Path) -> dict:
     summary = json.loads((Path(overrides["output_dir"]) / "bench-cli" / "summary.json").read_text())
     trained = sum(t["train_seconds"] for t in summary["trials"])
     phases = summary["timings"]
-    parts = {
+    outside = wall - imports - summary["wall_seconds"]
+    parts = {  # disjoint: they add up to cli_fixed_seconds
         "imports_s": imports,
         "server_s": 0.0,  # reused: started by the first run
         "prepare_data_s": phases["prepare_data"],
-        "trial_setup_s": sum(t["setup_seconds"] or 0 for t in summary["trials"]),  # data to device, W&B start
         "trials_beyond_training_s": phases["trials"] - trained,
         "evaluations_s": phases["evaluate"],
         "compare_and_promote_s": phases["compare_and_promote"],
-        # The rest, outside the phases summary.json can time (it is written inside the report
-        # step): flow-run creation, the report and its artifacts, the flow's end, process exit.
-        "outside_flow_phases_s": wall - imports - summary["wall_seconds"],
+        "report_files_s": phases["report_files"],  # the charts and report.md
+        # The rest, outside the phases summary.json can time: flow-run creation, the report's
+        # Prefect artifacts and events, the flow's end, process exit.
+        "flow_start_end_and_exit_s": outside - phases["report_files"],
+    }
+    of_which = {  # inside trials_beyond_training_s
+        "trial_setup_s": sum(t["setup_seconds"] or 0 for t in summary["trials"]),  # data to device, W&B start
+        "wandb_start_s": sum(t["wandb_start_seconds"] or 0 for t in summary["trials"]),
     }
     return {"cli_wall_s": wall, "cli_train_seconds_sum": trained, "cli_fixed_seconds": wall - trained,
-            "cli_fixed_parts": parts, "cli_first_run_wall_s": first_run,
+            "cli_fixed_parts": parts, "cli_fixed_parts_of_trials": of_which, "cli_first_run_wall_s": first_run,
             # ru_maxrss of the children waited for: the lr-sweep processes (not the server, which
             # runs on in a session of its own)
             "cli_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
@@ -464,7 +469,8 @@ def print_summary(f: dict, path: str) -> None:
         *(["  (trials ran concurrently: the training seconds overlap, so the overhead can be negative; "
            f"summed training / wall = {f['sweep_concurrency']:.2f}x)"] if s["config"]["trials_per_device"] > 1 else []),
         f"lr-sweep run (warm PREFECT_HOME):  wall {f['cli_wall_s']:.1f} s - training {f['cli_train_seconds_sum']:.1f} s "
-        f"= fixed {f['cli_fixed_seconds']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in f['cli_fixed_parts'].items())}); "
+        f"= fixed {f['cli_fixed_seconds']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in f['cli_fixed_parts'].items())}; "
+        f"the trials' part holds {', '.join(f'{k} {v:.1f}' for k, v in f['cli_fixed_parts_of_trials'].items())}); "
         f"first run (cold server) {f['cli_first_run_wall_s']:.1f} s; peak RSS {f['cli_peak_rss_mb']:,.0f} MB",
         "checks: " + ", ".join(f"{name} {'ok' if ok else 'MISSED'}" for name, ok in f["checks"].items()),
         f"figures written to {path}",

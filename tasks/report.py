@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from pathlib import Path
 
 import matplotlib
@@ -378,8 +379,11 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
 def write_report(summary: dict, sweep_dir: Path) -> dict[str, Path]:
     """summary.json, report.md and the charts under the sweep's directory."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     charts = draw_charts(summary["trials"], sweep_dir)
     atomic_write(sweep_dir / "report.md", render_markdown(summary, charts))
+    if summary.get("timings") is not None:  # the last phase summary.json can hold: charts and report.md
+        summary["timings"]["report_files"] = round(time.perf_counter() - started, 3)
     write_json(sweep_dir / "summary.json", summary)
     return {"summary": sweep_dir / "summary.json", "report": sweep_dir / "report.md",
             **{name: sweep_dir / file for name, file in charts.items()}}

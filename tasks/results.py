@@ -74,6 +74,7 @@ class TrialOutcome(Frozen):
     wandb_url: str | None = None  # online runs only
     stopped_at: int | None = None  # searches: the rung epoch a stopped trial ended at
     setup_seconds: float | None = None  # before training: data onto the device, W&B run start
+    wandb_start_seconds: float | None = None  # of which the W&B run's start
     worker: str | None = None  # dispatched trials: the worker and flow run that trained it
     flow_run: str | None = None
 

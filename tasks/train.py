@@ -331,8 +331,10 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
     splits = load_splits(dataset, device)
     run_config = spec.model_dump() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
                                       "train_size": dataset.train_size, "device": device, "trial_key": key}
+    wandb_started = time.perf_counter()
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
                             run_dir=workspace.sweep_dir, config=run_config) as run:
+        wandb_start_seconds = time.perf_counter() - wandb_started
         epoch_started = [time.perf_counter()]
 
         def report_epoch(record: dict) -> None:
@@ -369,7 +371,8 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
         learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
         history=result.history, train_seconds=result.train_seconds,
         samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
-        device=device, wandb_run_dir=run_dir, wandb_url=url, setup_seconds=setup_seconds)
+        device=device, wandb_run_dir=run_dir, wandb_url=url, setup_seconds=setup_seconds,
+        wandb_start_seconds=wandb_start_seconds)
 
 
 def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,

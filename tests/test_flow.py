@@ -35,6 +35,16 @@ def test_summary_json_has_the_agreed_shape(smoke):
     assert set(on_disk["promotion"]) >= {"alias", "model", "previous", "promoted", "reason"}
 
 
+def test_summary_json_times_each_phase_of_the_flow(smoke):
+    """What `make bench` splits the fixed cost of `lr-sweep run` into (issue 15)."""
+    _, summary = smoke
+    on_disk = json.loads(open(summary["files"]["summary"]).read())
+    assert set(on_disk["timings"]) == {"prepare_data", "trials", "evaluate", "compare_and_promote", "report_files"}
+    assert all(seconds > 0 for seconds in on_disk["timings"].values())
+    for trial in on_disk["trials"]:
+        assert 0 < trial["wandb_start_seconds"] <= trial["setup_seconds"] < on_disk["timings"]["trials"]
+
+
 def test_evaluation_of_the_fetched_model_matches_training(smoke):
     _, summary = smoke
     for trial in summary["trials"]:
