@@ -105,7 +105,6 @@ def prefect_server():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import local_server
-
     from tests.stack import flush_prefect_workers
 
     server = _session_server or local_server.launch(Path(os.environ["PREFECT_HOME"]))
