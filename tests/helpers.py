@@ -1,5 +1,8 @@
 """Helpers shared by the tests: a seeded tiny model, a small real sweep's config, W&B records."""
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -12,6 +15,20 @@ from tasks.tracking import run_records
 # "mnist": models go to this collection.
 COLLECTION = "mnist-cnn"
 FASHION_COLLECTION = "fashion-mnist-cnn"
+LR_SWEEP = Path(sys.executable).parent / "lr-sweep"  # the command a user runs, from this venv
+
+
+def wait_for(condition, timeout: float, what: str, log: Path, process: subprocess.Popen | None = None) -> None:
+    """Poll `condition` until it holds. Fails with the tail of the sweep's output when `timeout`
+    passes, and at once when `process` (the sweep) has exited meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the sweep exited ({process.returncode}) before {what}; it printed:\n"
+                                 f"{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; the sweep printed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
 
 
 def tiny_model(seed: int, hidden_units: int = 8, **metadata) -> tuple[dict, dict]:

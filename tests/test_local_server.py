@@ -3,17 +3,15 @@ by the first run, reused by the next, showing every sweep; `lr-sweep server stop
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import local_server
+from tests.helpers import LR_SWEEP
 
 pytestmark = pytest.mark.slow
-LR_SWEEP = Path(sys.executable).parent / "lr-sweep"
 
 
 def test_two_runs_share_one_background_server(sweep_data_dir, tmp_path):

@@ -7,17 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from models.local_registry import LocalRegistry
-
-COLLECTION = "fashion-mnist-cnn"
-LR_SWEEP = Path(sys.executable).parent / "lr-sweep"
+from tests.helpers import FASHION_COLLECTION as COLLECTION
+from tests.helpers import LR_SWEEP, wait_for
 
 
 def checkpoint_rate(path: Path) -> float | None:
@@ -27,14 +24,6 @@ def checkpoint_rate(path: Path) -> float | None:
             return json.loads(handle.metadata()["state"])["spec"]["learning_rate"]
     except Exception:  # replaced or removed under our feet: look again
         return None
-
-
-def wait_for(condition, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; the sweep printed:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -50,12 +39,12 @@ def test_killed_sweep_resumes_without_retraining_finished_trials(fashion_data_di
         try:
             # One trial stored and the other one in the middle of training (a checkpoint written).
             wait_for(lambda: len(registry.versions(COLLECTION)) == 1 if registry_dir.exists() else False,
-                     timeout=300, what="the first trial to be stored", log=tmp_path / "first.log")
+                     timeout=300, what="the first trial to be stored", log=tmp_path / "first.log", process=first)
             stored_rate = registry.versions(COLLECTION)[0].metadata["training"]["learning_rate"]
             # A checkpoint names its trial in its header (the folder is the trajectory's key).
             wait_for(lambda: any(checkpoint_rate(p) not in (None, stored_rate)
                                  for p in (output / "checkpoints").glob("*/checkpoint.safetensors")),
-                     timeout=120, what="a checkpoint of the second trial", log=tmp_path / "first.log")
+                     timeout=120, what="a checkpoint of the second trial", log=tmp_path / "first.log", process=first)
         finally:
             os.killpg(first.pid, signal.SIGKILL)  # the CLI, its flow and its temporary server
             first.wait()

@@ -6,17 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from models.local_registry import LocalRegistry
-from tests.helpers import COLLECTION
+from tests.helpers import COLLECTION, LR_SWEEP, wait_for
 
 pytestmark = pytest.mark.slow
-LR_SWEEP = Path(sys.executable).parent / "lr-sweep"
 
 
 def test_a_killed_tpe_search_resumes_its_study(sweep_data_dir, tmp_path):
@@ -29,10 +25,8 @@ def test_a_killed_tpe_search_resumes_its_study(sweep_data_dir, tmp_path):
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while not (registry_dir.exists() and registry.versions(COLLECTION)):
-                assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.05)
+            wait_for(lambda: registry_dir.exists() and registry.versions(COLLECTION), timeout=300,
+                     what="the first trial to be stored", log=tmp_path / "first.log", process=first)
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
