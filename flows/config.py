@@ -45,9 +45,9 @@ class SweepConfig(BaseSettings):
         default=[0], description="Seeds; every learning rate is trained once per seed: 1-32 unique values in [0, 2**31)."
     )
     epochs: int = Field(
-        title="1 Experiment · epochs",default=5, ge=1, le=1000, description="Training epochs per trial (1-1000).")
+        title="1 Experiment · epochs", default=5, ge=1, le=1000, description="Training epochs per trial (1-1000).")
     batch_size: int = Field(
-        title="1 Experiment · batch size",default=64, ge=1, le=65536, description="Training batch size (1-65536).")
+        title="1 Experiment · batch size", default=64, ge=1, le=65536, description="Training batch size (1-65536).")
     hidden_units: int = Field(
         title="1 Experiment · hidden units",
         default=128, ge=1, le=65536, description="Units in the CNN's hidden layer (1-65536)."
@@ -114,7 +114,8 @@ class SweepConfig(BaseSettings):
         default="val_accuracy", description="Metric that picks the best trial."
     )
     alias: str = Field(
-        title="2 Promotion · alias",default="production", description="Alias given to the winning model: letters, digits, '_', '.', '-' (not 'latest' or a version name like 'v3').")
+        title="2 Promotion · alias", default="production",
+        description="Alias given to the winning model: letters, digits, '_', '.', '-' (not 'latest' or a version name like 'v3').")
     promotion_margin: float = Field(
         title="2 Promotion · margin",
         default=0.0,
@@ -126,7 +127,7 @@ class SweepConfig(BaseSettings):
 
     # --- where it runs ----------------------------------------------------------------------
     device: str = Field(
-        title="3 Infrastructure · device",default="auto", description="auto (every GPU, else the CPU), cpu, cuda or cuda:N.")
+        title="3 Infrastructure · device", default="auto", description="auto (every GPU, else the CPU), cpu, cuda or cuda:N.")
     trials_per_device: int = Field(
         title="3 Infrastructure · trials per device",
         default=1,
@@ -162,9 +163,9 @@ class SweepConfig(BaseSettings):
         default="offline", description="W&B mode; online needs WANDB_API_KEY."
     )
     wandb_project: str = Field(
-        title="4 Tracking · W&B project",default="lr-sweep", min_length=1, description="W&B project.")
+        title="4 Tracking · W&B project", default="lr-sweep", min_length=1, description="W&B project.")
     wandb_entity: str | None = Field(
-        title="4 Tracking · W&B entity",default=None, description="W&B entity (team or user).")
+        title="4 Tracking · W&B entity", default=None, description="W&B entity (team or user).")
     wandb_registry_collection: str | None = Field(
         title="4 Tracking · W&B Registry collection",
         default=None,
@@ -180,7 +181,7 @@ class SweepConfig(BaseSettings):
         default=Path("registry"), description="Directory of the local model registry."
     )
     data_dir: Path = Field(
-        title="4 Storage · data directory",default=Path("data"), description="Dataset cache directory.")
+        title="4 Storage · data directory", default=Path("data"), description="Dataset cache directory.")
     output_dir: Path = Field(
         title="4 Storage · output directory",
         default=Path("runs"),
