@@ -27,6 +27,9 @@ INIT_TIMEOUT_SECONDS = 30
 # W&B's command line, run by the interpreter that runs us: the `wandb` script is not always
 # installed beside it (system Python in the image puts scripts elsewhere).
 WANDB_COMMAND = [sys.executable, "-m", "wandb"]
+# The job type of a trial's run; the W&B report selects the sweep's trials by it (an LR range
+# test's runs share the sweep's group but log no epochs).
+TRAIN_JOB_TYPE = "train"
 
 
 class WandbUnavailable(RuntimeError):
@@ -86,7 +89,7 @@ def start_service_in_background(mode: str) -> None:
     threading.Thread(target=start, name="wandb-service-start", daemon=True).start()
 
 
-def start_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = "train"):
+def start_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = TRAIN_JOB_TYPE):
     """A W&B run in `settings` (a TrackingSettings: mode, project, entity)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -102,7 +105,7 @@ def start_run(settings, *, group: str, name: str, config: dict, run_dir: Path, j
 
 
 @contextlib.contextmanager
-def trial_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = "train"):
+def trial_run(settings, *, group: str, name: str, config: dict, run_dir: Path, job_type: str = TRAIN_JOB_TYPE):
     """One trial's W&B run, always finished: with exit code 1 and the error in its summary when
     anything in the block raises (training, storing the model, logging the artifact).
 

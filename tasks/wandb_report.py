@@ -20,10 +20,9 @@ from wandb_workspaces import expr
 
 from models.files import atomic_write
 from tasks.report import CURVES, aggregates_markdown, header_lines, promotion_lines, search_lines, trials_markdown, verdict
+from tasks.tracking import TRAIN_JOB_TYPE
 
 REPORT_FILE = "wandb_report.json"
-# The trial runs (job type "train"); an LR range test's runs share the group but log no epochs.
-TRAIN_JOB_TYPE = "train"
 # W&B's report grid is 24 units wide: the four curves as a 2 x 2 grid.
 PANEL_WIDTH, PANEL_HEIGHT = 12, 8
 
@@ -78,9 +77,10 @@ def save_wandb_report(summary: dict, sweep_dir: Path | str, project: str, entity
         if (saved.get("project"), saved.get("entity")) == (project, entity):
             report.id = saved["id"]
     report.save()
-    atomic_write(record_path, json.dumps({"id": report.id, "url": report.url, "project": project,
+    url = report.url  # each read asks the API for the app's address
+    atomic_write(record_path, json.dumps({"id": report.id, "url": url, "project": project,
                                           "entity": entity}, indent=2) + "\n")
-    return report.url
+    return url
 
 
 @task(name="save_wandb_report", task_run_name="save W&B report", cache_policy=NO_CACHE)
