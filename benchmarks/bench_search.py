@@ -4,11 +4,11 @@ On real Fashion-MNIST (50,000 training / 10,000 validation images, the sweep's s
 reference network (hidden 128), batch 64, Adam, one seed, 5 epochs, learning rates from 1e-4 to
 1e-2 (9 log-spaced by default):
 
-1. the LR range test (`tasks.search.lr_range_test`, 100 steps from 1e-7 to 10): its suggestion,
+1. the LR range test (`tasks.lr_range_test`, 100 steps from 1e-7 to 10): its suggestion,
    and whether it lands within 3x of the grid's best rate;
 2. the full grid: every rate trained for all epochs;
-3. successive halving (`tasks.search.successive_halving`, eta 3, rungs 1/3/5 epochs);
-4. TPE (`tasks.search.tpe_search`, log-uniform rate over the same range, batches of 3 with the
+3. successive halving (`tasks.successive_halving`, eta 3, rungs 1/3/5 epochs);
+4. TPE (`tasks.tpe_search`, log-uniform rate over the same range, batches of 3 with the
    same rungs and promotion rule), stopped at the epoch budget successive halving spent.
 
 For each: the best validation accuracy (at the last epoch), its rate, epochs trained, wall time.
@@ -40,18 +40,12 @@ import torch
 
 from benchmarks.bench import cpu_model
 from tasks.data import load_splits, prepare_dataset
+from tasks.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.range_test import lr_range_test, plot_range_test
+from tasks.ranking import rank
 from tasks.results import TrialSpec
-from tasks.search import (
-    CheckpointedTrainer,
-    epoch_accounting,
-    lr_range_test,
-    open_study,
-    plot_range_test,
-    rank,
-    rung_epochs,
-    successive_halving,
-    tpe_search,
-)
+from tasks.sequential import CheckpointedTrainer
+from tasks.tpe import open_study, tpe_search
 
 MAX_GAP_POINTS = 0.3  # successive halving's best val accuracy vs the grid's, in points
 MAX_EPOCH_FRACTION = 0.40  # of the grid's epochs

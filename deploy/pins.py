@@ -12,9 +12,11 @@ only the standard library, so it runs before anything is installed.
 from __future__ import annotations
 
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
+
 
 def pinned_requirements(pyproject: Path) -> list[str]:
     """The `[project] dependencies` of pyproject.toml, as written there."""

@@ -159,7 +159,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def check_study_storage(config: SweepConfig) -> None:
     """An unreachable Optuna storage is bad input: refused before anything trains."""
-    from tasks.search import StudyStorageError, open_study
+    from tasks.tpe import StudyStorageError, open_study
 
     if config.optuna_storage is None:
         return  # sqlite in the output directory, made by the sweep

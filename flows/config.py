@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import check_name
+from tasks.checks import check_lr_range
 
 MAX_LEARNING_RATES = 64
 MAX_SEEDS = 32
@@ -295,8 +296,9 @@ class SweepConfig(BaseSettings):
     @field_validator("lr_range")
     @classmethod
     def _check_lr_range(cls, bounds: list[float]) -> list[float]:
-        if len(bounds) != 2 or not all(math.isfinite(b) for b in bounds) or not 0 < bounds[0] < bounds[1] <= 100:
+        if len(bounds) != 2:
             raise ValueError(f"{bounds!r} is not allowed: give MIN MAX with 0 < MIN < MAX <= 100")
+        check_lr_range(*bounds, names=("lr_range MIN", "lr_range MAX"), upper=100)
         return bounds
 
     @field_validator("auto_factors")
@@ -309,8 +311,7 @@ class SweepConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combination(self) -> SweepConfig:
-        if self.min_lr >= self.max_lr:
-            raise ValueError(f"min_lr {self.min_lr:g} must be below max_lr {self.max_lr:g}")
+        check_lr_range(self.min_lr, self.max_lr)
         if self.search != "grid" and self.dispatch == "deployment":
             raise ValueError(f"search '{self.search}' runs its rungs in the sweep's own flow run; use "
                              "dispatch 'local' with it (several GPUs of one node still run trials at once)")

@@ -1,7 +1,8 @@
 """Searches beyond the grid, orchestrated: the LR range test before a sweep (`learning_rates:
 auto`), successive halving (`search: asha`) and TPE (`search: tpe`) as waves of Prefect tasks.
 
-The decisions are tasks/search.py's plain functions; this module gives them a `train_to` that
+The decisions are plain functions, one module per algorithm (tasks/range_test.py,
+tasks/halving.py, tasks/tpe.py); this module gives them a `train_to` that
 trains a rung's trials in parallel, one Prefect task each, on the sweep's device slots: a rung
 below the last trains to that epoch and checkpoints (`train_until`), the last rung is the
 ordinary trial (`train_model`: it resumes from that checkpoint with the weights of an
@@ -11,33 +12,44 @@ uninterrupted run, stores the model and logs its W&B run). Stopped trials get a 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import base64
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from flows.plan import make_workspace, new_sweep_id, trial_specs, validated
-from tasks.compare import higher_is_better
 from tasks.data import DatasetRef, prepare_data
 from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices
+from tasks.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.range_test import RangeTestResult, auto_grid, find_learning_rate
+from tasks.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.search import (
-    default_storage_url,
-    epoch_accounting,
-    find_learning_rate_task,
-    open_study,
-    rung_epochs,
-    study_name,
-    successive_halving,
-    tpe_search,
-)
+from tasks.tpe import default_storage_url, open_study, study_name, tpe_search
 from tasks.train import failed_outcome, record_stopped_task, train_model, train_until_task
 from tasks.workspace import Workspace
+
+
+@task(name="find_learning_rate", task_run_name="LR range test {min_lr:g}..{max_lr:g}", cache_policy=NO_CACHE)
+def find_learning_rate_task(spec: TrialSpec, dataset, workspace, slots, min_lr: float, max_lr: float) -> RangeTestResult:
+    result, chart = find_learning_rate(spec, dataset, workspace, slots, min_lr=min_lr, max_lr=max_lr)
+    image = base64.b64encode(chart.read_bytes()).decode()
+    create_markdown_artifact(
+        key="lr-find", description=f"LR range test of sweep {workspace.sweep_id}",
+        markdown=f"# LR range test\n\nSuggested learning rate **{result.suggestion:.3g}** (steepest descent of "
+                 f"the smoothed loss, {len(result.lrs)} steps from {min_lr:g} to {max_lr:g}"
+                 f"{', stopped on blow-up' if result.stopped_early else ''}).\n\n"
+                 f"![lr_find](data:image/png;base64,{image})\n")
+    get_run_logger().info(f"LR range test: suggestion {result.suggestion:.3g} ({chart})")
+    return result
 
 
 def auto_learning_rates(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> list[float]:
     """`learning_rates: auto`: the range test's suggestion times each of `auto_factors`."""
     base = trial_specs(config, [1.0])[0]
     result = find_learning_rate_task(base, dataset, workspace, slots, config.min_lr, config.max_lr)
-    rates = sorted({float(f"{factor * result.suggestion:.3g}") for factor in config.auto_factors})
+    rates = auto_grid(result.suggestion, config.auto_factors)
     get_run_logger().info(f"learning rates from the range test: {', '.join(f'{r:g}' for r in rates)}")
     return rates
 
@@ -130,6 +142,6 @@ def lr_sweep_find(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     slots = DeviceSlots(devices, 1)
     result = find_learning_rate_task(trial_specs(config, [1.0])[0], dataset, workspace, slots,
                                      config.min_lr, config.max_lr)
-    return {"suggestion": result.suggestion, "grid": [float(f"{f * result.suggestion:.3g}") for f in config.auto_factors],
+    return {"suggestion": result.suggestion, "grid": auto_grid(result.suggestion, config.auto_factors),
             "chart": str(workspace.sweep_dir / "lr_find.png"), "stopped_early": result.stopped_early,
             "steps": len(result.lrs)}

@@ -44,6 +44,12 @@ def manifest_digest(file_hashes: dict[str, str]) -> str:
     return sha256_hex(lines.encode())
 
 
+def identity_digest(value) -> str:
+    """The one digest of a JSON-serialisable identity (a trial's key, a study's name): keys
+    sorted, so two equal identities always give one digest."""
+    return sha256_hex(json.dumps(value, sort_keys=True).encode())
+
+
 def digest_files(contents: dict[str, bytes]) -> tuple[dict[str, str], str]:
     """Each file's SHA-256 and the digest of the set: what is stored on write, checked on read."""
     hashes = {name: sha256_hex(data) for name, data in contents.items()}

@@ -29,6 +29,7 @@ from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryErro
 from tasks.data import DatasetRef
 from tasks.devices import DeviceSlots
 from tasks.evaluate import DatasetMismatch, evaluate_on_free_device
+from tasks.ranking import higher_is_better, order_key
 from tasks.results import Evaluation, Promotion, TrialOutcome
 from tasks.workspace import Workspace
 
@@ -36,10 +37,6 @@ ALPHA = 0.05
 GATE_METRIC = "test_accuracy"
 METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
 PROMOTED_EVENT = "lr-sweep.model.promoted"
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric.endswith("accuracy")
 
 
 def usable(trials: list[TrialOutcome]) -> list[TrialOutcome]:
@@ -79,17 +76,15 @@ def aggregate_by_rate(trials: list[TrialOutcome]) -> list[dict]:
     return rows
 
 
-def _sort_key(metric: str, value: float, val_loss: float, *tie_breaks) -> tuple:
-    return (-value if higher_is_better(metric) else value, val_loss, *tie_breaks)
-
-
 def rank_rates(rows: list[dict], metric: str) -> list[dict]:
-    return sorted(rows, key=lambda r: _sort_key(metric, r[metric]["mean"], r["val_loss"]["mean"], r["learning_rate"]))
+    higher = higher_is_better(metric)
+    return sorted(rows, key=lambda r: order_key(higher, r[metric]["mean"], r["val_loss"]["mean"], r["learning_rate"]))
 
 
 def best_trial(trials: list[TrialOutcome], learning_rate: float, metric: str) -> TrialOutcome:
+    higher = higher_is_better(metric)
     return min(seeds_of(trials, learning_rate),
-               key=lambda t: _sort_key(metric, t.evaluation.metric(metric), t.evaluation.val_loss, t.seed))
+               key=lambda t: order_key(higher, t.evaluation.metric(metric), t.evaluation.val_loss, t.seed))
 
 
 def significance(winner: list[float], runner_up: list[float]) -> dict:

@@ -10,7 +10,6 @@ from a checkpoint continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from models.cnn import architecture, build_model
 from models.files import atomic_write, file_lock
 from models.names import inside
 from models.registry import ModelRegistry, RegistryError
-from models.serialization import model_files, write_files
+from models.serialization import identity_digest, model_files, write_files
 from tasks import progress as trial_progress
 from tasks import tracking
 from tasks.data import DatasetRef, Splits, load_splits
@@ -102,7 +101,7 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
         "code": code_version()["training_source_sha256"],
         "torch": torch.__version__,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return identity_digest(identity)
 
 
 def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
@@ -110,6 +109,11 @@ def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
     depends on how many follow it), so a trial stopped at epoch E of a search, or killed there,
     continues from its checkpoint to any later epoch with the weights of an uninterrupted run."""
     return trial_key(spec.model_copy(update={"epochs": 0}), dataset)
+
+
+def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
+    """The name of a trial's checkpoint folder under the checkpoint root."""
+    return checkpoint_key(spec, dataset)[:24]
 
 
 # torch's global RNG is shared by every thread; network initialisation is the one place that
@@ -403,7 +407,7 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
 @contextlib.contextmanager
 def trial_lock(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace):
     """The trial's checkpoint folder, held for the block: one process at a time trains a trial."""
-    folder = checkpoint_key(spec, dataset)[:24]
+    folder = checkpoint_folder(spec, dataset)
     with file_lock(workspace.checkpoint_root, f".{folder}.lock"):
         yield inside(workspace.checkpoint_root, folder)
 
@@ -435,7 +439,7 @@ def train_until(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
 
 def saved_history(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace) -> list[dict]:
     """The epochs the trial's checkpoint holds (a trial an earlier run of a search stopped)."""
-    return checkpointed_history(inside(workspace.checkpoint_root, checkpoint_key(spec, dataset)[:24]))
+    return checkpointed_history(inside(workspace.checkpoint_root, checkpoint_folder(spec, dataset)))
 
 
 def record_stopped(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, history: list[dict],

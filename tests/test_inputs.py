@@ -64,7 +64,7 @@ BAD_INPUTS = [
     (["--trial-deployment", "lr-sweep-trial/trial-gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
     (["--dispatch-timeout-minutes", "0"], {}, "dispatch_timeout_minutes", "greater than 0"),
     # Searches (issue 12).
-    (["--search", "tpe", "--lr-range", "0.01", "0.001"], {}, "lr_range", "0 < MIN < MAX"),
+    (["--search", "tpe", "--lr-range", "0.01", "0.001"], {}, "lr_range", "lr_range MIN (0.01) must be smaller than lr_range MAX (0.001)"),
     (["--lr-range", "0.001"], {}, "lr_range", "give MIN MAX"),
     (["--reduction-factor", "1"], {}, "reduction_factor", "greater than or equal to 2"),
     (["--grace-epochs", "0"], {}, "grace_epochs", "greater than or equal to 1"),

@@ -1,4 +1,4 @@
-"""tasks.search: the LR range test, successive halving and the resumable TPE search.
+"""The search algorithms: the LR range test, successive halving and the resumable TPE search.
 
 Rung arithmetic, ranking and the drivers' bookkeeping run on fake, deterministic training
 (`FakeTraining`); what depends on real training (bit-identical promotion through checkpoints, the
@@ -23,23 +23,12 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.halving import epoch_accounting, rung_epochs, successive_halving, survivors
+from tasks.range_test import lr_range_test, plot_range_test, suggest_lr
+from tasks.ranking import higher_is_better, rank
 from tasks.results import TrialSpec
-from tasks.search import (
-    CheckpointedTrainer,
-    StudyStorageError,
-    default_storage_url,
-    epoch_accounting,
-    lr_range_test,
-    metric_direction,
-    open_study,
-    plot_range_test,
-    rank,
-    rung_epochs,
-    successive_halving,
-    suggest_lr,
-    survivors,
-    tpe_search,
-)
+from tasks.sequential import CheckpointedTrainer
+from tasks.tpe import StudyStorageError, default_storage_url, open_study, tpe_search
 from tasks.train import train_trial
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +161,7 @@ def test_successive_halving_rejects_bad_inputs():
         successive_halving(GRID, [1, 3], 3, FakeTraining(), "accuracy")
     with pytest.raises(ValueError, match="empty"):
         successive_halving([], [1, 3], 3, FakeTraining())
-    assert metric_direction("val_loss") is False
+    assert higher_is_better("val_loss") is False
 
 
 def test_a_promoted_survivor_ends_with_the_weights_of_an_uninterrupted_run(splits, tmp_path):
@@ -326,7 +315,7 @@ def test_tpe_search_refuses_a_resume_with_other_settings(tmp_path):
 def test_only_trials_whose_driver_is_gone_are_taken_over(tmp_path):
     import optuna
 
-    from tasks.search import process_owner, recover_stale_trials
+    from tasks.tpe import process_owner, recover_stale_trials
 
     study = open_study(f"sqlite:///{tmp_path}/o.db", "s")
     distribution = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
