@@ -73,7 +73,7 @@ BAD_INPUTS = [
     (["--search", "asha", "--seeds", "0", "1"], {}, "config", "one seed"),
     (["--search", "tpe", "--dispatch", "deployment"], {}, "config", "dispatch 'local'"),
     (["--search", "tpe", "--learning-rates", "0.1"], {}, "config", "do not give learning_rates"),
-    (["--min-lr", "1", "--max-lr", "0.1"], {}, "config", "below max_lr"),
+    (["--min-lr", "1", "--max-lr", "0.1"], {}, "config", "must be smaller than max_lr"),
     (["--auto-factors", "0"], {}, "auto_factors", "each finite and > 0"),
     (["--search", "tpe", "--optuna-storage", "postgresql://u:secret@127.0.0.1:1/x"], {}, "optuna_storage",
      "cannot open the Optuna study storage"),
