@@ -46,10 +46,11 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from flows.config import SweepConfig
+from flows.plan import base_spec
 from models.cnn import architecture, build_model
-from tasks.data import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, torchvision_class
+from tasks.data import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches, torchvision_class
 from tasks.devices import configure_cpu_threads, resolve_devices
-from tasks.evaluate import measure, place_model
+from tasks.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
 from tasks.train import make_optimizer, train_trial
 
@@ -135,9 +136,7 @@ def synchronize(device: str) -> None:
 
 def one_epoch_spec(config: SweepConfig) -> TrialSpec:
     """The sweep's first trial, for one epoch."""
-    return TrialSpec(learning_rate=config.learning_rates[0], seed=config.seeds[0], epochs=1,
-                     batch_size=config.batch_size, hidden_units=config.hidden_units,
-                     optimizer=config.optimizer)
+    return base_spec(config).model_copy(update={"learning_rate": config.learning_rates[0], "epochs": 1})
 
 
 def warm_up(spec: TrialSpec, splits: Splits, device: str) -> None:
@@ -193,7 +192,7 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
     synchronize(device)
     seconds = time.perf_counter() - started
     # Validation accuracy through the same function as the engine's, on the same tensors.
-    _, val_accuracy = measure(model, splits.val_x, splits.val_y)
+    _, val_accuracy = measure(model, tensor_batches(splits.val_x, splits.val_y, eval_batch_size(splits.device)))
     return {"images_per_s": images / seconds, "val_accuracy": val_accuracy}
 
 
@@ -202,12 +201,12 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
 def evaluation_speed(spec: TrialSpec, state_dict: dict, splits: Splits, device: str) -> float:
     model = place_model(build_model(architecture(spec.hidden_units)), device)
     model.load_state_dict(state_dict)
-    measure(model, splits.test_x[:1000], splits.test_y[:1000])  # warm-up
+    measure(model, tensor_batches(splits.test_x[:1000], splits.test_y[:1000], eval_batch_size(splits.device)))  # warm-up
     times = []
     for _ in range(EVAL_REPEATS):
         synchronize(device)
         started = time.perf_counter()
-        measure(model, splits.test_x, splits.test_y)  # reads the result back: synchronised
+        measure(model, tensor_batches(splits.test_x, splits.test_y, eval_batch_size(splits.device)))  # reads the result back: synchronised
         times.append(time.perf_counter() - started)
     return len(splits.test_x) / statistics.median(times)
 

@@ -31,7 +31,9 @@ from pydantic import ValidationError
 from flows import local_server
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
+from flows.preflight import InvalidInput, check_run
 from models.names import NameNotAllowed
+from models.user_code import SourceError
 
 EXIT_USER_ERROR = 2
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
@@ -119,19 +121,24 @@ def collector_paused(module: str):
 
 def command_run(args: argparse.Namespace) -> int:
     config = parse_config(args)
-    if args.dry_run:
-        from tasks.devices import resolve_devices
-
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
-        print(f"would train {config.plan_description()} on {', '.join(resolve_devices(config.device))}")
-        return 0
     if config.search == "tpe":
         check_study_storage(config)
+    with collector_paused("tasks.data"):  # torch behind it
+        from tasks.data import DatasetError
+    try:
+        dataset = check_run(config, dry_run=args.dry_run)
+    except DatasetError as error:  # missing or corrupt files: not the config's fault
+        print(f"lr-sweep: {error}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        print(f"would train {config.plan_description()} of {config.model} on {dataset.name} "
+              f"({dataset.train_size} training images) on device {config.device} (not probed by --dry-run)")
+        return 0
     server = launch_server(args)
     with collector_paused("flows.sweep"):
         from flows.dispatch import RegistryNotShared
         from flows.sweep import SweepFailed, lr_sweep
-        from tasks.data import DatasetError
         from tasks.tracking import WandbUnavailable
 
     try:
@@ -167,14 +174,6 @@ def check_study_storage(config: SweepConfig) -> None:
         open_study(config.optuna_storage, "lr-sweep-storage-check")
     except StudyStorageError as error:
         raise InvalidInput("optuna_storage", str(error)) from None
-
-
-class InvalidInput(ValueError):
-    """Bad input found beyond the config's own checks; `field` is the one to fix."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def launch_server(args: argparse.Namespace) -> tuple[local_server.LocalServer, bool] | None:
@@ -309,16 +308,17 @@ def command_promote(args: argparse.Namespace) -> int:
     """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback)."""
     from models.local_registry import LocalRegistry
     from models.registry import ModelNotFound, split_name
+    from models.sources import ModelSource
     from tasks.compare import decide_promotion
     from tasks.data import load_splits, prepare_dataset
     from tasks.evaluate import evaluate_stored_model
 
     config = parse_config(args)
     registry = LocalRegistry(config.registry_dir)
-    collection, tag = split_name(args.model)
+    collection, tag = split_name(args.version)
     ref = registry.resolve(collection, tag)
     if ref is None:
-        raise ModelNotFound(f"no model {args.model!r} in {registry.root}")
+        raise ModelNotFound(f"no model {args.version!r} in {registry.root}")
     if args.force:
         previous = registry.move_alias(ref, config.alias, reason="manual promotion (--force)")
         print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
@@ -329,9 +329,10 @@ def command_promote(args: argparse.Namespace) -> int:
     dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
                               dataset_meta["split_seed"], dataset_meta["train_limit"])
     splits = load_splits(dataset, "cpu")
+    allowed = ModelSource(spec=config.model, args=config.model_args)  # the only user code it may import
 
     def evaluate(model):
-        return evaluate_stored_model(registry, model, splits, "cpu")
+        return evaluate_stored_model(registry, model, splits, "cpu", allowed)
 
     promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
                                          config.promotion_margin, evaluate)
@@ -403,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=command_models)
 
     promote = commands.add_parser("promote", help="move an alias to a model (manual promotion, rollback)")
-    promote.add_argument("model", help="COLLECTION:vN (or COLLECTION:ALIAS)")
-    add_config_arguments(promote, ["alias", "promotion_margin", "registry_dir", "data_dir"])
+    promote.add_argument("version", metavar="MODEL", help="COLLECTION:vN (or COLLECTION:ALIAS)")
+    add_config_arguments(promote, ["alias", "promotion_margin", "registry_dir", "data_dir", "model", "model_args"])
     promote.add_argument("--force", action="store_true", help="skip the champion/challenger gate")
     promote.set_defaults(handler=command_promote)
 
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except NameNotAllowed as error:
         print(f"lr-sweep: invalid input:\n{error.kind}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except InvalidInput as error:
+    except (InvalidInput, SourceError) as error:
         print(f"lr-sweep: invalid input:\n{error.field}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (LookupError, ValueError) as error:

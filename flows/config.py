@@ -8,16 +8,18 @@ data is touched, with a message that names the field, the bad value and what is 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import check_name
+from models.source_spec import source_kind
 from tasks.checks import check_lr_range
 
 MAX_LEARNING_RATES = 64
@@ -57,6 +59,31 @@ class SweepConfig(BaseSettings):
         title="1 Experiment · optimizer",
         default="adam", description="Optimizer (sgd uses momentum 0.9)."
     )
+    model: str = Field(
+        title="1 Experiment · model", default="cnn",
+        description="The network: cnn (the reference CNN), torchvision:NAME (e.g. torchvision:resnet18, "
+        "weights=None), package.module:function or path/to/file.py:function (called with num_classes, "
+        "in_channels, image_size and model_args; returns a torch.nn.Module).")
+    model_args: dict[str, Any] = Field(
+        title="1 Experiment · model arguments", default={},
+        description='Keyword arguments of the model\'s builder, a JSON object (e.g. {"width": 64}); '
+        "recorded with every model.")
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        title="1 Experiment · learning-rate schedule", default="constant",
+        description="Per-batch schedule of each trial's rate: constant, cosine (to 0 over the epochs) or "
+        "onecycle (the trial's rate is the peak, as fastai's fit_one_cycle).")
+    warmup_epochs: float = Field(
+        title="1 Experiment · warmup epochs", default=0.0, ge=0, le=1000,
+        description="Linear warmup from 0 to the trial's rate over this many epochs (0-1000, may be a "
+        "fraction; onecycle: its rising phase, 0 = 30% of the epochs).")
+    weight_decay: float | None = Field(
+        title="1 Experiment · weight decay", default=None, ge=0, le=10,
+        description="Optimizer weight decay (0-10; decoupled with adamw); none = the optimizer's default "
+        "(adamw 0.01, adam and sgd 0).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        title="1 Experiment · precision", default="fp32",
+        description="Training precision: fp32, bf16 autocast (CPU and GPU) or fp16 autocast with a "
+        "gradient scaler; evaluation is fp32.")
     dataset: Literal["fashion-mnist", "mnist", "kmnist"] = Field(
         title="1 Experiment · dataset",
         default="fashion-mnist", description="Dataset (28x28 grey images, 10 classes)."
@@ -177,6 +204,10 @@ class SweepConfig(BaseSettings):
         title="4 Storage · registry backend",
         default="local", description="Model registry backend."
     )
+    collection: str | None = Field(
+        title="4 Storage · registry collection", default=None,
+        description="Registry collection of the sweep's models; none = DATASET-MODEL (e.g. fashion-mnist-cnn, "
+        "my-folder-resnet18).")
     registry_dir: Path = Field(
         title="4 Storage · registry directory",
         default=Path("registry"), description="Directory of the local model registry."
@@ -263,35 +294,34 @@ class SweepConfig(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, device: str) -> str:
+        # Whether this machine has that GPU is the pre-flight's question (flows/preflight.py):
+        # a GPU deployment's config validates on a laptop too.
         if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"{device!r} is not allowed: use auto, cpu, cuda or cuda:N")
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"{device!r} is not available: this machine has no CUDA GPU")
-            index = int(device.split(":")[1]) if ":" in device else 0
-            if index >= torch.cuda.device_count():
-                raise ValueError(
-                    f"{device!r} is not available: this machine has "
-                    f"{torch.cuda.device_count()} GPU(s)"
-                )
         return device
 
-    @field_validator("registry_dir", "data_dir", "output_dir")
+    @field_validator("model")
     @classmethod
-    def _check_writable(cls, path: Path) -> Path:
-        # Walk up to the first existing ancestor: that is where the directory will be created.
-        probe = path
-        while not probe.exists():
-            if probe.parent == probe:
-                break
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            raise ValueError(f"{str(path)!r} is not a directory ({str(probe)!r} is a file)")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ValueError(f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
-        return path
+    def _check_model(cls, spec: str) -> str:
+        source_kind(spec)  # the spec's form only; importing it is the pre-flight's
+        return spec
+
+    @field_validator("model_args", mode="before")
+    @classmethod
+    def _parse_model_args(cls, value):
+        if isinstance(value, str):  # --model-args '{"width": 64}'
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not JSON ({error.msg}): give a JSON object, e.g. {{\"width\": 64}}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a JSON object: give one, e.g. {{\"width\": 64}}")
+        return value
+
+    @field_validator("collection")
+    @classmethod
+    def _check_collection(cls, name: str | None) -> str | None:
+        return None if name is None else check_name("collection", name)
 
     @field_validator("lr_range")
     @classmethod

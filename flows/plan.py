@@ -1,18 +1,24 @@
-"""What the sweep flow and the per-trial flow share: the sweep's id, its trials, its workspace.
+"""What the flows share: the sweep's id, its trials, its workspace, and the SweepContext every
+flow starts from.
 
-Both flows import this module and nothing of each other, so there is no import circle.
+The flows import this module and nothing of each other, so there is no import circle.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flows.config import SweepConfig
-from models.cnn import ARCHITECTURE_NAME
+from flows.preflight import check_machine, check_model
 from models.names import inside
+from models.source_spec import short_name
+from models.sources import ModelSource
 from tasks import tracking
+from tasks.data import DatasetRef, prepare_data
+from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.results import TrialSpec
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
@@ -24,16 +30,35 @@ def new_sweep_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def collection_name(dataset: str) -> str:
-    """One registry collection per dataset and architecture, as in W&B's model registry."""
-    return f"{dataset}-{ARCHITECTURE_NAME}"
+def dataset_short_name(spec: str) -> str:
+    """The dataset's part of a collection name: the built-in's name, an image folder's folder
+    name, a dataset function's name."""
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        return spec
+    if kind == "imagefolder":
+        return Path(rest).resolve().name
+    return rest.rsplit(":", 1)[-1] if ":" in rest else rest
+
+
+def collection_name(config: SweepConfig) -> str:
+    """One registry collection per dataset and model, as in W&B's model registry
+    (fashion-mnist-cnn, my-folder-resnet18), unless the config names one."""
+    return config.collection or f"{dataset_short_name(config.dataset)}-{short_name(config.model)}"
 
 
 def trial_specs(config: SweepConfig, learning_rates: list[float] | None = None) -> list[TrialSpec]:
     """One spec per (learning rate, seed); `learning_rates` replaces the config's (auto, searches)."""
-    return [TrialSpec(learning_rate=rate, seed=seed, epochs=config.epochs, batch_size=config.batch_size,
-                      hidden_units=config.hidden_units, optimizer=config.optimizer)
+    return [base_spec(config).model_copy(update={"learning_rate": rate, "seed": seed})
             for rate, seed in config.trial_grid(learning_rates)]
+
+
+def base_spec(config: SweepConfig) -> TrialSpec:
+    """What every trial of the sweep shares; the searches set the rate (and the seed is the first)."""
+    return TrialSpec(learning_rate=1.0, seed=config.seeds[0], epochs=config.epochs, batch_size=config.batch_size,
+                     hidden_units=config.hidden_units, optimizer=config.optimizer, model=config.model,
+                     model_args=config.model_args, lr_schedule=config.lr_schedule, warmup_epochs=config.warmup_epochs,
+                     weight_decay=config.weight_decay, precision=config.precision)
 
 
 def validated(config: SweepConfig) -> SweepConfig:
@@ -51,12 +76,55 @@ def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
     output = Path(config.output_dir).resolve()
     workspace = Workspace(
         sweep_id=sweep_id, sweep_dir=inside(output, sweep_id), checkpoint_root=inside(output, CHECKPOINTS_FOLDER),
-        collection=collection_name(config.dataset),
+        collection=collection_name(config),
         tracking=TrackingSettings(mode=config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity),
         registry=RegistrySettings(backend=config.registry, directory=Path(config.registry_dir).resolve(),
                                   project=config.wandb_project, entity=config.wandb_entity,
                                   registry_collection=config.wandb_registry_collection),
+        model_source=ModelSource(spec=config.model, args=config.model_args, hidden_units=config.hidden_units),
     )
     workspace.sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking.point_wandb_dirs(output)
     return workspace
+
+
+def dataset_arguments(config: SweepConfig) -> tuple:
+    """What `prepare_dataset` (and its task, `prepare_data`) take from the config."""
+    return config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit
+
+
+def dataset_of(config: SweepConfig) -> DatasetRef:
+    """The sweep's data, located, verified and decoded once (the prepare_data task)."""
+    return prepare_data(*dataset_arguments(config))
+
+
+@dataclass
+class SweepContext:
+    """What every flow sets up the same way before its first trial: devices and their slots, the
+    dataset, the workspace. Built once per flow run by `from_config`."""
+
+    config: SweepConfig
+    sweep_id: str
+    devices: list[str]
+    threads: int
+    slots: DeviceSlots
+    dataset: DatasetRef
+    workspace: Workspace
+
+    @classmethod
+    def from_config(cls, config: SweepConfig, sweep_id: str | None = None, per_device: int | None = None) -> SweepContext:
+        """The pre-flight first (device, directories, data source, model source), so bad input
+        is refused before anything is written; then the workspace's folders. `per_device`
+        replaces the config's trials per device (the range test runs alone)."""
+        check_machine(config)
+        devices = resolve_devices(config.device)
+        threads = configure_cpu_threads(devices)
+        dataset = dataset_of(config)
+        check_model(config, dataset)
+        slots = DeviceSlots(devices, per_device or slots_per_device(devices, config.trials_per_device))
+        sweep_id = sweep_id or config.sweep_id or new_sweep_id()
+        return cls(config=config, sweep_id=sweep_id, devices=devices, threads=threads, slots=slots,
+                   dataset=dataset, workspace=make_workspace(config, sweep_id))
+
+    def base_spec(self) -> TrialSpec:
+        return base_spec(self.config)

@@ -19,9 +19,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
-from flows.plan import make_workspace, new_sweep_id, trial_specs, validated
-from tasks.data import DatasetRef, prepare_data
-from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices
+from flows.plan import SweepContext, base_spec, validated
+from tasks.data import DatasetRef
+from tasks.devices import DeviceSlots
 from tasks.halving import epoch_accounting, rung_epochs, successive_halving
 from tasks.range_test import RangeTestResult, auto_grid, find_learning_rate
 from tasks.ranking import higher_is_better
@@ -47,8 +47,7 @@ def find_learning_rate_task(spec: TrialSpec, dataset, workspace, slots, min_lr: 
 
 def auto_learning_rates(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> list[float]:
     """`learning_rates: auto`: the range test's suggestion times each of `auto_factors`."""
-    base = trial_specs(config, [1.0])[0]
-    result = find_learning_rate_task(base, dataset, workspace, slots, config.min_lr, config.max_lr)
+    result = find_learning_rate_task(base_spec(config), dataset, workspace, slots, config.min_lr, config.max_lr)
     rates = auto_grid(result.suggestion, config.auto_factors)
     get_run_logger().info(f"learning rates from the range test: {', '.join(f'{r:g}' for r in rates)}")
     return rates
@@ -96,7 +95,7 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
     did, for summary.json."""
     logger = get_run_logger()
     rungs = rung_epochs(config.epochs, config.grace_epochs, config.reduction_factor)
-    trainer = RungTrainer(trial_specs(config, [1.0])[0], dataset, workspace, slots)
+    trainer = RungTrainer(base_spec(config), dataset, workspace, slots)
     metric = config.selection_metric
     if config.search == "asha":
         result = successive_halving(rates, rungs, config.reduction_factor, trainer, metric, log=logger.info)
@@ -135,12 +134,9 @@ def lr_sweep_find(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     """The LR range test alone (`lr-sweep find`): its suggestion, the grid `auto` would sweep,
     lr_find.png, a W&B run and a Prefect artifact."""
     config = validated(config)
-    devices = resolve_devices(config.device)
-    configure_cpu_threads(devices)
-    workspace = make_workspace(config, config.sweep_id or new_sweep_id())
-    dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit)
-    slots = DeviceSlots(devices, 1)
-    result = find_learning_rate_task(trial_specs(config, [1.0])[0], dataset, workspace, slots,
+    context = SweepContext.from_config(config, per_device=1)
+    workspace = context.workspace
+    result = find_learning_rate_task(context.base_spec(), context.dataset, workspace, context.slots,
                                      config.min_lr, config.max_lr)
     return {"suggestion": result.suggestion, "grid": auto_grid(result.suggestion, config.auto_factors),
             "chart": str(workspace.sweep_dir / "lr_find.png"), "stopped_early": result.stopped_early,

@@ -19,12 +19,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
-from flows.plan import make_workspace, new_sweep_id, trial_specs, validated
+from flows.plan import SweepContext, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
 from tasks import tracking
 from tasks.compare import compare_and_promote_task
-from tasks.data import DatasetRef, prepare_data
-from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
+from tasks.data import DatasetRef
+from tasks.devices import DeviceSlots
 from tasks.evaluate import evaluate_model
 from tasks.report import build_summary, ui_table, write_report_task
 from tasks.results import TrialOutcome, TrialSpec
@@ -107,22 +107,17 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     config = validated(config)
     logger = get_run_logger()
     started = time.perf_counter()
-    sweep_id = config.sweep_id or new_sweep_id()
-    devices = resolve_devices(config.device)
-    threads = configure_cpu_threads(devices)
-    slots = DeviceSlots(devices, slots_per_device(devices, config.trials_per_device))
-    workspace = make_workspace(config, sweep_id)
+    timings = Timings()
+    context = SweepContext.from_config(config)
+    sweep_id, devices, slots, workspace, dataset = (context.sweep_id, context.devices, context.slots,
+                                                    context.workspace, context.dataset)
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
     if config.dispatch == "local" or config.search != "grid":  # this process starts the W&B runs
         tracking.start_service_in_background(config.wandb_mode)
     logger.info(f"sweep {sweep_id}: {config.plan_description()} on {', '.join(devices)} "
-                f"({slots.per_device} at a time per device, {threads} CPU thread(s)); "
+                f"({slots.per_device} at a time per device, {context.threads} CPU thread(s)); "
                 f"output in {workspace.sweep_dir}")
-
-    timings = Timings()
-    dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
-                           config.train_limit)
     timings.lap("prepare_data")
     rates = auto_learning_rates(config, dataset, workspace, slots) if config.learning_rates == "auto" else None
     search = None

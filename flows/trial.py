@@ -30,9 +30,9 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
 from flows.config import SweepConfig
-from flows.plan import TRIAL_FLOW_NAME, make_workspace, new_sweep_id
-from tasks.data import DatasetError, DatasetRef, prepare_data
-from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
+from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
+from tasks.data import DatasetError, DatasetRef
+from tasks.devices import DeviceSlots
 from tasks.results import TrialSpec
 from tasks.train import failed_outcome, train_model
 
@@ -115,17 +115,14 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
     sweep_id = config.sweep_id or new_sweep_id()  # set by the sweep; a trial run by hand gets its own
     placement = {"worker": worker, "flow_run": str(current_flow_run.id)}
     try:
-        dataset = prepare_data(config.dataset, config.data_dir, config.val_size, config.split_seed,
-                               config.train_limit)
-        check_fingerprint(dataset, dataset_fingerprint)
-        devices = resolve_devices(config.device)
-        configure_cpu_threads(devices)
-        per_device = slots_per_device(devices, config.trials_per_device)
+        context = SweepContext.from_config(config, sweep_id)
+        check_fingerprint(context.dataset, dataset_fingerprint)
+        devices, per_device = context.devices, context.slots.per_device
         taken = (worker_device(worker, devices, per_device) if worker
                  else contextlib.nullcontext(None))  # run by hand: the process's own device slots
         with taken as device:
-            workspace = make_workspace(config, sweep_id)
-            slots = DeviceSlots([device] if device else devices, per_device)
+            dataset, workspace = context.dataset, context.workspace
+            slots = DeviceSlots([device], per_device) if device else context.slots
             logger.info(f"trial {spec.name} of sweep {sweep_id} on worker {worker!r}, "
                         f"device {device or ', '.join(devices)}")
             outcome = train_model(spec, dataset, workspace, slots)

@@ -28,37 +28,12 @@ import torch
 from torch import nn
 
 from models.cnn import ARCHITECTURE_NAME, architecture, build_model
-from models.user_code import CodeRef, SourceError, code_digest, is_code_spec, load_callable, parse_code_spec
-
-TORCHVISION_PREFIX = "torchvision:"
-FIELD = "model"
-ARGS_FIELD = "model_args"
+from models.source_spec import ARGS_FIELD, FIELD, TORCHVISION_PREFIX, source_kind
+from models.user_code import CodeRef, SourceError, code_digest, load_callable, parse_code_spec
 
 
 class ModelCodeChanged(RuntimeError):
     """A stored model's code digest differs from the code that would rebuild it."""
-
-
-def source_kind(spec: str) -> str:
-    """'cnn', 'torchvision' or 'user', from the spec's text alone (validation stays pure)."""
-    if spec == ARCHITECTURE_NAME:
-        return "cnn"
-    if spec.startswith(TORCHVISION_PREFIX) and spec[len(TORCHVISION_PREFIX):].isidentifier():
-        return "torchvision"
-    if is_code_spec(spec):
-        return "user"
-    raise SourceError(FIELD, f"{spec!r} is not a model source: use cnn, torchvision:NAME (e.g. "
-                             "torchvision:resnet18), package.module:function or path/to/file.py:function")
-
-
-def short_name(spec: str) -> str:
-    """The model's part of a registry collection name: cnn, resnet18, or the user's function."""
-    kind = source_kind(spec)
-    if kind == "cnn":
-        return ARCHITECTURE_NAME
-    if kind == "torchvision":
-        return spec[len(TORCHVISION_PREFIX):]
-    return parse_code_spec(spec, FIELD).function
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from prefect import task
@@ -107,6 +108,9 @@ class DatasetRef:
     test_size: int
     mean: float
     std: float
+    channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
 
     def as_metadata(self) -> dict:
         data = asdict(self)
@@ -126,6 +130,32 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_y)
+
+
+def train_batches(splits: Splits, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches of one epoch, in `order` (indices on the splits' device)."""
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        yield splits.train_x[batch], splits.train_y[batch]
+
+
+def eval_batches(splits: Splits, which: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation or test split in consecutive batches."""
+    images, labels = (splits.val_x, splits.val_y) if which == "val" else (splits.test_x, splits.test_y)
+    return tensor_batches(images, labels, batch_size)
+
+
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]
 
 
 def raw_file_names(name: str) -> list[str]:

@@ -13,14 +13,16 @@ comparable.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from models.cnn import build_model
 from models.registry import ModelRef, ModelRegistry
-from tasks.data import DatasetRef, Splits, load_splits
+from models.sources import ModelSource, rebuild
+from tasks.data import DatasetRef, Splits, eval_batches, load_splits
 from tasks.devices import DeviceSlots
 from tasks.results import Evaluation, TrialOutcome
 from tasks.workspace import Workspace
@@ -49,25 +51,24 @@ def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 @torch.inference_mode()
-def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-            rescale: tuple[float, float] | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` over a whole split; `rescale` (scale, shift)
-    maps the split's normalisation to the model's, batch by batch."""
+def measure(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            rescale: tuple | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over a whole split, given batch by batch;
+    `rescale` (scale, shift) maps the split's normalisation to the model's."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    batch = eval_batch_size(images.device)
-    for start in range(0, len(images), batch):
-        inputs = images[start:start + batch]
+    loss_sum, correct, count = None, None, 0
+    for inputs, batch_labels in batches:
+        if loss_sum is None:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+            correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
         if rescale is not None:
             inputs = inputs * rescale[0] + rescale[1]
         logits = model(inputs)
-        batch_labels = labels[start:start + batch]
         loss_sum += nn.functional.cross_entropy(logits.float(), batch_labels, reduction="sum")
         correct += (logits.argmax(dim=1) == batch_labels).sum()
+        count += len(batch_labels)
     model.train(was_training)
-    count = len(images)
     return loss_sum.item() / count, correct.item() / count
 
 
@@ -83,25 +84,34 @@ def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[float, float] | No
     mean, std = model_dataset["mean"], model_dataset["std"]
     if (mean, std) == (data.mean, data.std):
         return None
-    # x_model = (raw - mean) / std with raw = x_data * data.std + data.mean
-    return data.std / std, (data.mean - mean) / std
+    # x_model = (raw - mean) / std with raw = x_data * data.std + data.mean, channel by channel
+    if isinstance(mean, (int, float)):
+        return data.std / std, (data.mean - mean) / std
+    scale = torch.tensor([d / m for d, m in zip(data.std, std)]).view(1, -1, 1, 1)
+    shift = torch.tensor([(dm - m) / s for dm, m, s in zip(data.mean, mean, std)]).view(1, -1, 1, 1)
+    return scale, shift
 
 
-def load_model(registry: ModelRegistry, ref: ModelRef, device: torch.device | str) -> tuple[nn.Module, dict]:
+def load_model(registry: ModelRegistry, ref: ModelRef, device: torch.device | str,
+               allowed: ModelSource | None = None) -> tuple[nn.Module, dict]:
     """Fetch a stored model (the registry refuses it unless its files have ref.digest) and
-    rebuild the network from its metadata."""
+    rebuild its network (`rebuild`: user code only when `allowed`, the command's own model
+    source, names it, and only when its code digest is the recorded one)."""
     stored = registry.fetch(ref)
-    model = build_model(stored.metadata["architecture"])
+    model = rebuild(stored.metadata, allowed, name=str(ref))
     model.load_state_dict(stored.state_dict)
     return place_model(model, device), stored.metadata
 
 
 def evaluate_stored_model(registry: ModelRegistry, ref: ModelRef, splits: Splits,
-                          device: torch.device | str) -> Evaluation:
-    model, metadata = load_model(registry, ref, device)
+                          device: torch.device | str, allowed: ModelSource | None = None) -> Evaluation:
+    model, metadata = load_model(registry, ref, device, allowed)
     rescale = rescaling(splits.dataset, metadata.get("dataset"))
-    val_loss, val_accuracy = measure(model, splits.val_x, splits.val_y, rescale)
-    test_loss, test_accuracy = measure(model, splits.test_x, splits.test_y, rescale)
+    if rescale is not None and torch.is_tensor(rescale[0]):
+        rescale = tuple(part.to(splits.device) for part in rescale)
+    batch = eval_batch_size(torch.device(splits.device))
+    val_loss, val_accuracy = measure(model, eval_batches(splits, "val", batch), rescale)
+    test_loss, test_accuracy = measure(model, eval_batches(splits, "test", batch), rescale)
     return Evaluation(val_loss=val_loss, val_accuracy=val_accuracy, test_loss=test_loss,
                       test_accuracy=test_accuracy)
 
@@ -110,7 +120,8 @@ def evaluate_on_free_device(ref: ModelRef, dataset: DatasetRef, workspace: Works
                             slots: DeviceSlots) -> Evaluation:
     """Evaluate a stored model on the sweep's data, on the next free device."""
     with slots.take() as device:
-        return evaluate_stored_model(workspace.registry.open(), ref, load_splits(dataset, device), device)
+        return evaluate_stored_model(workspace.registry.open(), ref, load_splits(dataset, device), device,
+                                     workspace.model_source)
 
 
 @task(name="evaluate_model", task_run_name="evaluate {trial.name}", cache_policy=NO_CACHE)

@@ -18,9 +18,9 @@ from torch import nn
 
 from tasks import tracking
 from tasks.checks import check_int, check_lr_range
-from tasks.data import Splits, load_splits
+from tasks.data import Splits, load_splits, train_batches
 from tasks.results import TrialSpec
-from tasks.train import epoch_order, init_model, make_optimizer
+from tasks.train import epoch_order, init_model, input_shape, make_optimizer
 
 
 @dataclass
@@ -106,17 +106,17 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
-    images, labels = splits.train_x, splits.train_y
-    size = len(images)
+    size = splits.train_size
     steps = min(max_steps, math.ceil(size / spec.batch_size))
     if steps < 3:
         raise ValueError(f"one epoch of {size} images at batch {spec.batch_size} is {steps} steps; "
                          "the range test needs at least 3: lower batch_size")
 
-    model = init_model(spec, device)
+    model = init_model(spec, device, input_shape(splits.dataset))
     model.train()
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), min_lr)
-    order = epoch_order(spec, 1, size, images.device)
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), min_lr, weight_decay=spec.weight_decay)
+    order = epoch_order(spec, 1, size, splits.device)
+    batches = train_batches(splits, order, spec.batch_size)
     ratio = max_lr / min_lr
     lrs, losses, smoothed = [], [], []
     average, best, stopped = 0.0, math.inf, False
@@ -124,8 +124,8 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
         lr = min_lr * ratio ** (step / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = order[step * spec.batch_size:(step + 1) * spec.batch_size]
-        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        batch_images, batch_labels = next(batches)
+        loss = nn.functional.cross_entropy(model(batch_images), batch_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -37,6 +37,12 @@ class TrialSpec(Frozen):
     batch_size: int
     hidden_units: int
     optimizer: str
+    model: str
+    model_args: dict
+    lr_schedule: str
+    warmup_epochs: float
+    weight_decay: float | None
+    precision: str
 
     @property
     def name(self) -> str:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from tasks.checkpoints import checkpointed_history
 from tasks.data import Splits
 from tasks.results import TrialSpec
-from tasks.train import TrainResult, TrialDiverged, checkpoint_folder, checkpointed_history, train_trial
+from tasks.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
 
 
 class CheckpointedTrainer:
@@ -53,10 +54,10 @@ class CheckpointedTrainer:
             if len(history := checkpointed_history(self.checkpoint_dir(lr))) >= epoch:
                 histories[lr] = history[:epoch]  # already trained this far (a resumed search)
                 continue
-            spec = self.spec(lr, epoch)
+            spec = self.spec(lr, max(epoch, self.base_spec.epochs))  # the schedule spans the whole trial
             on_epoch = (lambda record, lr=lr: self.on_epoch(lr, record)) if self.on_epoch else None
             try:
-                result = train_trial(spec, self.splits, self.device, self.checkpoint_dir(lr), on_epoch)
+                result = train_trial(spec, self.splits, self.device, self.checkpoint_dir(lr), on_epoch, stop_at=epoch)
             except TrialDiverged as error:
                 self.failed[lr] = str(error)
                 self.log(f"lr {lr:g}: {error}")

@@ -10,8 +10,6 @@ from a checkpoint continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
 import shutil
 import threading
@@ -25,23 +23,22 @@ import torch._dynamo  # noqa: F401  (see make_optimizer)
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from models.cnn import architecture, build_model
-from models.files import atomic_write, file_lock
+from models.files import file_lock
 from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import identity_digest, model_files, write_files
+from models.sources import InputShape, ModelSource
 from tasks import progress as trial_progress
 from tasks import tracking
-from tasks.data import DatasetRef, Splits, load_splits
+from tasks.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
+from tasks.data import DatasetRef, Splits, eval_batches, load_splits, train_batches
 from tasks.devices import DeviceSlots, trial_stream
-from tasks.evaluate import measure, place_model
+from tasks.evaluate import eval_batch_size, measure, place_model
 from tasks.provenance import code_version, package_versions
 from tasks.results import TrialOutcome, TrialSpec
+from tasks.schedule import Schedule
 from tasks.workspace import Workspace
 
 # Divergence is checked every this many steps (and at every epoch's end): often enough to stop a
@@ -51,7 +48,7 @@ DIVERGENCE_CHECK_STEPS = 20
 # ln(10) = 2.3, and a too-large step sends it to 1e4..1e29 (measured: Adam at lr 1 and 10, SGD at
 # 10) where it stays at chance accuracy; NaN and infinity are caught by the same comparison.
 DIVERGENCE_LOSS = 100 * math.log(10)
-CHECKPOINT_FILE = "checkpoint.safetensors"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrialDiverged(RuntimeError):
@@ -73,22 +70,24 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-# torch.optim imports torch._dynamo when the first optimizer is made (0.6-0.8 s on 2 cores): the
-# first trial of every sweep paid it between its W&B start and its first step. Imported here, it
-# loads with the rest of the sweep's modules (the CLI loads them with the garbage collector paused).
-def make_optimizer(name: str, parameters, learning_rate: float,
-                   fused: bool | None = True) -> torch.optim.Optimizer:
+# torch.optim imports torch._dynamo when the first optimizer is made (0.6-0.8 s on 2 cores), which
+# would fall between a trial's W&B start and its first step. Imported at the top, it loads with the
+# rest of the sweep's modules (the CLI loads them with the garbage collector paused).
+def make_optimizer(name: str, parameters, learning_rate: float, fused: bool | None = True,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
     """`fused`: one kernel updates every parameter (CPU and CUDA) instead of PyTorch's default
     (None) per-tensor loop on CPU (~8 small ops per tensor per step) or foreach on CUDA.
     Measured on 2 CPU cores, batch 64, best of 4 interleaved runs: Adam fused 3,985 images/s,
     the default loop 3,429, foreach 3,521. On a GPU, where a small CNN waits on kernel launches,
-    one launch per step instead of several should save more (not measured: no GPU here)."""
+    one launch per step instead of several should save more (not measured: no GPU here).
+    `weight_decay` None keeps each optimizer's own default (AdamW 0.01, Adam and SGD 0)."""
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate, fused=fused)
+        return torch.optim.Adam(parameters, lr=learning_rate, fused=fused, **decay)
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate, fused=fused)
+        return torch.optim.AdamW(parameters, lr=learning_rate, fused=fused, **decay)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, fused=fused)
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, fused=fused, **decay)
     raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
 
 
@@ -96,7 +95,7 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
     """Identity of a trial's result: same key, same weights. Reuse of stored models goes by it."""
     identity = {
         "spec": spec.model_dump(),
-        "architecture": architecture(spec.hidden_units),
+        "model_source": model_source(spec).record(input_shape(dataset)),
         "dataset": dataset.as_metadata(),
         "code": code_version()["training_source_sha256"],
         "torch": torch.__version__,
@@ -105,10 +104,11 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
 
 
 def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's trajectory: the same for every number of epochs (nothing in an epoch
-    depends on how many follow it), so a trial stopped at epoch E of a search, or killed there,
-    continues from its checkpoint to any later epoch with the weights of an uninterrupted run."""
-    return trial_key(spec.model_copy(update={"epochs": 0}), dataset)
+    """Identity of a trial's trajectory. With a constant rate it is the same for every number of
+    epochs (nothing in an epoch depends on how many follow it), so a trial stopped at epoch E of a
+    search, or killed there, continues from its checkpoint to any later epoch with the weights of
+    an uninterrupted run. A cosine or one-cycle schedule depends on the total: it stays in the key."""
+    return trial_key(spec.model_copy(update={"epochs": 0}) if spec.lr_schedule == "constant" else spec, dataset)
 
 
 def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
@@ -121,11 +121,48 @@ def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
 _init_lock = threading.Lock()
 
 
-def init_model(spec: TrialSpec, device: str | torch.device) -> nn.Module:
+def model_source(spec: TrialSpec) -> ModelSource:
+    return ModelSource(spec=spec.model, args=spec.model_args, hidden_units=spec.hidden_units)
+
+
+def input_shape(dataset: DatasetRef) -> InputShape:
+    return InputShape(in_channels=dataset.channels, image_size=dataset.image_size, num_classes=dataset.num_classes)
+
+
+def init_model(spec: TrialSpec, device: str | torch.device, shape: InputShape) -> nn.Module:
     with _init_lock:
         torch.manual_seed(spec.seed)
-        model = build_model(architecture(spec.hidden_units))
+        model = model_source(spec).build(shape)
     return place_model(model, device)
+
+
+class Precision:
+    """Autocast for bf16/fp16 (fp16 with a gradient scaler); fp32 touches nothing."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device_type = name, device.type
+        self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
+
+    def autocast(self):
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=AUTOCAST_DTYPES[self.name])
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state(self) -> dict | None:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def restore(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
 
 def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
@@ -134,127 +171,55 @@ def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
     return torch.randperm(size, generator=generator).to(device)
 
 
-# --- checkpoints -------------------------------------------------------------------------------
-
-log = logging.getLogger(__name__)
-
-
-def save_checkpoint(directory: Path, spec: TrialSpec, epoch: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, history: list[dict], train_seconds: float) -> None:
-    """Model and optimizer state after `epoch`, in one safetensors file replaced atomically."""
-    optimizer_state = optimizer.state_dict()
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    scalars = {}
-    for index, state in optimizer_state["state"].items():
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
-    header = {"epoch": epoch, "spec": spec.model_dump(), "history": history, "train_seconds": train_seconds,
-              "param_groups": optimizer_state["param_groups"], "scalars": scalars}
-    directory.mkdir(parents=True, exist_ok=True)
-    data = save_safetensors({k: v.cpu() for k, v in tensors.items()}, metadata={"state": json.dumps(header)})
-    atomic_write(directory / CHECKPOINT_FILE, data)
-
-
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    up_to_epoch: int | None = None) -> dict | None:
-    """Restore the last completed epoch into `model` and `optimizer`; None when there is none,
-    or when it is past `up_to_epoch` (a longer run of the same trial: this one starts over).
-
-    A checkpoint that cannot be read (truncated, from another layout of the network) is
-    discarded with a warning and the trial starts from scratch: a damaged file must not fail
-    the trial on every rerun."""
-    path = directory / CHECKPOINT_FILE
-    if not path.exists():
-        return None
-    try:
-        return _restore(path, model, optimizer, up_to_epoch)
-    except (SafetensorError, OSError, ValueError, KeyError, IndexError, RuntimeError) as error:
-        log.warning(f"discarding unreadable checkpoint {path} ({type(error).__name__}: {error}); "
-                    "the trial starts from scratch")
-        path.unlink(missing_ok=True)
-        return None
-
-
-def checkpointed_history(directory: Path) -> list[dict]:
-    """The epochs a checkpoint holds (its history), without loading any tensor; [] without one."""
-    try:
-        with safe_open(str(directory / CHECKPOINT_FILE), framework="pt") as handle:
-            return json.loads(handle.metadata()["state"])["history"]
-    except (SafetensorError, OSError, ValueError, KeyError):
-        return []
-
-
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, up_to_epoch: int | None) -> dict | None:
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()["state"])
-    if up_to_epoch is not None and header["epoch"] > up_to_epoch:
-        log.info(f"checkpoint {path} is at epoch {header['epoch']}, past {up_to_epoch}: not used")
-        return None
-    tensors = load_file(str(path))
-    device = next(model.parameters()).device
-    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    state: dict[int, dict] = {}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            param = params[int(index)]
-            if value.shape == param.shape and value.shape:
-                # A moment takes its parameter's memory layout back (channels_last convs): the
-                # fused optimizer walks parameter, gradient and moments as flat buffers, so a
-                # moment restored in another layout would be applied to the wrong elements.
-                value = torch.empty_like(param).copy_(value)
-            state.setdefault(int(index), {})[name] = value.to(device)
-    for key, value in header["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    return header
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
                 checkpoint_dir: Path | None = None,
-                on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train one network; raises TrialDiverged as soon as the loss is not finite."""
-    model = init_model(spec, device)
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate)
+                on_epoch: Callable[[dict], None] | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train one network for `spec.epochs` epochs, or up to `stop_at` of them (a search's rung:
+    the schedule still spans every epoch); raises TrialDiverged as soon as the loss is not finite."""
+    device = torch.device(device)
+    model = init_model(spec, device, input_shape(splits.dataset))
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate, weight_decay=spec.weight_decay)
+    precision = Precision(spec.precision, device)
+    last_epoch = spec.epochs if stop_at is None else min(stop_at, spec.epochs)
     history: list[dict] = []
     first_epoch, resumed_from, seconds_before = 1, None, 0.0
-    if checkpoint_dir is not None and (header := load_checkpoint(checkpoint_dir, model, optimizer, spec.epochs)):
+    if checkpoint_dir is not None and (header := load_checkpoint(checkpoint_dir, spec, model, optimizer, last_epoch)):
         history, resumed_from = header["history"], header["epoch"]
         first_epoch, seconds_before = header["epoch"] + 1, header["train_seconds"]
+        precision.restore(header.get("scaler"))
         for record in history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
             if on_epoch is not None:
                 on_epoch(record)
 
-    images, labels = splits.train_x, splits.train_y
-    size = len(images)
+    size = splits.train_size
+    steps_per_epoch = math.ceil(size / spec.batch_size)
+    schedule = Schedule.of(spec.lr_schedule, spec.learning_rate, spec.warmup_epochs, spec.epochs, steps_per_epoch)
     started = time.perf_counter()
     step_seconds = 0.0
-    for epoch in range(first_epoch, spec.epochs + 1):
+    for epoch in range(first_epoch, last_epoch + 1):
         model.train()
-        order = epoch_order(spec, epoch, size, images.device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-        correct = torch.zeros((), dtype=torch.int64, device=images.device)
+        order = epoch_order(spec, epoch, size, splits.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=splits.device)
+        correct = torch.zeros((), dtype=torch.int64, device=splits.device)
         epoch_started = time.perf_counter()
-        for step, start in enumerate(range(0, size, spec.batch_size)):
-            batch = order[start:start + spec.batch_size]
-            batch_images, batch_labels = images[batch], labels[batch]
-            logits = model(batch_images)
-            loss = nn.functional.cross_entropy(logits, batch_labels)
+        seen = 0
+        for step, (batch_images, batch_labels) in enumerate(train_batches(splits, order, spec.batch_size)):
+            if schedule.varies:
+                rate = schedule.rate((epoch - 1) * steps_per_epoch + step)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+            with precision.autocast():
+                logits = model(batch_images)
+                loss = nn.functional.cross_entropy(logits, batch_labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(batch)
+            precision.step(loss, optimizer)
+            seen += len(batch_labels)
+            loss_sum += loss.detach() * len(batch_labels)
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             # The running mean holds every step's loss, so a spike between checks is not missed.
-            if step % DIVERGENCE_CHECK_STEPS == 0 and not (running := loss_sum.item() / (start + len(batch))) < DIVERGENCE_LOSS:
+            if step % DIVERGENCE_CHECK_STEPS == 0 and not (running := loss_sum.item() / seen) < DIVERGENCE_LOSS:
                 raise TrialDiverged(
                     f"mean loss {running:.4g} at epoch {epoch}, step {step} (learning rate "
                     f"{spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not finite; the "
@@ -265,17 +230,18 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
             raise TrialDiverged(f"mean training loss {train_loss:.4g} at epoch {epoch} (learning "
                                 f"rate {spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not "
                                 "finite; the trial was stopped", history)
-        val_loss, val_accuracy = measure(model, splits.val_x, splits.val_y)
+        val_loss, val_accuracy = measure(model, eval_batches(splits, "val", eval_batch_size(splits.device)))
         record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / size,
-                  "val_loss": val_loss, "val_accuracy": val_accuracy}
+                  "val_loss": val_loss, "val_accuracy": val_accuracy,
+                  "lr": optimizer.param_groups[0]["lr"]}
         history.append(record)
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, spec, epoch, model, optimizer, history,
-                            seconds_before + time.perf_counter() - started)
+                            seconds_before + time.perf_counter() - started, precision.state())
         if on_epoch is not None:
             on_epoch(record)
 
-    trained = size * (spec.epochs - first_epoch + 1)
+    trained = size * (last_epoch - first_epoch + 1)
     return TrainResult(
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
         history=history,
@@ -290,7 +256,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
 def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult) -> dict:
     final = result.history[-1]
     return {
-        "architecture": architecture(spec.hidden_units),
+        "architecture": model_source(spec).architecture(input_shape(dataset)),
+        "model_source": model_source(spec).record(input_shape(dataset)),
         "training": spec.model_dump(),
         "metrics": {k: v for k, v in final.items() if k != "epoch"},
         "history": result.history,
@@ -432,8 +399,7 @@ def train_until(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
                     f"acc {record['val_accuracy']:.4f}")
                 progress(100 * record["epoch"] / spec.epochs, f"epoch {record['epoch']} (rung {epoch}) on {device}")
 
-            result = train_trial(spec.model_copy(update={"epochs": epoch}), load_splits(dataset, device), device,
-                                 checkpoint_dir, report)
+            result = train_trial(spec, load_splits(dataset, device), device, checkpoint_dir, report, stop_at=epoch)
     return result.history
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.backends import open_registry
 from models.registry import ModelRegistry
+from models.sources import ModelSource
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,6 @@ class Workspace:
     collection: str  # registry collection of this dataset and architecture
     tracking: TrackingSettings
     registry: RegistrySettings
+    # The model source the sweep's own config names: the only user code its tasks may import to
+    # rebuild a stored model (models/sources.py `rebuild`).
+    model_source: ModelSource | None = None

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from flows.config import SweepConfig
+from flows.plan import base_spec
 from models.cnn import architecture, build_model
+from tasks.results import TrialSpec
 from tasks.tracking import run_records
 
 # The flow tests train on the synthetic IDX files of tests/conftest.py, stored as dataset
@@ -48,3 +50,9 @@ def smoke_config(tmp_path: Path, data_dir: Path, **overrides) -> SweepConfig:
 
 # What an offline W&B run recorded, read back by `wandb leet inspect --json` (one dict a record).
 wandb_records = run_records
+
+
+def trial_spec(**overrides) -> TrialSpec:
+    """A small trial with SweepConfig's defaults for everything the test does not set."""
+    values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16)
+    return base_spec(SweepConfig.model_construct()).model_copy(update=values | overrides)

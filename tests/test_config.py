@@ -47,7 +47,6 @@ def test_environment_values_are_validated_too(monkeypatch):
     ("dataset", "cifar10", "'fashion-mnist', 'mnist' or 'kmnist'"),
     ("alias", "prod:1", "no '/', ':'"),
     ("device", "tpu", "auto, cpu, cuda or cuda:N"),
-    ("device", "cuda:7", "not available"),
     ("unknown_field", 1, "Extra inputs are not permitted"),
 ])
 def test_bad_values_name_the_field_and_what_is_allowed(field, value, fragment):
@@ -86,3 +85,18 @@ def test_cli_bad_input_exits_2_without_traceback(capsys):
 def test_trial_grid_is_rates_times_seeds_in_a_fixed_order():
     config = SweepConfig(learning_rates=[0.1, 0.01], seeds=[3, 1])
     assert config.trial_grid() == [(0.1, 3), (0.1, 1), (0.01, 3), (0.01, 1)]
+
+
+def test_validation_is_pure_and_the_preflight_probes_the_machine(tmp_path):
+    """A GPU deployment's config validates on a machine without that GPU (`--dry-run --device
+    cuda:7` on a laptop); the run's pre-flight is what refuses it, naming the field."""
+    import torch
+
+    from flows.preflight import InvalidInput, check_device
+
+    config = SweepConfig(device="cuda:7", output_dir=tmp_path / "nowhere" / "yet")
+    assert config.device == "cuda:7" and not (tmp_path / "nowhere").exists()
+    if torch.cuda.device_count() <= 7:
+        with pytest.raises(InvalidInput, match="not available") as caught:
+            check_device("cuda:7")
+        assert caught.value.field == "device"

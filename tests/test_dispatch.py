@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from flows.config import SweepConfig
 from flows.dispatch import outcome_of
-from tasks.results import TrialSpec
+from tests.helpers import trial_spec
 
 # --- dispatch: config and outcomes ---------------------------------------------------------------
 
@@ -27,7 +27,7 @@ def test_dispatch_settings_are_validated():
 
 
 def test_a_trial_run_without_an_outcome_is_reported_as_a_failed_trial():
-    spec = TrialSpec(learning_rate=0.01, seed=3, epochs=1, batch_size=64, hidden_units=8, optimizer="adam")
+    spec = trial_spec(learning_rate=0.01, seed=3, epochs=1, batch_size=64, hidden_units=8)
     crashed = FlowRun(name="s-lr0.01-seed3", flow_id=uuid4(), state=Crashed(message="container exited 137"))
     outcome = outcome_of(spec, crashed)
     assert (outcome.status, outcome.learning_rate, outcome.seed) == ("failed", 0.01, 3)
@@ -45,7 +45,7 @@ def stored_result(path, payload: bytes, serializer) -> ResultRecordMetadata:
 def test_a_failed_trial_carries_its_outcome_as_json(tmp_path):
     """Issue 10: outcomes came back through Prefect's pickle serializer, from a folder every trial
     writes. Now the trial stores JSON and the sweep reads JSON only."""
-    spec = TrialSpec(learning_rate=10.0, seed=0, epochs=1, batch_size=64, hidden_units=8, optimizer="adam")
+    spec = trial_spec(learning_rate=10.0, seed=0, epochs=1, batch_size=64, hidden_units=8)
     outcome = {"learning_rate": 10.0, "seed": 0, "status": "diverged", "error": "TrialDiverged: loss nan",
                "history": [{"epoch": 1}], "worker": "gpu-node-1"}
     data = stored_result(tmp_path / "result", json.dumps(outcome).encode(), JSONSerializer())
@@ -55,7 +55,7 @@ def test_a_failed_trial_carries_its_outcome_as_json(tmp_path):
 
 
 def test_a_result_that_is_not_plain_json_is_never_loaded(tmp_path):
-    spec = TrialSpec(learning_rate=0.01, seed=0, epochs=1, batch_size=64, hidden_units=8, optimizer="adam")
+    spec = trial_spec(learning_rate=0.01, seed=0, epochs=1, batch_size=64, hidden_units=8)
     # A record that names the pickle serializer (anyone who can write the result folder or the
     # state could claim it): refused without reading the file.
     bomb = stored_result(tmp_path / "bomb", b"cos\nsystem\n(S'touch pwned'\ntR.", PickleSerializer())

@@ -27,7 +27,7 @@ def test_summary_json_has_the_agreed_shape(smoke):
     for trial in on_disk["trials"]:
         assert trial["status"] == "completed" and trial["error"] is None
         assert trial["model"].startswith(f"{COLLECTION}:v") and len(trial["digest"]) == 64
-        assert [set(r) for r in trial["history"]] == [{"epoch", *METRICS}]
+        assert [set(r) for r in trial["history"]] == [{"epoch", "lr", *METRICS}]
         assert set(trial["evaluation"]) == {"val_loss", "val_accuracy", "test_loss", "test_accuracy"}
         assert 0 <= trial["evaluation"]["test_accuracy"] <= 1
         assert trial["train_seconds"] > 0 and trial["samples_per_second"] > 0

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from models.cnn import architecture, build_model
-from tasks.data import load_splits, prepare_dataset
+from tasks.data import load_splits, prepare_dataset, tensor_batches
 from tasks.devices import DeviceSlots, resolve_devices, trial_stream
-from tasks.evaluate import measure, place_model
-from tasks.results import TrialSpec
+from tasks.evaluate import eval_batch_size, measure, place_model
 from tasks.train import train_trial
+from tests.helpers import trial_spec
 
 pytestmark = pytest.mark.gpu
 
@@ -21,9 +21,7 @@ def dataset(synthetic_data_dir):
     return prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
 
 
-def spec(**overrides):
-    values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16, optimizer="adam")
-    return TrialSpec(**(values | overrides))
+spec = trial_spec
 
 
 def test_training_on_cuda_learns_and_its_weights_measure_the_same(dataset):
@@ -33,7 +31,7 @@ def test_training_on_cuda_learns_and_its_weights_measure_the_same(dataset):
     assert result.history[-1]["val_accuracy"] > 0.8 and result.samples_per_second > 0
     model = place_model(build_model(architecture(16)), "cuda:0")
     model.load_state_dict(result.state_dict)
-    assert measure(model, splits.val_x, splits.val_y)[1] == result.history[-1]["val_accuracy"]
+    assert measure(model, tensor_batches(splits.val_x, splits.val_y, eval_batch_size(splits.device)))[1] == result.history[-1]["val_accuracy"]
 
 
 def test_resume_on_cuda_equals_an_uninterrupted_run(dataset, tmp_path):

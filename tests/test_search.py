@@ -30,13 +30,13 @@ from tasks.results import TrialSpec
 from tasks.sequential import CheckpointedTrainer
 from tasks.tpe import StudyStorageError, default_storage_url, open_study, tpe_search
 from tasks.train import train_trial
+from tests.helpers import trial_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def spec(**overrides) -> TrialSpec:
-    values = dict(learning_rate=0.003, seed=0, epochs=3, batch_size=32, hidden_units=16, optimizer="adam")
-    return TrialSpec(**(values | overrides))
+    return trial_spec(**({"epochs": 3} | overrides))
 
 
 @pytest.fixture

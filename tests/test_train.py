@@ -5,12 +5,13 @@ import torch
 
 from models.cnn import architecture, build_model
 from models.local_registry import LocalRegistry
-from tasks.data import load_splits, prepare_dataset
+from tasks.checkpoints import CHECKPOINT_FILE
+from tasks.data import load_splits, prepare_dataset, tensor_batches
 from tasks.devices import DeviceSlots
-from tasks.evaluate import measure, place_model
-from tasks.results import TrialSpec
-from tasks.train import CHECKPOINT_FILE, TrialDiverged, run_trial, train_trial
+from tasks.evaluate import eval_batch_size, measure, place_model
+from tasks.train import TrialDiverged, run_trial, train_trial
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
+from tests.helpers import trial_spec
 
 
 @pytest.fixture
@@ -23,16 +24,14 @@ def splits(dataset):
     return load_splits(dataset, "cpu")
 
 
-def spec(**overrides):
-    values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16, optimizer="adam")
-    return TrialSpec(**(values | overrides))
+spec = trial_spec
 
 
 def test_training_learns_and_records_four_metrics_per_epoch(splits):
     result = train_trial(spec(epochs=3), splits, "cpu")
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     for record in result.history:
-        assert set(record) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+        assert set(record) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
         assert 0 <= record["val_accuracy"] <= 1
     assert result.history[-1]["val_accuracy"] > 0.8  # the bars are easy to tell apart
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -64,7 +63,7 @@ def test_stored_weights_measure_the_same_as_in_training(splits):
     result = train_trial(spec(), splits, "cpu")
     model = place_model(build_model(architecture(16)), "cpu")
     model.load_state_dict(result.state_dict)
-    _, accuracy = measure(model, splits.val_x, splits.val_y)
+    _, accuracy = measure(model, tensor_batches(splits.val_x, splits.val_y, eval_batch_size(splits.device)))
     assert accuracy == result.history[-1]["val_accuracy"]
 
 

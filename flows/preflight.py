@@ -1,0 +1,97 @@
+"""The pre-flight: what SweepConfig's validation leaves to the run, because it needs the machine.
+
+Validation is pure (a GPU deployment's config validates on a laptop, `--dry-run --device cuda`);
+here, before anything is written or trained, the run asks the machine: is that GPU there, can the
+directories be written, can the data source be read, does the model source build a network that
+takes these images. Every refusal is an `InvalidInput` naming the field to fix (exit 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from models.user_code import SourceError
+
+
+class InvalidInput(ValueError):
+    """Bad input found beyond the config's own checks; `field` is the one to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InvalidInput("device", f"{device!r} is not available: this machine has no CUDA GPU")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise InvalidInput("device", f"{device!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_writable(field: str, path: Path) -> None:
+    # Walk up to the first existing ancestor: that is where the directory will be created.
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InvalidInput(field, f"{str(path)!r} is not a directory ({str(probe)!r} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInput(field, f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
+
+
+def check_machine(config) -> None:
+    """The device and the directories (no data read, nothing written)."""
+    check_device(config.device)
+    for field in ("registry_dir", "data_dir", "output_dir"):
+        check_writable(field, getattr(config, field))
+
+
+def check_run(config, dry_run: bool = False):
+    """Everything `lr-sweep run` checks before it starts a server or writes a file: the machine,
+    the data source and the model source. Returns the dataset it found. A dry run does not probe
+    the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
+    from flows.plan import dataset_arguments
+    from tasks.data import prepare_dataset
+
+    if not dry_run:
+        check_device(config.device)
+    for field in ("registry_dir", "data_dir", "output_dir"):
+        check_writable(field, getattr(config, field))
+    check_model_code(config)
+    try:
+        dataset = prepare_dataset(*dataset_arguments(config), allow_download=not dry_run)
+    except SourceError as error:
+        raise InvalidInput(error.field, str(error)) from None
+    check_model(config, dataset)
+    return dataset
+
+
+def check_model_code(config) -> None:
+    """User model code is found and imports, and names a function: before any data is read."""
+    from models.sources import ModelSource
+    from models.user_code import load_callable
+
+    source = ModelSource(spec=config.model, args=config.model_args)
+    if source.kind == "user":
+        try:
+            load_callable(source.code(), "model")
+        except SourceError as error:
+            raise InvalidInput(error.field, str(error)) from None
+
+
+def check_model(config, dataset) -> None:
+    """The model source builds a network that maps the dataset's images to its classes."""
+    from flows.plan import base_spec
+    from models.sources import check_source
+    from tasks.train import input_shape, model_source
+
+    try:
+        check_source(model_source(base_spec(config)), input_shape(dataset))
+    except SourceError as error:
+        raise InvalidInput(error.field, str(error)) from None
