@@ -20,8 +20,9 @@ from tasks.results import TrialSpec
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-class CheckpointRefused(RuntimeError):
-    """A readable checkpoint of this trial that must not be continued (another precision)."""
+class CheckpointRefused(Exception):
+    """A readable checkpoint of this trial that must not be continued (another precision). Not a
+    RuntimeError: those mean an unreadable file, which is discarded, and this one must not be."""
 
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ CURVES = (
     ("train_accuracy", "Training accuracy"),
     ("val_loss", "Validation loss"),
     ("val_accuracy", "Validation accuracy"),
+    ("lr", "Learning rate (at each epoch's end)"),
 )
 # A run "converged" at the first epoch whose validation accuracy reached this share of its final.
 CONVERGENCE_SHARE = 0.95
@@ -216,9 +217,16 @@ def header_lines(summary: dict) -> list[str]:
     if summary["smoke"]:
         out += [f"> **Smoke run**: trained on {dataset['train_size']:,} images (train_limit set), not the "
                 "full training split. Do not mistake its models for real ones.", ""]
-    out.append(f"Dataset {dataset['name']} (fingerprint `{dataset['fingerprint'][:12]}`), "
-               f"{config['epochs']} epochs, batch {config['batch_size']}, {config['optimizer']}, "
-               f"selection by {config['selection_metric']}; devices {', '.join(summary['devices'])}; "
+    model = config.get("model", "cnn")
+    arguments = f" {json.dumps(config['model_args'])}" if config.get("model_args") else ""
+    classes = f", {len(dataset['class_names'])} classes" if dataset.get("class_names") else ""
+    decay = "" if config.get("weight_decay") is None else f", weight decay {config['weight_decay']:g}"
+    warmup = f" with {config['warmup_epochs']:g} warmup epoch(s)" if config.get("warmup_epochs") else ""
+    out.append(f"Model `{model}`{arguments} on dataset `{dataset['name']}` (fingerprint "
+               f"`{dataset['fingerprint'][:12]}`{classes}); {config['epochs']} epochs, batch "
+               f"{config['batch_size']}, {config['optimizer']}{decay}, {config.get('lr_schedule', 'constant')} "
+               f"learning rate{warmup}, {config.get('precision', 'fp32')}; selection by "
+               f"{config['selection_metric']}; devices {', '.join(summary['devices'])}; "
                f"wall time {summary['wall_seconds']:.1f} s.")
     return out
 
@@ -317,7 +325,7 @@ def _curves_by_rate(trials: list[dict], key: str) -> dict[tuple[float, bool], li
     """(learning rate, stopped by a search) -> the curve of each of its seeds."""
     curves: dict[tuple[float, bool], list[list[float]]] = {}
     for t in trials:
-        if t["history"]:
+        if t["history"] and all(key in r for r in t["history"]):  # models stored before 'lr' was recorded lack it
             curves.setdefault((t["learning_rate"], t["status"] == "stopped"), []).append([r[key] for r in t["history"]])
     return curves
 

@@ -23,7 +23,7 @@ from tasks.report import CURVES, aggregates_markdown, header_lines, promotion_li
 from tasks.tracking import TRAIN_JOB_TYPE
 
 REPORT_FILE = "wandb_report.json"
-# W&B's report grid is 24 units wide: the four curves as a 2 x 2 grid.
+# W&B's report grid is 24 units wide: the curves two by two (the four metrics, then the rate).
 PANEL_WIDTH, PANEL_HEIGHT = 12, 8
 
 

@@ -115,7 +115,7 @@ def test_summary_stores_the_paths_it_used_resolved(smoke):
 
 
 def test_report_artifact_embeds_its_charts_and_belongs_to_the_flow_run(smoke, prefect_server):
-    """Issue 13: the UI showed broken images (relative file names) and 'Flow run: None'."""
+    """The UI showed broken images (relative file names) and 'Flow run: None'."""
     _, summary = smoke
     with get_client(sync_client=True) as client:
         artifacts = [a for a in client.read_artifacts() if summary["sweep_id"] in (a.description or "")]
@@ -124,7 +124,7 @@ def test_report_artifact_embeds_its_charts_and_belongs_to_the_flow_run(smoke, pr
     assert report.flow_run_id is not None and report.task_run_id is None
     assert table.flow_run_id == report.flow_run_id
     images = [part.split(")", 1)[0] for part in report.data.split("](data:image/png;base64,")[1:]]
-    assert len(images) == 5
+    assert len(images) == 6  # the four curves, the learning rate, accuracy against the rate
     for image in images:
         assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
     # Per trial, attached to its task run: a progress bar that reached 100 and a W&B link.

@@ -173,3 +173,51 @@ def test_deployment_parameters_go_through_the_same_rule():
         with pytest.raises(ParameterTypeError, match=next(iter(bad))):
             lr_sweep.validate_parameters({"config": bad})
     assert lr_sweep.validate_parameters({"config": {"sweep_id": "nightly-1"}})["config"].sweep_id == "nightly-1"
+
+
+EXAMPLE_MODEL = Path(__file__).resolve().parent.parent / "examples" / "resnet_model.py"
+FACTORIES = '''import torch
+def not_a_module(num_classes, in_channels, image_size):
+    return "a string"
+def wrong_classes(num_classes, in_channels, image_size):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size ** 2, 3))
+def broken(num_classes, in_channels, image_size):
+    raise RuntimeError("out of ideas")
+value = 3
+'''
+# Your model: the model source and the learning-rate knobs, refused before any training.
+MODEL_INPUTS = [
+    (["--model", "resnet"], "model", "is not a model source: use cnn, torchvision:NAME"),
+    (["--model", "nosuchpackage.nets:build"], "model", "no module named 'nosuchpackage'"),
+    (["--model", "no/such/file.py:build"], "model", "does not exist"),
+    (["--model", "{factories}:missing"], "model", "has no 'missing'"),
+    (["--model", "{factories}:value"], "model", "is a int, not a function"),
+    (["--model", "{factories}:not_a_module"], "model", "not a torch.nn.Module"),
+    (["--model", "{factories}:wrong_classes"], "model", "logits of shape (2, 10)"),
+    (["--model", "{factories}:broken"], "model", "RuntimeError: out of ideas"),
+    (["--model", "torchvision:resnet999"], "model", "is not a classification model of torchvision"),
+    (["--model", "{example}:small_resnet", "--model-args", "[1, 2]"], "model_args", "is not a JSON object"),
+    (["--model", "{example}:small_resnet", "--model-args", "{width: 4}"], "model_args", "not JSON"),
+    (["--model", "{example}:small_resnet", "--model-args", '{"depth": 3}'], "model_args", "refused its arguments"),
+    (["--lr-schedule", "step"], "lr_schedule", "'constant', 'cosine' or 'onecycle'"),
+    (["--precision", "fp8"], "precision", "'fp32', 'bf16' or 'fp16'"),
+    (["--warmup-epochs", "-1"], "warmup_epochs", "greater than or equal to 0"),
+    (["--weight-decay", "-0.1"], "weight_decay", "greater than or equal to 0"),
+    (["--collection", "../elsewhere"], "collection", "starting with a letter or digit"),
+]
+
+
+@pytest.mark.parametrize("arguments, field, allowed", MODEL_INPUTS,
+                         ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(MODEL_INPUTS)])
+def test_bad_model_input_fails_early_and_changes_nothing(arguments, field, allowed, tmp_path, sweep_data_dir,
+                                                         registry_with_production, capsys):
+    factories = tmp_path / "code" / "factories.py"
+    factories.parent.mkdir()
+    factories.write_text(FACTORIES)
+    arguments = [a.replace("{factories}", str(factories)).replace("{example}", str(EXAMPLE_MODEL)) for a in arguments]
+    before = snapshot(tmp_path)
+    output = tmp_path / "runs"
+    code = main(["run", "--registry-dir", str(registry_with_production), "--output-dir", str(output),
+                 "--dataset", "mnist", "--val-size", "200", "--data-dir", str(sweep_data_dir), *arguments])
+    assert_refused(code, capsys.readouterr().err, field, allowed)
+    assert snapshot(tmp_path) == before and not output.exists()

@@ -41,7 +41,7 @@ def test_the_report_plots_the_runs_the_sweep_recorded_by_learning_rate(smoke_swe
         assert plot["viewType"] == "Run History Line Plot"
         assert {k: plot["config"][k] for k in ("xAxis", "groupBy", "groupAgg", "groupArea")} == {
             "xAxis": "epoch", "groupBy": "learning_rate.value", "groupAgg": "mean", "groupArea": "stddev"}
-    assert len({(p["layout"]["x"], p["layout"]["y"]) for p in plots}) == 4  # a 2 x 2 grid, none on another
+    assert len({(p["layout"]["x"], p["layout"]["y"]) for p in plots}) == len(CURVES)  # two by two, none on another
 
     # What the filter, the grouping and the charts name is what each trial's run recorded.
     for trial in summary["trials"]:

@@ -1,0 +1,139 @@
+"""Your model: sweeps of a user model file and of torchvision's resnet18, and the trust rules of
+models/sources.py (user code is imported only when the command names it, and never when its
+code digest is not the one the model was trained with)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.preflight import InvalidInput, check_model_code
+from models.local_registry import LocalRegistry
+from models.sources import GreyToRGB, InputShape, ModelCodeChanged, ModelSource, check_source, rebuild
+from models.user_code import SourceError
+from tasks.data import load_splits, prepare_dataset
+from tasks.train import train_trial
+from tests.helpers import smoke_config, trial_spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO_ROOT / "examples" / "resnet_model.py"
+GREY = InputShape(in_channels=1, image_size=28, num_classes=10)
+
+
+def user_sweep_config(tmp_path, data_dir, model_file: Path, **overrides):
+    return smoke_config(tmp_path, data_dir, model=f"{model_file}:small_resnet", model_args={"width": 4},
+                        learning_rates=[0.01, 0.001], train_limit=256, batch_size=32, **overrides)
+
+
+@pytest.fixture(scope="module")
+def user_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
+    """A sweep of the example's small ResNet (BatchNorm) on the synthetic dataset, from a copy of
+    the example inside a folder called `models/`, as a user's project would have it."""
+    from flows.sweep import lr_sweep
+
+    tmp_path = tmp_path_factory.mktemp("user-model")
+    model_file = tmp_path / "project" / "models" / "resnet_model.py"
+    model_file.parent.mkdir(parents=True)
+    shutil.copy(EXAMPLE, model_file)
+    config = user_sweep_config(tmp_path, sweep_data_dir, model_file)
+    return config, lr_sweep(config=config), model_file
+
+
+def test_a_user_model_file_is_swept_evaluated_by_digest_and_promoted(user_sweep):
+    config, summary, _ = user_sweep
+    assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
+    assert all(t["model"].startswith("mnist-small_resnet:v") for t in summary["trials"])
+    for trial in summary["trials"]:
+        assert trial["evaluation"]["val_accuracy"] == trial["history"][-1]["val_accuracy"]
+    registry = LocalRegistry(config.registry_dir)
+    holder = registry.resolve("mnist-small_resnet", "production")
+    assert holder is not None and str(holder) == summary["best"]["model"]
+    record = registry.fetch(holder).metadata["model_source"]
+    assert record["spec"] == config.model and record["args"] == {"width": 4} and record["kind"] == "user"
+    assert record["code_digest"].startswith("sha256:") and record["shape"] == vars(GREY)
+
+
+def test_a_user_file_under_models_does_not_shadow_our_models_package(user_sweep):
+    import models
+
+    assert Path(models.__file__).resolve().parent == REPO_ROOT / "models"
+    loaded = [name for name in sys.modules if name.startswith("lr_sweep_user.resnet_model")]
+    assert loaded and all(not name.startswith("models.resnet") for name in sys.modules)
+
+
+def test_a_registry_entry_never_makes_lr_sweep_import_user_code(user_sweep):
+    config, summary, _ = user_sweep
+    stored = LocalRegistry(config.registry_dir).fetch(summary["best"]["model"])
+    with pytest.raises(ModelCodeChanged, match="imports user code only when the command's own config names it"):
+        rebuild(stored.metadata, None)
+    with pytest.raises(ModelCodeChanged, match="names --model torchvision:resnet18|names no user model"):
+        rebuild(stored.metadata, ModelSource("torchvision:resnet18"))
+    network = rebuild(stored.metadata, ModelSource(config.model, config.model_args))
+    network.load_state_dict(stored.state_dict)  # the same layout, weights and all
+
+
+def test_a_changed_model_file_is_refused_naming_both_digests(user_sweep):
+    config, summary, model_file = user_sweep
+    stored = LocalRegistry(config.registry_dir).fetch(summary["best"]["model"])
+    recorded = stored.metadata["model_source"]["code_digest"]
+    original = model_file.read_text()
+    try:
+        model_file.write_text(original + "\n# tuned after training\n")
+        with pytest.raises(ModelCodeChanged) as caught:
+            rebuild(stored.metadata, ModelSource(config.model, config.model_args), name=summary["best"]["model"])
+        message = str(caught.value)
+        assert recorded in message and "the model code changed since" in message
+        assert ModelSource(config.model).digest() in message
+    finally:
+        model_file.write_text(original)
+
+
+def test_torchvision_resnet18_trains_on_grey_images(synthetic_data_dir):
+    dataset = prepare_dataset("mnist", synthetic_data_dir, 100, 0, 64, allow_download=False)
+    spec = trial_spec(model="torchvision:resnet18", epochs=1, batch_size=32)
+    result = train_trial(spec, load_splits(dataset, "cpu"), "cpu")
+    assert len(result.history) == 1 and result.history[0]["train_loss"] > 0
+    network = ModelSource("torchvision:resnet18").build(GREY)
+    assert isinstance(network, GreyToRGB) and network.network.fc.out_features == 10
+    assert ModelSource("torchvision:resnet18").digest().startswith("torchvision==")
+
+
+@pytest.mark.parametrize(("spec", "args", "field", "fragment"), [
+    ("nosuchpackage.module:build", {}, "model", "no module named 'nosuchpackage'"),
+    ("missing/file.py:build", {}, "model", "does not exist"),
+    ("{example}:BasicBlock_typo", {}, "model", "has no 'BasicBlock_typo'"),
+    ("torchvision:resnet999", {}, "model", "is not a classification model of torchvision"),
+    ("{example}:small_resnet", {"depth": 3}, "model_args", "refused its arguments"),
+])
+def test_bad_model_sources_are_refused_naming_the_field(spec, args, field, fragment):
+    source = ModelSource(spec.format(example=EXAMPLE), args)
+    with pytest.raises(SourceError, match=fragment) as caught:
+        check_source(source, GREY)
+    assert caught.value.field == field
+
+
+def test_a_factory_that_returns_no_module_or_wrong_logits_is_refused(tmp_path):
+    factories = tmp_path / "factories.py"
+    factories.write_text("import torch\n"
+                         "def not_a_module(num_classes, in_channels, image_size):\n    return 3\n"
+                         "def too_few_classes(num_classes, in_channels, image_size):\n"
+                         "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes - 1))\n"
+                         "value = 3\n")
+    with pytest.raises(SourceError, match="not a torch.nn.Module"):
+        check_source(ModelSource(f"{factories}:not_a_module"), GREY)
+    with pytest.raises(SourceError, match=r"logits of shape \(2, 10\)"):
+        check_source(ModelSource(f"{factories}:too_few_classes"), GREY)
+    with pytest.raises(InvalidInput, match="not a function"):
+        check_model_code(smoke_config(tmp_path, tmp_path, model=f"{factories}:value"))
+
+
+def test_checking_a_source_leaves_the_seeded_rng_where_it_was():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_source(ModelSource(f"{EXAMPLE}:small_resnet", {"width": 4}), GREY)
+    assert torch.equal(torch.rand(3), expected)
