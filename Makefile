@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 QUIET := $(BIN)/python -m flows.environment
 
-.PHONY: install data sweep test test-slow clean
+.PHONY: install data sweep test test-slow lint clean
 
 install: $(VENV)/.installed
 
@@ -30,17 +30,22 @@ sweep: data
 
 # The fast tests make their own data (synthetic IDX files): no dataset package needed.
 test: install
-	$(QUIET) $(BIN)/pytest
+	$(QUIET) $(BIN)/pytest --durations=10
+
+lint: install
+	$(BIN)/ruff check .
 
 # Real Fashion-MNIST, the real server, SIGKILL and resume: the dataset package is installed first.
 test-slow: data
-	$(QUIET) $(BIN)/pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
+	$(QUIET) $(BIN)/pytest -m slow --durations=10 || [ $$? -eq 5 ]  # 5: no slow test selected
 
 clean:
 	rm -rf runs registry exports .prefect .pytest_cache
 
-# --- Deploy on a Prefect server (README: "Deploy on a Prefect server") -------------------------
-# `make server` in one terminal; the other targets talk to it through PREFECT_API_URL.
+# --- Deploy on a Prefect server (docs/deploy.md) ------------------------------------------------
+# `make server` is the background server `make sweep` uses (one per checkout, .prefect/); the
+# other targets talk to it, or to the server PREFECT_API_URL names. `make prefect-server` runs a
+# server in the foreground instead, e.g. for a team on PostgreSQL (docs/deploy.md).
 SERVER_HOST  ?= 127.0.0.1
 SERVER_PORT  ?= 4200
 PROCESS_POOL  := lr-sweep-process
@@ -59,13 +64,21 @@ WORKER_LIMIT ?= 8
 # The work queues a worker takes runs from (default: every queue of the pool), e.g. `trials`.
 WORKER_QUEUES ?=
 
-.PHONY: server pools deploy deploy-local deploy-prebuilt worker gpu-worker
-pools deploy deploy-local deploy-prebuilt worker gpu-worker: export PREFECT_API_URL ?= http://$(SERVER_HOST):$(SERVER_PORT)/api
+.PHONY: server serve prefect-server pools deploy deploy-local deploy-prebuilt worker gpu-worker
+pools deploy deploy-local deploy-prebuilt worker gpu-worker: export PREFECT_API_URL ?= $(shell $(BIN)/lr-sweep server url 2>/dev/null)
 deploy: export LR_SWEEP_IMAGE_REPO := $(LR_SWEEP_IMAGE_REPO)
 
-# Prefect server with its embedded SQLite database in PREFECT_HOME; for production point
-# PREFECT_API_DATABASE_CONNECTION_URL at PostgreSQL (README).
 server: install
+	$(BIN)/lr-sweep server start
+
+# The sweep as a deployment on the background server, run from the UI or its nightly schedule.
+serve: install
+	$(BIN)/lr-sweep serve
+
+# A Prefect server in the foreground with its SQLite database in PREFECT_HOME; for production
+# point PREFECT_API_DATABASE_CONNECTION_URL at PostgreSQL (docs/deploy.md) and PREFECT_API_URL
+# at http://SERVER_HOST:SERVER_PORT/api for the other targets.
+prefect-server: install
 	$(QUIET) $(BIN)/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 pools: install
@@ -117,7 +130,7 @@ image:
 test-docker: install
 	$(QUIET) $(BIN)/pytest -m docker -s
 
-# Issue 6: our training engine against a DataLoader loop, the flow's overhead, peak memory,
+# Our training engine against a DataLoader loop, the flow's overhead, peak memory,
 # evaluation speed, in one run (about 5 minutes on 2 cores); figures go to $(BENCH_JSON).
 BENCH_JSON ?= bench.json
 export BENCH_JSON
@@ -126,7 +139,7 @@ export BENCH_JSON
 bench: data
 	$(QUIET) $(BIN)/python -m benchmarks.bench --json $(BENCH_JSON)
 
-# Issue 12: the full grid against successive halving and TPE, and the LR range test, on
+# The full grid against successive halving and TPE, and the LR range test, on
 # Fashion-MNIST (about 15-25 minutes on 2 cores); figures go to benchmarks/bench_search.json.
 bench-search: data
 	$(QUIET) $(BIN)/python -m benchmarks.bench_search --json benchmarks/bench_search.json

@@ -54,12 +54,12 @@ from tasks.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
 from tasks.train import make_optimizer, train_trial
 
-# The targets of issue 6, checked and reported (a miss is printed, the exit code stays 0: a
+# The targets, checked and reported (a miss is printed, the exit code stays 0: a
 # benchmark on a shared machine informs, it does not gate).
 MIN_ENGINE_VS_DATALOADER = 1.5
 MAX_FLOW_OVERHEAD = 0.10
 MIN_TRIAL_SECONDS = 30.0
-# Issue 15: `lr-sweep run` costs its training and little more.
+# `lr-sweep run` costs its training and little more.
 MAX_CLI_FIXED_SECONDS = 8.0
 MAX_PEAK_RSS_MB = 1500
 # pytorch/examples mnist/main.py reads the loss back every `log_interval` (10) batches.
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     )
     figures["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     checks = {"engine_vs_dataloader_at_least_1.5": figures["engine_vs_dataloader"] >= MIN_ENGINE_VS_DATALOADER}
-    # Issue 6's overhead target is for trials one after another, each training for 30 s or more.
+    # The overhead target is for trials one after another, each training for 30 s or more.
     if sweep["config"]["trials_per_device"] == 1 or device == "cpu":
         checks["flow_overhead_at_most_0.10"] = figures["flow_overhead"] <= MAX_FLOW_OVERHEAD
     if not args.default_sweep:

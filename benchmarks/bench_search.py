@@ -13,7 +13,7 @@ reference network (hidden 128), batch 64, Adam, one seed, 5 epochs, learning rat
 
 For each: the best validation accuracy (at the last epoch), its rate, epochs trained, wall time.
 Every method trains from scratch with its own checkpoints (nothing is shared between them), one
-after the other, sequentially, on the CPU with 2 threads by default. Targets (issue 12): successive
+after the other, sequentially, on the CPU with 2 threads by default. Targets: successive
 halving within 0.3 points of the grid's best validation accuracy with at most 40% of its epochs.
 A miss is printed and recorded; the exit code stays 0 (a benchmark on a shared machine informs).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 6, for a machine with an NVIDIA GPU (under 5 minutes on one GPU):
+# The GPU check, for a machine with an NVIDIA GPU (under 5 minutes on one GPU):
 # the default sweep (all of Fashion-MNIST, 5 epochs, 3 learning rates) through the Prefect flow on
 # the GPU with TRIALS_PER_DEVICE trials at a time on each GPU, after our engine against the
 # DataLoader loop on the same GPU. Prints the aggregate training images/s of the sweep, its wall

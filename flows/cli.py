@@ -1,6 +1,9 @@
 """`lr-sweep`: the command line.
 
-    lr-sweep run [--learning-rates 0.001 0.0005 ...] [--epochs 5] ... [--dry-run]
+    lr-sweep run [--config FILE.toml] [--learning-rates 0.001 0.0005 ...] [--epochs 5] ... [--dry-run]
+    lr-sweep find [--model SPEC] [--dataset SPEC] ...
+    lr-sweep serve
+    lr-sweep server [status|start|stop]
     lr-sweep data [--dataset NAME] [--data-dir DIR]
     lr-sweep models [--collection NAME] [--json]
     lr-sweep promote COLLECTION:vN [--alias NAME] [--force]
@@ -25,6 +28,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -36,6 +40,10 @@ from models.names import NameNotAllowed
 from models.user_code import SourceError
 
 EXIT_USER_ERROR = 2
+SERVE_DEPLOYMENT = "lr-sweep"  # `prefect deployment run lr-sweep/lr-sweep`, as with prefect.yaml's
+NIGHTLY_CRON = "0 2 * * *"
+PRESET_HELP = ("a preset: a .toml or .yaml file of SweepConfig fields (examples/*.toml); the flags given "
+               "override it, and it overrides LR_SWEEP_* variables")
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
                          "behaviour) instead of the background one `lr-sweep server` manages")
 
@@ -50,17 +58,44 @@ def _none_or(kind):
     return parse
 
 
+# The help's groups, from the group word of each field's title ("1 Experiment · epochs").
+HELP_GROUPS = {"Experiment": "Experiment", "Search": "Search", "Selection": "Selection and promotion",
+               "Promotion": "Selection and promotion", "Infrastructure": "Infrastructure",
+               "Tracking": "Tracking and storage", "Storage": "Tracking and storage"}
+# What `find` (the range test alone) does not use: the grid, the registry, where models go.
+NOT_FOR_FIND = {"learning_rates", "epochs", "collection", "registry", "registry_dir", "wandb_registry_collection"}
+
+
+def help_group(name: str) -> str:
+    title = SweepConfig.model_fields[name].title or ""
+    word = title.split(" · ")[0].split(" ", 1)[-1]
+    return HELP_GROUPS.get(word, "Other")
+
+
+def find_fields() -> list[str]:
+    """The range test's flags: the experiment, tracking and storage fields a range test uses,
+    its own (min_lr, max_lr, auto_factors) and the device."""
+    fields = SweepConfig.model_fields
+    return [name for name in fields
+            if (help_group(name) in ("Experiment", "Tracking and storage") and name not in NOT_FOR_FIND)
+            or "range test" in (fields[name].title or "") or name in ("auto_factors", "device")]
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] | None = None) -> None:
-    """One flag per SweepConfig field (or per field in `names`); values are validated by
-    SweepConfig itself."""
+    """One flag per SweepConfig field (or per field in `names`), in the help group of its title;
+    values are validated by SweepConfig itself."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name in names or SweepConfig.model_fields:
         field = SweepConfig.model_fields[name]
+        group = help_group(name)
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
         annotation = field.annotation
         origin = typing.get_origin(annotation)
         args = typing.get_args(annotation)
         default = field.default
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{field.description} Default: {shown}."
+        shown = " ".join(map(str, default)) if isinstance(default, list) else json.dumps(default) if isinstance(default, dict) else default
+        help_text = field.description
         options: dict = {"default": argparse.SUPPRESS, "dest": name}
         lists = [a for a in (args if origin in (typing.Union, types.UnionType) else (annotation,))
                  if typing.get_origin(a) is list]
@@ -75,13 +110,38 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable
             options.update(type=_none_or(str), metavar="VALUE|none")
         elif annotation is bool:
             options.update(action=argparse.BooleanOptionalAction)
-        parser.add_argument(_flag(name), help=help_text, **options)
+        help_text = f"{help_text} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        groups[group].add_argument(_flag(name), help=help_text, **options)
 
 
 def parse_config(namespace: argparse.Namespace) -> SweepConfig:
-    """The config from the given flags, then LR_SWEEP_* variables, then SweepConfig's defaults."""
+    """The config from the given flags, then the preset file (--config), then LR_SWEEP_*
+    variables, then SweepConfig's defaults."""
     given = {name: getattr(namespace, name) for name in SweepConfig.model_fields if hasattr(namespace, name)}
-    return SweepConfig(**given)
+    preset = read_preset(namespace.config) if getattr(namespace, "config", None) else {}
+    return SweepConfig(**(preset | given))
+
+
+def read_preset(path: str) -> dict:
+    """A preset (nanoGPT's config/*.py, as TOML or YAML): a table whose keys are SweepConfig
+    fields, e.g. `epochs = 1`; SweepConfig refuses unknown keys and bad values, naming them."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise InvalidInput("config", f"cannot read {path}: {error.strerror}") from None
+    if file.suffix not in (".toml", ".yaml", ".yml"):
+        raise InvalidInput("config", f"{path}: use a .toml or .yaml file")
+    import tomllib
+    import yaml
+
+    try:
+        values = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise InvalidInput("config", f"{path} is not valid {file.suffix[1:].upper()}: {error}") from None
+    if not isinstance(values, dict):
+        raise InvalidInput("config", f"{path} must hold a table of SweepConfig fields, not {type(values).__name__}")
+    return values
 
 
 def print_table(summary: dict) -> None:
@@ -243,6 +303,25 @@ def command_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_serve(args: argparse.Namespace) -> int:
+    """Register the sweep on the background server and run what the UI starts: Prefect's
+    `flow.serve` (no work pool, no worker). The UI's Run form and the nightly schedule (created
+    off, as in prefect.yaml) work from here on; Ctrl-C stops serving."""
+    server = launch_server(args)
+    with collector_paused("flows.sweep"):
+        from prefect.schedules import Schedule
+
+        from flows.sweep import lr_sweep
+
+    wait_for_server(server)
+    schedule = Schedule(cron=args.cron, timezone="UTC", active=args.schedule_active)
+    print(f"serving lr-sweep/{SERVE_DEPLOYMENT}: run it from the UI (Deployments > {SERVE_DEPLOYMENT} > Run) or with "
+          f"`prefect deployment run lr-sweep/{SERVE_DEPLOYMENT}`; schedule {args.cron} UTC "
+          f"{'on' if args.schedule_active else 'off (turn it on in the UI)'}", file=sys.stderr)
+    lr_sweep.serve(name=SERVE_DEPLOYMENT, schedules=[schedule], print_starting_message=False, limit=1)
+    return 0
+
+
 def command_server(args: argparse.Namespace) -> int:
     """The background Prefect server `lr-sweep run` uses: status, start, stop."""
     home = local_server.prefect_home()
@@ -255,8 +334,11 @@ def command_server(args: argparse.Namespace) -> int:
         local_server.wait_until_healthy(server)
     server = local_server.recorded(home)
     if server is None:
-        print(f"no lr-sweep server runs for {home}")
+        print(f"no lr-sweep server runs for {home}", file=sys.stderr if args.action == "url" else sys.stdout)
         return 0 if args.action == "status" else 1
+    if args.action == "url":  # for scripts and the Makefile: PREFECT_API_URL=$(lr-sweep server url)
+        print(server.api_url)
+        return 0
     print(f"Prefect UI: {server.url} (pid {server.pid}, log {server.log}, PREFECT_HOME {home})")
     return 0
 
@@ -373,25 +455,35 @@ def command_publish(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fields = SweepConfig.model_fields
-    parser = argparse.ArgumentParser(prog="lr-sweep", description="Learning-rate sweep of a small CNN.")
+    parser = argparse.ArgumentParser(prog="lr-sweep", description="Learning-rate sweep of any PyTorch image "
+                                     "classifier: Prefect runs the trials, W&B records them, the best model takes an alias.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a sweep (starts a temporary Prefect server if none is set)")
+    run = commands.add_parser("run", help="run a sweep (on the background Prefect server, started if none runs)")
+    run.add_argument("--config", metavar="FILE", help=PRESET_HELP)
     add_config_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
     run.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
     run.set_defaults(handler=command_run)
 
     find = commands.add_parser("find", help="LR range test: suggest a learning rate (Smith 2015)")
-    add_config_arguments(find, ["min_lr", "max_lr", "auto_factors", "batch_size", "hidden_units", "optimizer",
-                                "seeds", "dataset", "val_size", "split_seed", "train_limit", "device",
-                                "wandb_mode", "wandb_project", "wandb_entity", "data_dir", "output_dir", "sweep_id"])
+    find.add_argument("--config", metavar="FILE", help=PRESET_HELP)
+    add_config_arguments(find, find_fields())
     find.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
     find.set_defaults(handler=command_find)
 
     server = commands.add_parser("server", help="the background Prefect server of `lr-sweep run` (UI of every sweep)")
-    server.add_argument("action", choices=("status", "start", "stop"), nargs="?", default="status")
+    server.add_argument("action", choices=("status", "start", "stop", "url"), nargs="?", default="status",
+                        help="url prints the API URL (for PREFECT_API_URL)")
     server.set_defaults(handler=command_server)
+
+    serve = commands.add_parser("serve", help="register the sweep on the background server and run the "
+                                "UI's runs and the nightly schedule (no pool, no worker)")
+    serve.add_argument("--cron", default=NIGHTLY_CRON, help=f"the schedule, UTC (default: {NIGHTLY_CRON!r}, as prefect.yaml)")
+    serve.add_argument("--schedule-active", action="store_true", help="switch the schedule on (default: off, "
+                       "as prefect.yaml; turn it on in the UI)")
+    serve.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
+    serve.set_defaults(handler=command_serve)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
     add_config_arguments(data, ["dataset", "data_dir"])

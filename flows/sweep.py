@@ -13,8 +13,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.events import emit_event
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import SweepConfig
@@ -90,6 +92,13 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
     return evaluated
 
 
+def name_flow_run(name: str) -> None:
+    """The flow run takes its sweep's name (`lr-sweep 20261202-061737-f4122e`, not Prefect's
+    `artificial-okapi`): the sweep id is only known once the run has started."""
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
+
+
 def publish_artifacts(summary: dict, report_markdown: str) -> None:
     """The report (charts embedded), the trial table and the W&B report's link, attached to the flow run."""
     create_markdown_artifact(markdown=report_markdown, key="lr-sweep-report",
@@ -109,6 +118,7 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     started = time.perf_counter()
     timings = Timings()
     context = SweepContext.from_config(config)
+    name_flow_run(f"lr-sweep {context.sweep_id}")
     sweep_id, devices, slots, workspace, dataset = (context.sweep_id, context.devices, context.slots,
                                                     context.workspace, context.dataset)
     if config.wandb_mode == "online":

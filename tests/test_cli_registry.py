@@ -45,7 +45,7 @@ def test_models_promote_gate_and_force(sweep_data_dir, tmp_path, capsys):
 
 
 def test_each_model_is_measured_with_its_own_normalisation(sweep_data_dir, tmp_path):
-    """Issue 10: the gate normalised every model with the sweep's mean/std; a model trained on a
+    """The gate normalised every model with the sweep's mean/std; a model trained on a
     slice of the data (other constants) was measured as a different model."""
     registry = LocalRegistry(tmp_path / "registry")
     full = prepare_dataset("mnist", sweep_data_dir, 200, 0, None, allow_download=False)

@@ -182,7 +182,7 @@ def test_no_usable_model_leaves_the_alias(tmp_path):
 
 
 def test_a_candidate_whose_digest_is_not_the_stored_ones_is_never_promoted(tmp_path):
-    """Issue 10: two trials on two nodes each stored a `v0`; the sweep's registry holds the other
+    """Two trials on two nodes each stored a `v0`; the sweep's registry holds the other
     node's model under that name. The candidate is refused by digest; the alias stays."""
     registry = LocalRegistry(tmp_path)
     ours = small_model(registry, 0)

@@ -78,7 +78,7 @@ def test_system_archives_are_decompressed_where_torchvision_looks(tmp_path, monk
 
 
 def test_first_install_from_several_processes_at_once_is_whole(tmp_path, monkeypatch):
-    """Issue 10: two containers on one fresh data volume decompressed into the same temporary
+    """Two containers on one fresh data volume decompressed into the same temporary
     names at once; the install now happens under a file lock, once."""
     import gzip
     import hashlib

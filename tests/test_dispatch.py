@@ -43,7 +43,7 @@ def stored_result(path, payload: bytes, serializer) -> ResultRecordMetadata:
 
 
 def test_a_failed_trial_carries_its_outcome_as_json(tmp_path):
-    """Issue 10: outcomes came back through Prefect's pickle serializer, from a folder every trial
+    """Outcomes came back through Prefect's pickle serializer, from a folder every trial
     writes. Now the trial stores JSON and the sweep reads JSON only."""
     spec = trial_spec(learning_rate=10.0, seed=0, epochs=1, batch_size=64, hidden_units=8)
     outcome = {"learning_rate": 10.0, "seed": 0, "status": "diverged", "error": "TrialDiverged: loss nan",

@@ -18,6 +18,7 @@ import time
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_docker.worker import DockerWorkerJobConfiguration
@@ -176,3 +177,25 @@ def test_gpu_deployments_from_a_prebuilt_image_render_their_gpu_request(stack):
     assert configuration.volumes == ["lr-sweep-data:/opt/lr-sweep/data", "lr-sweep-registry:/opt/lr-sweep/registry",
                                      "lr-sweep-runs:/opt/lr-sweep/runs"]
     assert configuration.command == "prefect flow-run execute"
+
+
+def test_lr_sweep_serve_runs_what_the_ui_starts_and_names_it_after_the_sweep(stack, fashion_data_dir):
+    """`lr-sweep serve` (flow.serve, no pool or worker) registers lr-sweep/lr-sweep with its
+    nightly schedule off; a run started as the UI's Run form starts it completes there."""
+    stack.start("serve", str(BIN / "lr-sweep"), "serve")
+    deadline = time.monotonic() + 120
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        while True:
+            try:
+                deployment = client.read_deployment_by_name("lr-sweep/lr-sweep")
+                break
+            except ObjectNotFound:
+                assert time.monotonic() < deadline, stack.log("serve")
+                time.sleep(1)
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+        assert not any(s.active for s in deployment.schedules)
+    config = SMOKE | {"learning_rates": [0.001], "data_dir": str(fashion_data_dir), "sweep_id": "e2e-serve",
+                      "output_dir": str(stack.home / "runs"), "registry_dir": str(stack.home / "registry-serve")}
+    flow_run = read_flow_run(stack, run_deployment_cli(stack, "lr-sweep/lr-sweep", config))
+    assert flow_run.state.is_completed(), stack.log("serve")
+    assert flow_run.name == "lr-sweep e2e-serve"

@@ -86,7 +86,7 @@ def test_no_usable_model_fails_the_flow_and_keeps_the_alias(prefect_server, swee
 
 
 def test_a_dispatched_model_missing_from_the_sweeps_registry_stops_the_sweep(tmp_path):
-    """Issue 10: two nodes with their own registries both store `v0`; the sweep's registry holds
+    """Two nodes with their own registries both store `v0`; the sweep's registry holds
     its own node's v0 (another model). Before, the sweep evaluated and promoted that one."""
     registry = LocalRegistry(tmp_path)
     local_v0 = registry.log_model(COLLECTION, *tiny_model(0))

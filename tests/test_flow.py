@@ -36,7 +36,7 @@ def test_summary_json_has_the_agreed_shape(smoke):
 
 
 def test_summary_json_times_each_phase_of_the_flow(smoke):
-    """What `make bench` splits the fixed cost of `lr-sweep run` into (issue 15)."""
+    """What `make bench` splits the fixed cost of `lr-sweep run` into."""
     _, summary = smoke
     on_disk = json.loads(open(summary["files"]["summary"]).read())
     assert set(on_disk["timings"]) == {"prepare_data", "trials", "evaluate", "compare_and_promote", "report_files"}
@@ -107,7 +107,7 @@ def test_metadata_carries_provenance(smoke):
 
 
 def test_summary_stores_the_paths_it_used_resolved(smoke):
-    """Issue 10: a relative registry_dir in summary.json pointed elsewhere when read from another
+    """A relative registry_dir in summary.json pointed elsewhere when read from another
     directory (publish then saw an empty registry)."""
     _, summary = smoke
     for key in ("registry_dir", "output_dir", "data_dir"):
@@ -139,3 +139,11 @@ def test_report_artifact_embeds_its_charts_and_belongs_to_the_flow_run(smoke, pr
     rows = json.loads(table.data)
     assert [row["learning rate"] for row in rows] == ["0.001", "0.0001"]
     assert all(isinstance(row["val acc %"], float) and row["val acc %"] == round(row["val acc %"], 2) for row in rows)
+
+
+def test_the_flow_run_is_named_after_its_sweep(smoke):
+    _, summary = smoke
+    with get_client(sync_client=True) as client:
+        report = next(a for a in client.read_artifacts() if a.key == "lr-sweep-report"
+                      and summary["sweep_id"] in (a.description or ""))
+        assert client.read_flow_run(report.flow_run_id).name == f"lr-sweep {summary['sweep_id']}"

@@ -47,7 +47,7 @@ BAD_INPUTS = [
     (["--output-dir", "/etc/hostname/runs"], {}, "output_dir", "is not a directory"),
     ([], {"LR_SWEEP_EPOCHS": "zero"}, "epochs", "valid integer"),
     ([], {"LR_SWEEP_LEARNING_RATES": "[0.1, -2]"}, "learning_rates", "> 0"),
-    # Names that would leave their folder or take a name the registry keeps (issue 10).
+    # Names that would leave their folder or take a name the registry keeps.
     (["--sweep-id", ".."], {}, "sweep_id", "starting with a letter or digit"),
     (["--sweep-id", "."], {}, "sweep_id", "starting with a letter or digit"),
     (["--sweep-id", ".hidden"], {}, "sweep_id", "starting with a letter or digit"),
@@ -63,7 +63,7 @@ BAD_INPUTS = [
     ([], {"LR_SWEEP_ALIAS": "latest"}, "alias", "not 'latest'"),
     (["--trial-deployment", "lr-sweep-trial/trial-gpu\n"], {}, "trial_deployment", "lr-sweep-trial/NAME"),
     (["--dispatch-timeout-minutes", "0"], {}, "dispatch_timeout_minutes", "greater than 0"),
-    # Searches (issue 12).
+    # Searches.
     (["--search", "tpe", "--lr-range", "0.01", "0.001"], {}, "lr_range", "lr_range MIN (0.01) must be smaller than lr_range MAX (0.001)"),
     (["--lr-range", "0.001"], {}, "lr_range", "give MIN MAX"),
     (["--reduction-factor", "1"], {}, "reduction_factor", "greater than or equal to 2"),

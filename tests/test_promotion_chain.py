@@ -45,7 +45,7 @@ RUN_SECONDS = 240
 DEPLOYMENT = "lr-sweep-export/export-local"
 AUTOMATION = "lr-sweep-export on promotion"
 
-# The sweep's side, as it will emit it (issue 13): run in a process of its own, like the sweep.
+# The sweep's side, as it will emit it: run in a process of its own, like the sweep.
 EMIT = textwrap.dedent("""
     import json, sys
     from prefect.events import emit_event

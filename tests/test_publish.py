@@ -118,7 +118,7 @@ def test_publish_refuses_when_the_staged_artifact_files_are_gone(offline_sweep):
 
 
 def test_sync_that_exits_0_without_syncing_is_an_error(offline_sweep, monkeypatch):
-    """Issue 10: `wandb sync` 0.31 prints "Not authenticated." per run and exits 0; publish then
+    """`wandb sync` 0.31 prints "Not authenticated." per run and exits 0; publish then
     blamed the sweep. Success is each run's `.wandb.synced` marker."""
     config, summary = offline_sweep
     plan = plan_publish(summary["sweep_id"], config.output_dir)
@@ -128,7 +128,7 @@ def test_sync_that_exits_0_without_syncing_is_an_error(offline_sweep, monkeypatc
 
 
 def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep, tmp_path, monkeypatch):
-    """Issue 10: summary.json kept registry_dir as given (relative); from another directory publish
+    """Summary.json kept registry_dir as given (relative); from another directory publish
     saw an empty registry, said "superseded" and exited 0."""
     config, summary = offline_sweep
     monkeypatch.chdir(tmp_path)

@@ -87,7 +87,7 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     assert not [p for p in (tmp_path / "col").iterdir() if p.name.startswith(".staging")]
 
 
-# --- names that stay in their folders (issue 10) ---------------------------------------------------
+# --- names that stay in their folders ---------------------------------------------------
 
 @pytest.mark.parametrize("kind, name", [
     ("sweep_id", ".."), ("sweep_id", "."), ("sweep_id", ".hidden"), ("sweep_id", "a/b"), ("sweep_id", "ok\n"),

@@ -387,6 +387,7 @@ def child_main(argv) -> None:
     tpe_search(study, train_to=train_to, **KILL_SEARCH)
 
 
+@pytest.mark.slow  # a child interpreter, SIGKILLed
 def test_a_killed_search_resumes_without_retraining_finished_trials(synthetic_data_dir, tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     ready = tmp_path / "ready.json"

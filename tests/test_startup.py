@@ -1,4 +1,4 @@
-"""What `lr-sweep run` does to start fast (issue 15), checked in fresh processes: the imports with
+"""What `lr-sweep run` does to start fast, checked in fresh processes: the imports with
 the garbage collector paused and everything they made frozen, and W&B's service started in the
 background before the first trial asks for it."""
 
@@ -7,7 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from flows.cli import collector_paused
+
+pytestmark = pytest.mark.slow  # fresh interpreters: seconds each
 
 
 def run_python(code: str) -> str:

@@ -68,7 +68,7 @@ def test_stored_weights_measure_the_same_as_in_training(splits):
 
 
 def test_an_unreadable_checkpoint_is_discarded_and_the_trial_starts_over(splits, tmp_path):
-    """Issue 10: a torn or foreign checkpoint failed the trial on every rerun."""
+    """A torn or foreign checkpoint failed the trial on every rerun."""
     full = train_trial(spec(epochs=2), splits, "cpu")
     for damage in (b"", b"not a safetensors file", None):  # None: the first half of a real one
         train_trial(spec(epochs=1), splits, "cpu", checkpoint_dir=tmp_path)
@@ -86,7 +86,7 @@ def test_a_checkpoint_of_another_network_is_discarded(splits, tmp_path):
 
 
 def test_two_sweeps_of_one_trial_train_it_once(dataset, tmp_path):
-    """Issue 10: two sweeps of the same trial (a schedule and a manual run) shared one checkpoint
+    """Two sweeps of the same trial (a schedule and a manual run) shared one checkpoint
     folder and a fixed temporary name. Now they take the trial's lock in turn: one trains, the
     other reuses its model."""
     workspace = Workspace(

@@ -273,7 +273,7 @@ def http_error(status: int, text: str) -> CommError:
     (http_error(403, "permission denied: conflict with org policy"), False),  # the status decides
     (http_error(500, "upload of 409 bytes failed"), False),
     (ValueError("commitArtifact: 409 Conflict: version index taken"), True),  # wandb-core's text
-    (ValueError("upload of 4096 bytes failed: connection reset"), False),  # issue 10: "409" in "4096"
+    (ValueError("upload of 4096 bytes failed: connection reset"), False),  # "409" in "4096"
     (ValueError("artifact id QXJ0aWZhY3Q6NDA5Ng409x refused: quota exceeded"), False),
     (ValueError("version conflict"), False),  # no status at all: not a 409
 ])
