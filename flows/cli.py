@@ -309,6 +309,7 @@ def command_serve(args: argparse.Namespace) -> int:
     off, as in prefect.yaml) work from here on; Ctrl-C stops serving."""
     server = launch_server(args)
     with collector_paused("flows.sweep"):
+        from prefect.deployments.runner import EntrypointType
         from prefect.schedules import Schedule
 
         from flows.sweep import lr_sweep
@@ -318,7 +319,10 @@ def command_serve(args: argparse.Namespace) -> int:
     print(f"serving lr-sweep/{SERVE_DEPLOYMENT}: run it from the UI (Deployments > {SERVE_DEPLOYMENT} > Run) or with "
           f"`prefect deployment run lr-sweep/{SERVE_DEPLOYMENT}`; schedule {args.cron} UTC "
           f"{'on' if args.schedule_active else 'off (turn it on in the UI)'}", file=sys.stderr)
-    lr_sweep.serve(name=SERVE_DEPLOYMENT, schedules=[schedule], print_starting_message=False, limit=1)
+    # A module entrypoint, as prefect.yaml's: the run imports flows.sweep as the package module (a
+    # file entrypoint loads it under another name, where SweepConfig's annotation does not resolve).
+    lr_sweep.serve(name=SERVE_DEPLOYMENT, schedules=[schedule], print_starting_message=False, limit=1,
+                   entrypoint_type=EntrypointType.MODULE_PATH)
     return 0
 
 

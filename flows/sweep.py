@@ -6,7 +6,6 @@ diverges is recorded and the others go on; the flow fails only when no trial pro
 and then the alias stays where it was.
 """
 
-from __future__ import annotations
 
 import time
 from pathlib import Path
