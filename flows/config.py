@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.names import check_name
+from models.names import check_name, rates_sharing_a_name
 
 MAX_LEARNING_RATES = 64
 MAX_SEEDS = 32
@@ -213,6 +213,17 @@ class SweepConfig(BaseSettings):
                 raise ValueError(f"{rate!r} is not allowed: each rate must be finite, > 0 and <= 100")
         if len(set(rates)) != len(rates):
             raise ValueError(f"learning rates must be unique, got {rates}")
+        return rates
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _check_rate_names(cls, rates: list[float] | str) -> list[float] | str:
+        # A trial is named by its rate to six significant digits (W&B run, alias, checkpoint
+        # folder): two rates that agree there would overwrite each other's trial.
+        if rates != "auto" and (shared := rates_sharing_a_name(rates)):
+            raise ValueError("learning rates that agree to 6 significant digits would share a trial name: "
+                             + "; ".join(f"{', '.join(map(repr, group))} -> lr{name[2:]}" for name, group in shared.items())
+                             + "; give rates that differ within 6 digits")
         return rates
 
     @field_validator("seeds")

@@ -31,6 +31,21 @@ class NameNotAllowed(ValueError):
         self.kind = kind
 
 
+def trial_name(learning_rate: float, seed: int) -> str:
+    """The one spelling of a trial's name: task runs, W&B runs and aliases, folders, logs.
+
+    Six significant digits (`%g`) keep names readable; two rates that agree in those digits
+    would share every name, so a sweep's rates are refused when they do (flows/config.py)."""
+    return f"lr{learning_rate:g}-seed{seed}"
+
+
+def rates_sharing_a_name(rates) -> dict[str, list[float]]:
+    """The trial names that more than one of `rates` would get (any seed: the rate part)."""
+    named: dict[str, list[float]] = {}
+    for rate in rates:
+        named.setdefault(trial_name(rate, 0).removesuffix("-seed0"), []).append(rate)
+    return {name: group for name, group in named.items() if len(group) > 1}
+
 
 def check_name(kind: str, name: str) -> str:
     """`name` if it is a valid `kind` (sweep_id, collection, alias, version), else ValueError
