@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from flows import local_server
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
-from models.names import NameNotAllowed
+from models.errors import InputError, RegistryError
 
 EXIT_USER_ERROR = 2
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
@@ -169,12 +169,8 @@ def check_study_storage(config: SweepConfig) -> None:
         raise InvalidInput("optuna_storage", str(error)) from None
 
 
-class InvalidInput(ValueError):
+class InvalidInput(InputError):
     """Bad input found beyond the config's own checks; `field` is the one to fix."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def launch_server(args: argparse.Namespace) -> tuple[local_server.LocalServer, bool] | None:
@@ -306,42 +302,81 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback)."""
+    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback).
+
+    Either way the model's files are checked against its digest first (as every fetch does), and
+    the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
+    automation exports what a rollback rolled back to."""
+    events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from models.local_registry import LocalRegistry
-    from models.registry import ModelNotFound, split_name
+    from models.registry import split_name
     from tasks.compare import decide_promotion
     from tasks.data import load_splits, prepare_dataset
     from tasks.evaluate import evaluate_stored_model
+    from tasks.results import Promotion
 
     config = parse_config(args)
     registry = LocalRegistry(config.registry_dir)
     collection, tag = split_name(args.model)
     ref = registry.resolve(collection, tag)
     if ref is None:
-        raise ModelNotFound(f"no model {args.model!r} in {registry.root}")
+        raise InvalidInput("model", f"no model {args.model!r} in {registry.root}")
+    stored = registry.fetch(ref)  # DigestMismatch unless every file has the manifest's digest
     if args.force:
         previous = registry.move_alias(ref, config.alias, reason="manual promotion (--force)")
+        promotion = Promotion(alias=config.alias, promoted=True, reason="manual promotion (--force)",
+                              model=ref, previous=previous)
         print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
-        return 0
-    # Both models are measured on the test set of the candidate's dataset, as in the sweep; each
-    # with its own normalisation, and a holder trained on other data is not compared (--force).
-    dataset_meta = registry.fetch(ref).metadata["dataset"]
-    dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
-                              dataset_meta["split_seed"], dataset_meta["train_limit"])
-    splits = load_splits(dataset, "cpu")
+    else:
+        # Both models are measured on the test set of the candidate's dataset, as in the sweep; each
+        # with its own normalisation, and a holder trained on other data is not compared (--force).
+        dataset_meta = stored.metadata["dataset"]
+        dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
+                                  dataset_meta["split_seed"], dataset_meta["train_limit"])
+        splits = load_splits(dataset, "cpu")
 
-    def evaluate(model):
-        return evaluate_stored_model(registry, model, splits, "cpu")
+        def evaluate(model):
+            return evaluate_stored_model(registry, model, splits, "cpu")
 
-    promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
-                                         config.promotion_margin, evaluate)
-    if not promotion.promoted:
-        print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
-              "(e.g. a rollback)", file=sys.stderr)
-        return 1
-    registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
-    print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
+        promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
+                                             config.promotion_margin, evaluate)
+        if not promotion.promoted:
+            print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
+                  "(e.g. a rollback)", file=sys.stderr)
+            return 1
+        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
+        print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
+    announce_promotion(events_url, promotion, registry, stored.metadata)
     return 0
+
+
+def promotion_event_server() -> str | None:
+    """The Prefect API a manual promotion's event goes to: PREFECT_API_URL, else the background
+    server of this PREFECT_HOME while it answers. Never a temporary one: an automation lives in
+    a running server's database, and a server started for one event has none."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        server = local_server.recorded(local_server.prefect_home())
+        if server is not None and local_server.is_healthy(server.url):
+            url = os.environ["PREFECT_API_URL"] = server.api_url
+    return url
+
+
+def announce_promotion(events_url: str | None, promotion, registry, metadata: dict) -> None:
+    if events_url is None:
+        print("no Prefect server runs (PREFECT_API_URL unset, no `lr-sweep server`): the promotion event "
+              "was not sent, so no export automation follows it", file=sys.stderr)
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.compare import emit_promoted
+
+    limited = (metadata.get("dataset") or {}).get("train_limit") is not None
+    with temporary_settings({PREFECT_API_URL: events_url}):
+        emit_promoted(promotion, metadata.get("sweep_id"), str(registry.root.resolve()), limited)
+        EventsWorker.drain_all(timeout=30)  # sent before the command says it is done
+    print(f"sent lr-sweep.model.promoted for {promotion.model} to {events_url}", file=sys.stderr)
 
 
 def command_publish(args: argparse.Namespace) -> int:
@@ -431,15 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print("lr-sweep: invalid configuration:\n" + describe_validation_error(error), file=sys.stderr)
         return EXIT_USER_ERROR
-    except NameNotAllowed as error:
-        print(f"lr-sweep: invalid input:\n{error.kind}: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except InvalidInput as error:
+    except InputError as error:  # NameNotAllowed, InvalidInput: the project's own input checks
         print(f"lr-sweep: invalid input:\n{error.field}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (LookupError, ValueError) as error:
-        print(f"lr-sweep: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (RegistryError, local_server.ServerError) as error:
+        # Stored state that cannot be used (a digest mismatch, a corrupt table): one line naming
+        # what and where. Every other exception is a bug and keeps its traceback (exit 1).
+        print(f"lr-sweep: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 def console_main() -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from models.errors import InputError
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 SAFE_NAME_TEXT = "letters, digits, '_', '.', '-', starting with a letter or digit (no '/', ':' or spaces)"
 VERSION_NAME = re.compile(r"v(\d+)")
@@ -22,13 +24,13 @@ RESERVED_SWEEP_IDS = frozenset({"checkpoints", "wandb", "prefect-results", "expo
 MAX_LENGTH = {"sweep_id": 96, "collection": 128, "alias": 128, "version": 16}
 
 
-class NameNotAllowed(ValueError):
+class NameNotAllowed(InputError):
     """A name that would not stay in its folder (or is kept by the registry); `kind` is the
     field it was given for."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+    @property
+    def kind(self) -> str:
+        return self.field
 
 
 def trial_name(learning_rate: float, seed: int) -> str:

@@ -238,7 +238,7 @@ def promotion_line(promotion: Promotion, limited: bool) -> str:
             f"{after:.3f} (digest {promotion.model.digest[:12]}){smoke}")
 
 
-def emit_promoted(promotion: Promotion, sweep_id: str, registry_dir: str, limited: bool) -> None:
+def emit_promoted(promotion: Promotion, sweep_id: str | None, registry_dir: str, limited: bool) -> None:
     """The event a Prefect automation reacts to (prefect.yaml: lr-sweep-export)."""
     model = promotion.model
     emit_event(
@@ -248,7 +248,9 @@ def emit_promoted(promotion: Promotion, sweep_id: str, registry_dir: str, limite
         payload={"collection": model.collection, "alias": promotion.alias, "version": model.version,
                  "digest": model.digest, "previous_version": promotion.previous.version if promotion.previous else None,
                  "previous_digest": promotion.previous.digest if promotion.previous else None,
-                 "metrics": promotion.challenger_evaluation.model_dump(), "sweep_id": sweep_id,
+                 # a manual promotion with --force measures nothing
+                 "metrics": promotion.challenger_evaluation.model_dump() if promotion.challenger_evaluation else None,
+                 "sweep_id": sweep_id, "reason": promotion.reason,
                  "registry_dir": registry_dir, "smoke": limited})
 
 

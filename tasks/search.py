@@ -51,6 +51,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from models.errors import InputError
 from tasks import tracking
 from tasks.data import Splits, load_splits
 from tasks.results import TrialSpec
@@ -214,7 +215,7 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
                              "min_lr (and max_lr)")
         suggestion = suggest_lr(lrs, smoothed)
     except ValueError as error:
-        raise ValueError(f"LR range test from {min_lr:g} to {max_lr:g} ({len(lrs)} of {steps} steps"
+        raise InputError("min_lr", f"LR range test from {min_lr:g} to {max_lr:g} ({len(lrs)} of {steps} steps"
                          f"{', stopped: the loss blew up' if stopped else ''}): {error}") from None
     return RangeTestResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion,
                            stopped_early=stopped, min_lr=min_lr, max_lr=max_lr, planned_steps=steps,
