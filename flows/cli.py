@@ -310,9 +310,7 @@ def command_promote(args: argparse.Namespace) -> int:
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from models.local_registry import LocalRegistry
     from models.registry import split_name
-    from tasks.compare import decide_promotion
-    from tasks.data import load_splits, prepare_dataset
-    from tasks.evaluate import evaluate_stored_model
+    from tasks.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
     config = parse_config(args)
@@ -328,18 +326,8 @@ def command_promote(args: argparse.Namespace) -> int:
                               model=ref, previous=previous)
         print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
     else:
-        # Both models are measured on the test set of the candidate's dataset, as in the sweep; each
-        # with its own normalisation, and a holder trained on other data is not compared (--force).
-        dataset_meta = stored.metadata["dataset"]
-        dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
-                                  dataset_meta["split_seed"], dataset_meta["train_limit"])
-        splits = load_splits(dataset, "cpu")
-
-        def evaluate(model):
-            return evaluate_stored_model(registry, model, splits, "cpu")
-
-        promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
-                                             config.promotion_margin, evaluate)
+        promotion, holder = decide_against_holder(registry, ref, stored.metadata, config.alias,
+                                                  config.promotion_margin, config.data_dir)
         if not promotion.promoted:
             print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
                   "(e.g. a rollback)", file=sys.stderr)
@@ -387,11 +375,12 @@ def command_publish(args: argparse.Namespace) -> int:
     try:
         plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
                             project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
-                            registry_collection=args.sweeps_wandb_registry_collection)
+                            registry_collection=args.sweeps_wandb_registry_collection,
+                            data_dir=getattr(args, "data_dir", None))
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
-        result = publish(plan)
+        result = publish(plan, force=args.force)
     except (PublishError, WandbUnavailable) as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
@@ -399,7 +388,9 @@ def command_publish(args: argparse.Namespace) -> int:
     where = f"{plan.entity + '/' if plan.entity else ''}{plan.project}"
     print(f"synced {len(plan.runs_to_sync)} run(s) to {where} ({len(plan.runs_already_synced)} already synced)")
     if promotion["moved"]:
-        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'})")
+        how = ("--force: not gated against W&B's holder" if promotion["forced"]
+               else f"it beats W&B's holder: {promotion['gate']}")
+        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'}; {how})")
     else:
         print(f"no alias moved in W&B: {promotion['reason']}")
     return 0
@@ -454,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{fields[name].description} Default: the sweep's.")
     publish.add_argument("--dry-run", action="store_true", help="check the sweep's files and print the plan; "
                          "nothing is uploaded")
+    publish.add_argument("--force", action="store_true", help="give W&B's alias to the sweep's model without "
+                         "the gate against W&B's current holder")
+    add_config_arguments(publish, ["data_dir"])  # the test set the gate measures both models on
     publish.set_defaults(handler=command_publish)
     return parser
 

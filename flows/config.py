@@ -249,6 +249,12 @@ class SweepConfig(BaseSettings):
     def _check_sweep_id(cls, sweep_id: str | None) -> str | None:
         return None if sweep_id is None else check_name("sweep_id", sweep_id)
 
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _check_wandb_names(cls, name: str | None, info) -> str | None:
+        # They become arguments of `wandb sync` and parts of artifact paths (ENTITY/PROJECT/NAME).
+        return None if name is None else check_name(info.field_name, name)
+
     @field_validator("wandb_registry_collection")
     @classmethod
     def _check_registry_collection(cls, path: str | None) -> str | None:

@@ -21,7 +21,9 @@ VERSION_NAME = re.compile(r"v(\d+)")
 LATEST = "latest"
 # Folders the sweep itself keeps beside the sweeps in the output directory.
 RESERVED_SWEEP_IDS = frozenset({"checkpoints", "wandb", "prefect-results", "exports"})
-MAX_LENGTH = {"sweep_id": 96, "collection": 128, "alias": 128, "version": 16}
+# W&B's own limit for project names is 128 characters; entities (users, teams) are shorter.
+MAX_LENGTH = {"sweep_id": 96, "collection": 128, "alias": 128, "version": 16, "wandb_project": 128,
+              "wandb_entity": 64}
 
 
 class NameNotAllowed(InputError):
@@ -50,8 +52,8 @@ def rates_sharing_a_name(rates) -> dict[str, list[float]]:
 
 
 def check_name(kind: str, name: str) -> str:
-    """`name` if it is a valid `kind` (sweep_id, collection, alias, version), else ValueError
-    naming the kind, the value and what is allowed."""
+    """`name` if it is a valid `kind` (sweep_id, collection, alias, version, wandb_project,
+    wandb_entity), else NameNotAllowed naming the kind, the value and what is allowed."""
     limit = MAX_LENGTH[kind]
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or len(name) > limit:
         raise NameNotAllowed(kind, f"{name!r} is not allowed as {kind}: 1-{limit} characters of {SAFE_NAME_TEXT}")
