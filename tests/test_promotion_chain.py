@@ -6,8 +6,9 @@ creates the deployment's trigger as an automation), a process worker; then the e
 emits, sent by `emit_event` from a separate process pointed at that server:
 
 1. `lr-sweep.model.promoted` for the model that holds `production`: the automation starts a flow
-   run of lr-sweep-export with the event's collection, alias, digest and registry directory; it
-   completes and its bundle carries the promoted digest.
+   run of lr-sweep-export with the event's collection, alias and digest, on the deployment's own
+   registry (the payload's registry_dir, a container's path, is not used); it completes and its
+   bundle carries the promoted digest.
 2. `lr-sweep.sweep.finished`: starts nothing.
 3. a `lr-sweep.model.promoted` that is out of date (the alias names another model by the time it
    is handled): the export run fails with HolderChanged and writes nothing.
@@ -78,9 +79,10 @@ def stack(tmp_path_factory):
         server = stack.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
         print(f"\nprefect server healthy after {wait_until_healthy(stack, server):.0f} s on {api_url}")
         stack.run(str(BIN / "prefect"), "work-pool", "create", "lr-sweep-process", "--type", "process", "--overwrite")
-        # Bundles go under the test's folder, not the checkout: the deployment's default output_dir.
+        # The deployment's own registry and bundle folder (under the test's folder, not the
+        # checkout's defaults): the events only select collection, alias and digest.
         deployed = stack.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--name", DEPLOYMENT,
-                             "--param", f"output_dir={home / 'exports'}")
+                             "--param", f"output_dir={home / 'exports'}", "--param", f"registry_dir={home / 'registry'}")
         for line in deployed.splitlines():
             if "lr-sweep-export" in line or "rigger" in line or "utomation" in line:
                 print(line.strip(" │╭╰─"))
@@ -127,7 +129,8 @@ def promote_and_emit(stack: Stack, registry: LocalRegistry, version: str, previo
                          "previous_version": previous.version if previous else None, "digest": ref.digest,
                          "previous_digest": previous.digest if previous else None,
                          "metrics": stored.metadata["metrics"], "sweep_id": "chain-test",
-                         "registry_dir": str(registry.root.resolve())})
+                         # what a container's sweep sends: a path of its own; never opened here
+                         "registry_dir": "/opt/lr-sweep/registry"})
 
 
 def export_runs(stack: Stack) -> list:
@@ -173,7 +176,8 @@ def test_the_automation_is_the_deployments_trigger(stack):
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         automations = client.read_automations_by_name(AUTOMATION)
     assert deployment.work_pool_name == "lr-sweep-process" and deployment.entrypoint == "flows.export:lr_sweep_export"
-    assert deployment.parameters == {"output_dir": str(stack.home / "exports")}
+    assert deployment.parameters == {"output_dir": str(stack.home / "exports"),
+                                     "registry_dir": str(stack.home / "registry")}
     assert len(automations) == 1
     automation = automations[0]
     trigger, action = automation.trigger, automation.actions[0]
@@ -193,7 +197,7 @@ def test_a_promotion_runs_the_export_of_the_promoted_model(stack, registry):
     assert run.state.is_completed(), run.state
     payload = sent["payload"]
     assert run.parameters == {"collection": COLLECTION, "alias": "production", "digest": payload["digest"],
-                              "registry_dir": payload["registry_dir"], "output_dir": str(stack.home / "exports")}
+                              "registry_dir": str(stack.home / "registry"), "output_dir": str(stack.home / "exports")}
 
     holder = registry.resolve(COLLECTION, "production")
     path = stack.home / "exports" / bundle_name(holder)
