@@ -310,6 +310,7 @@ def command_promote(args: argparse.Namespace) -> int:
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from models.local_registry import LocalRegistry
     from models.registry import split_name
+    from tasks.data import DatasetError
     from tasks.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
@@ -326,8 +327,12 @@ def command_promote(args: argparse.Namespace) -> int:
                               model=ref, previous=previous)
         print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
     else:
-        promotion, holder = decide_against_holder(registry, ref, stored.metadata, config.alias,
-                                                  config.promotion_margin, config.data_dir)
+        try:
+            promotion, holder = decide_against_holder(registry, ref, stored.metadata, config.alias,
+                                                      config.promotion_margin, config.data_dir)
+        except DatasetError as error:
+            print(f"lr-sweep: {error}", file=sys.stderr)
+            return 1
         if not promotion.promoted:
             print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
                   "(e.g. a rollback)", file=sys.stderr)
@@ -370,6 +375,7 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
+    from tasks.data import DatasetError
     from tasks.tracking import WandbUnavailable
 
     try:
@@ -381,7 +387,7 @@ def command_publish(args: argparse.Namespace) -> int:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
         result = publish(plan, force=args.force)
-    except (PublishError, WandbUnavailable) as error:
+    except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
     promotion = result["promotion"]

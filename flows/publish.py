@@ -36,7 +36,7 @@ from flows.config import SweepConfig, describe_validation_error
 from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.names import check_name, inside
-from models.registry import DigestMismatch, ModelRef, split_name
+from models.registry import DigestMismatch, split_name
 from models.wandb_registry import WandbRegistry
 from tasks import tracking
 from tasks.wandb_report import save_wandb_report
@@ -93,7 +93,13 @@ def read_summary(sweep_dir: Path) -> dict:
     if not path.exists():
         raise PublishError(f"no summary.json in {sweep_dir}: is the sweep id right, and did the "
                            "sweep finish? (--output-dir must be the sweep's output directory)")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PublishError(f"{path} is corrupt ({error}): it is not the sweep's summary") from None
+    if not isinstance(summary, dict):
+        raise PublishError(f"{path} is corrupt (not a JSON object): it is not the sweep's summary")
+    return summary
 
 
 def planned_promotion(summary: dict, local: LocalRegistry) -> dict:

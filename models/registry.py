@@ -32,7 +32,6 @@ from models.errors import (  # noqa: F401 (the registry's errors, re-exported wh
 )
 from models.names import LATEST, VERSION_NAME, NameNotAllowed, check_name
 
-
 # `expected_holder` default of move_alias: move whoever holds the alias now.
 ANY_HOLDER = object()
 

@@ -217,3 +217,12 @@ def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep,
     LocalRegistry(empty)
     with pytest.raises(PublishError, match="holds no model with the digest"):
         plan_publish(summary["sweep_id"], config.output_dir, registry_dir=empty)
+
+
+def test_a_corrupt_summary_is_named(tmp_path, capsys):
+    sweep = tmp_path / "runs" / "s1"
+    sweep.mkdir(parents=True)
+    (sweep / "summary.json").write_text('{"config": {"wandb_project": "p" "x"}}')
+    assert main(["publish", "s1", "--output-dir", str(tmp_path / "runs"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"{sweep / 'summary.json'} is corrupt" in err and "Traceback" not in err

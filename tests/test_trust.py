@@ -1,6 +1,5 @@
 """Names that cannot collide, a margin in whole images, and errors that say what happened."""
 
-import json
 
 import pytest
 from pydantic import ValidationError
@@ -8,7 +7,6 @@ from pydantic import ValidationError
 from flows.cli import main
 from flows.config import SweepConfig
 from models.names import rates_sharing_a_name, trial_name
-
 
 # --- rates whose trials would share a name ----------------------------------------------------
 
