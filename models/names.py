@@ -73,5 +73,6 @@ def inside(root: Path, *names: str) -> Path:
     base = Path(root).resolve()
     path = base.joinpath(*names).resolve()
     if path != base and base not in path.parents:
-        raise ValueError(f"{'/'.join(names)!r} leads outside {base}")
+        # A name (or a symlink in its place) that would leave its root: refused like a bad name.
+        raise NameNotAllowed("path", f"{'/'.join(names)!r} leads outside {base}")
     return path

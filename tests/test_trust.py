@@ -24,3 +24,11 @@ def test_rates_that_differ_within_six_digits_are_kept():
     assert rates_sharing_a_name([0.1, 0.01, 1e-5]) == {}
     with pytest.raises(ValidationError, match="share a trial name"):
         SweepConfig(learning_rates=[3e-4, 3.0000001e-4])
+
+
+def test_a_sweep_id_that_leads_outside_the_output_dir_is_invalid_input(tmp_path, capsys):
+    """A symlink in place of a sweep's folder: refused as input (exit 2), not a traceback."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "s1").symlink_to(tmp_path, target_is_directory=True)
+    assert main(["publish", "s1", "--output-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert "invalid input:\npath: 's1' leads outside" in capsys.readouterr().err
