@@ -230,3 +230,28 @@ def test_an_out_of_date_promotion_is_not_exported_and_other_events_start_nothing
         bundle_name(registry.resolve(COLLECTION, "v1"))]  # no staging folder left either
     new = [run for run in export_runs(stack) if run.id not in before]
     assert [r.parameters["digest"] for r in new] == [stale.digest], "sweep.finished started a run"
+
+
+def test_a_rollback_with_promote_force_is_exported_too(stack, registry):
+    """`lr-sweep promote --force` moved the alias without the event: the automation never ran
+    and the bundle of the model rolled back to was never made. A real CLI process now sends it."""
+    from tests.helpers import LR_SWEEP
+
+    target = registry.resolve(COLLECTION, "v0")
+    done = subprocess.run([str(LR_SWEEP), "promote", f"{COLLECTION}:v0", "--alias", "production", "--force",
+                           "--registry-dir", str(registry.root)], env=stack.env, capture_output=True, text=True,
+                          timeout=120)
+    print(done.stdout, done.stderr)
+    assert done.returncode == 0 and f"sent lr-sweep.model.promoted for {COLLECTION}:v0" in done.stderr, done.stderr
+    assert registry.resolve(COLLECTION, "production") == target
+    deadline = time.monotonic() + RUN_SECONDS
+    while time.monotonic() < deadline:  # a second run for v0's digest: the first was the stale event's
+        runs = [r for r in export_runs(stack) if r.parameters.get("digest") == target.digest]
+        if len(runs) > 1 and runs[-1].state is not None and runs[-1].state.is_final():
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no export run after the rollback: {[(r.name, r.state_type) for r in export_runs(stack)]}")
+    assert runs[-1].state.is_completed(), runs[-1].state
+    bundle = json.loads((stack.home / "exports" / bundle_name(target) / "bundle.json").read_text())
+    assert bundle["digest"] == target.digest and bundle["model"] == f"{COLLECTION}:v0"
