@@ -382,7 +382,7 @@ def command_publish(args: argparse.Namespace) -> int:
         plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
                             project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
                             registry_collection=args.sweeps_wandb_registry_collection,
-                            data_dir=getattr(args, "data_dir", None))
+                            data_dir=args.sweeps_data_dir)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "nothing is uploaded")
     publish.add_argument("--force", action="store_true", help="give W&B's alias to the sweep's model without "
                          "the gate against W&B's current holder")
-    add_config_arguments(publish, ["data_dir"])  # the test set the gate measures both models on
+    publish.add_argument("--data-dir", dest="sweeps_data_dir", default=None,
+                         help="dataset cache with the test set the gate measures both models on; default: the sweep's")
     publish.set_defaults(handler=command_publish)
     return parser
 
