@@ -103,7 +103,7 @@ deploy-prebuilt: install
 	$(BIN)/python -m deploy.prebuilt prefect.yaml $(IMAGE) $(if $(JOB_VARIABLES),--job-variables $(JOB_VARIABLES)) \
 		> $(PREFECT_HOME)/prefect.prebuilt.yaml
 	$(QUIET) $(BIN)/prefect --no-prompt deploy --prefect-file $(PREFECT_HOME)/prefect.prebuilt.yaml \
-		--name lr-sweep/lr-sweep --name lr-sweep-trial/trial-gpu
+		--name lr-sweep/lr-sweep --name lr-sweep-trial/trial-gpu --name lr-sweep-export/export-docker
 
 # Takes sweeps and trials from the process pool, running them from this checkout.
 worker: install

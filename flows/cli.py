@@ -35,9 +35,8 @@ from pydantic import ValidationError
 from flows import local_server
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
-from flows.preflight import InvalidInput, check_run
-from models.names import NameNotAllowed
-from models.user_code import SourceError
+from flows.preflight import check_run
+from models.errors import InputError, RegistryError
 
 EXIT_USER_ERROR = 2
 SERVE_DEPLOYMENT = "lr-sweep"  # `prefect deployment run lr-sweep/lr-sweep`, as with prefect.yaml's
@@ -129,18 +128,18 @@ def read_preset(path: str) -> dict:
     try:
         text = file.read_text()
     except OSError as error:
-        raise InvalidInput("config", f"cannot read {path}: {error.strerror}") from None
+        raise InputError("config", f"cannot read {path}: {error.strerror}") from None
     if file.suffix not in (".toml", ".yaml", ".yml"):
-        raise InvalidInput("config", f"{path}: use a .toml or .yaml file")
+        raise InputError("config", f"{path}: use a .toml or .yaml file")
     import tomllib
     import yaml
 
     try:
         values = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise InvalidInput("config", f"{path} is not valid {file.suffix[1:].upper()}: {error}") from None
+        raise InputError("config", f"{path} is not valid {file.suffix[1:].upper()}: {error}") from None
     if not isinstance(values, dict):
-        raise InvalidInput("config", f"{path} must hold a table of SweepConfig fields, not {type(values).__name__}")
+        raise InputError("config", f"{path} must hold a table of SweepConfig fields, not {type(values).__name__}")
     return values
 
 
@@ -233,7 +232,7 @@ def check_study_storage(config: SweepConfig) -> None:
     try:
         open_study(config.optuna_storage, "lr-sweep-storage-check")
     except StudyStorageError as error:
-        raise InvalidInput("optuna_storage", str(error)) from None
+        raise InputError("optuna_storage", str(error)) from None
 
 
 def launch_server(args: argparse.Namespace) -> tuple[local_server.LocalServer, bool] | None:
@@ -391,67 +390,103 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback)."""
+    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback).
+
+    Either way the model's files are checked against its digest first (as every fetch does), and
+    the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
+    automation exports what a rollback rolled back to."""
+    events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from models.local_registry import LocalRegistry
-    from models.registry import ModelNotFound, split_name
+    from models.registry import split_name
     from models.sources import ModelSource
-    from tasks.compare import decide_promotion
-    from tasks.data import load_splits, prepare_dataset
-    from tasks.evaluate import evaluate_stored_model
+    from tasks.data import DatasetError
+    from tasks.manual_promotion import decide_against_holder
+    from tasks.results import Promotion
 
     config = parse_config(args)
     registry = LocalRegistry(config.registry_dir)
     collection, tag = split_name(args.version)
     ref = registry.resolve(collection, tag)
     if ref is None:
-        raise ModelNotFound(f"no model {args.version!r} in {registry.root}")
+        raise InputError("model", f"no model {args.version!r} in {registry.root}")
+    stored = registry.fetch(ref)  # DigestMismatch unless every file has the manifest's digest
     if args.force:
         previous = registry.move_alias(ref, config.alias, reason="manual promotion (--force)")
+        promotion = Promotion(alias=config.alias, promoted=True, reason="manual promotion (--force)",
+                              model=ref, previous=previous)
         print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
-        return 0
-    # Both models are measured on the test set of the candidate's dataset, as in the sweep; each
-    # with its own normalisation, and a holder trained on other data is not compared (--force).
-    dataset_meta = registry.fetch(ref).metadata["dataset"]
-    dataset = prepare_dataset(dataset_meta["name"], config.data_dir, dataset_meta["val_size"],
-                              dataset_meta["split_seed"], dataset_meta["train_limit"])
-    splits = load_splits(dataset, "cpu")
-    allowed = ModelSource(spec=config.model, args=config.model_args)  # the only user code it may import
-
-    def evaluate(model):
-        return evaluate_stored_model(registry, model, splits, "cpu", allowed)
-
-    promotion, holder = decide_promotion(registry, ref, evaluate(ref), config.alias,
-                                         config.promotion_margin, evaluate)
-    if not promotion.promoted:
-        print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
-              "(e.g. a rollback)", file=sys.stderr)
-        return 1
-    registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
-    print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
+    else:
+        try:
+            promotion, holder = decide_against_holder(
+                registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
+                allowed=ModelSource(spec=config.model, args=config.model_args))  # the only user code it may import
+        except DatasetError as error:
+            print(f"lr-sweep: {error}", file=sys.stderr)
+            return 1
+        if not promotion.promoted:
+            print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
+                  "(e.g. a rollback)", file=sys.stderr)
+            return 1
+        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
+        print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
+    announce_promotion(events_url, promotion, registry, stored.metadata)
     return 0
+
+
+def promotion_event_server() -> str | None:
+    """The Prefect API a manual promotion's event goes to: PREFECT_API_URL, else the background
+    server of this PREFECT_HOME while it answers. Never a temporary one: an automation lives in
+    a running server's database, and a server started for one event has none."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        server = local_server.recorded(local_server.prefect_home())
+        if server is not None and local_server.is_healthy(server.url):
+            url = os.environ["PREFECT_API_URL"] = server.api_url
+    return url
+
+
+def announce_promotion(events_url: str | None, promotion, registry, metadata: dict) -> None:
+    if events_url is None:
+        print("no Prefect server runs (PREFECT_API_URL unset, no `lr-sweep server`): the promotion event "
+              "was not sent, so no export automation follows it", file=sys.stderr)
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.compare import emit_promoted
+
+    limited = (metadata.get("dataset") or {}).get("train_limit") is not None
+    with temporary_settings({PREFECT_API_URL: events_url}):
+        emit_promoted(promotion, metadata.get("sweep_id"), str(registry.root.resolve()), limited)
+        EventsWorker.drain_all(timeout=30)  # sent before the command says it is done
+    print(f"sent lr-sweep.model.promoted for {promotion.model} to {events_url}", file=sys.stderr)
 
 
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
+    from tasks.data import DatasetError
     from tasks.tracking import WandbUnavailable
 
     try:
         plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
                             project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
-                            registry_collection=args.sweeps_wandb_registry_collection)
+                            registry_collection=args.sweeps_wandb_registry_collection,
+                            data_dir=args.sweeps_data_dir)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
-        result = publish(plan)
-    except (PublishError, WandbUnavailable) as error:
+        result = publish(plan, force=args.force)
+    except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
     promotion = result["promotion"]
     where = f"{plan.entity + '/' if plan.entity else ''}{plan.project}"
     print(f"synced {len(plan.runs_to_sync)} run(s) to {where} ({len(plan.runs_already_synced)} already synced)")
     if promotion["moved"]:
-        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'})")
+        how = ("--force: not gated against W&B's holder" if promotion["forced"]
+               else f"it beats W&B's holder: {promotion['gate']}")
+        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'}; {how})")
     else:
         print(f"no alias moved in W&B: {promotion['reason']}")
     return 0
@@ -516,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{fields[name].description} Default: the sweep's.")
     publish.add_argument("--dry-run", action="store_true", help="check the sweep's files and print the plan; "
                          "nothing is uploaded")
+    publish.add_argument("--force", action="store_true", help="give W&B's alias to the sweep's model without "
+                         "the gate against W&B's current holder")
+    publish.add_argument("--data-dir", dest="sweeps_data_dir", default=None,
+                         help="dataset cache with the test set the gate measures both models on; default: the sweep's")
     publish.set_defaults(handler=command_publish)
     return parser
 
@@ -528,15 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print("lr-sweep: invalid configuration:\n" + describe_validation_error(error), file=sys.stderr)
         return EXIT_USER_ERROR
-    except NameNotAllowed as error:
-        print(f"lr-sweep: invalid input:\n{error.kind}: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (InvalidInput, SourceError) as error:
+    except InputError as error:  # names, sources, the pre-flight: the project's own input checks
         print(f"lr-sweep: invalid input:\n{error.field}: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (LookupError, ValueError) as error:
-        print(f"lr-sweep: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (RegistryError, local_server.ServerError) as error:
+        # Stored state that cannot be used (a digest mismatch, a corrupt table): one line naming
+        # what and where. Every other exception is a bug and keeps its traceback (exit 1).
+        print(f"lr-sweep: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 def console_main() -> int:

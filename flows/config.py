@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.names import check_name
+from models.names import check_name, rates_sharing_a_name
 from models.source_spec import source_kind
 from tasks.checks import check_lr_range
 
@@ -247,6 +247,17 @@ class SweepConfig(BaseSettings):
             raise ValueError(f"learning rates must be unique, got {rates}")
         return rates
 
+    @field_validator("learning_rates")
+    @classmethod
+    def _check_rate_names(cls, rates: list[float] | str) -> list[float] | str:
+        # A trial is named by its rate to six significant digits (W&B run, alias, checkpoint
+        # folder): two rates that agree there would overwrite each other's trial.
+        if rates != "auto" and (shared := rates_sharing_a_name(rates)):
+            raise ValueError("learning rates that agree to 6 significant digits would share a trial name: "
+                             + "; ".join(f"{', '.join(map(repr, group))} -> lr{name[2:]}" for name, group in shared.items())
+                             + "; give rates that differ within 6 digits")
+        return rates
+
     @field_validator("seeds")
     @classmethod
     def _check_seeds(cls, seeds: list[int]) -> list[int]:
@@ -269,6 +280,12 @@ class SweepConfig(BaseSettings):
     @classmethod
     def _check_sweep_id(cls, sweep_id: str | None) -> str | None:
         return None if sweep_id is None else check_name("sweep_id", sweep_id)
+
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _check_wandb_names(cls, name: str | None, info) -> str | None:
+        # They become arguments of `wandb sync` and parts of artifact paths (ENTITY/PROJECT/NAME).
+        return None if name is None else check_name(info.field_name, name)
 
     @field_validator("wandb_registry_collection")
     @classmethod

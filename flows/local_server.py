@@ -7,6 +7,11 @@ free local port with its SQLite database in PREFECT_HOME, records it in
 PREFECT_HOME/lr-sweep-server.json, and every later run in that PREFECT_HOME reuses it: the UI at
 its address shows every sweep. `lr-sweep server stop` stops it; `lr-sweep run --temporary-server`
 keeps Prefect's own behaviour. A server someone set with PREFECT_API_URL always wins.
+
+The record is only a claim: after a crash or a reboot its PID may belong to any process. So it
+also holds the process's identity (the boot, the start time and the command line, from /proc),
+and a process is reused or signalled only while all three still match; a record that does not
+match is discarded with a message and the process it names is left alone.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class LocalServer:
     url: str  # the UI; the API is url + "/api"
     pid: int
     log: str
+    identity: dict | None = None  # process_identity(pid) when it was started
+
+    def is_running(self) -> bool:
+        """True while the process `pid` is provably the one started for this record."""
+        return self.identity is not None and process_identity(self.pid) == self.identity
 
     @property
     def api_url(self) -> str:
@@ -59,14 +69,52 @@ def is_healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def recorded(home: Path) -> LocalServer | None:
-    """The server recorded in `home` while its process runs (it may still be starting)."""
+def process_identity(pid: int) -> dict | None:
+    """What tells process `pid` apart from any later process with the same PID: the boot it runs
+    in, its start time (clock ticks since that boot) and its command line. None when the process
+    is gone or the system has no /proc (then nothing can be proved, and nothing is signalled)."""
     try:
-        server = LocalServer(**json.loads((home / STATE_FILE).read_text()))
-        os.kill(server.pid, 0)
-    except (OSError, ValueError, TypeError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return None
-    return server
+    # The fields after the command name, which is in parentheses and may hold spaces: the
+    # 22nd field of the line, starttime, is the 20th after it.
+    started = stat[stat.rindex(")") + 2:].split()[19]
+    return {"boot_id": boot, "start_ticks": started,
+            "command": [part.decode(errors="replace") for part in command if part]}
+
+
+def recorded(home: Path, say=None) -> LocalServer | None:
+    """The server recorded in `home` while it runs (it may still be starting). A record whose
+    process is gone or is another process is discarded, with a message to `say` (stderr)."""
+    path = home / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+        server = LocalServer(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as error:
+        return _discard(path, f"unreadable ({error})", say)
+    if server.is_running():
+        return server
+    if process_identity(server.pid) is None:
+        why = f"its process (pid {server.pid}) is gone"
+    else:
+        why = (f"pid {server.pid} is now another process, not the server that was started (its start time "
+               "or command line differ, or the record predates the check); that process is left alone")
+    return _discard(path, why, say)
+
+
+def _discard(path: Path, why: str, say) -> None:
+    (say or _stderr)(f"lr-sweep: discarding the stale Prefect server record {path}: {why}")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def free_port() -> int:
@@ -86,7 +134,8 @@ def launch(home: Path) -> LocalServer:
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             # The UI calls the API at PREFECT_SERVER_UI_API_URL, which otherwise stays at port 4200.
             env=LOCAL_DEFAULTS | os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_API_URL": f"{url}/api"})
-    return LocalServer(url=url, pid=process.pid, log=str(log))
+    # Popen returns once the child has exec'd: /proc already shows the server's command line.
+    return LocalServer(url=url, pid=process.pid, log=str(log), identity=process_identity(process.pid))
 
 
 def wait_until_healthy(server: LocalServer, timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -130,7 +179,13 @@ def is_gone(pid: int) -> bool:
 
 
 def stop(server: LocalServer) -> None:
+    """Stop the server's process group, only while its process is provably the one recorded
+    (checked again before the SIGKILL: the PID may have been reused meanwhile)."""
+    if not server.is_running():
+        return
     try:
+        if os.getpgid(server.pid) != server.pid:  # it leads its own session and group (launch)
+            return
         os.killpg(server.pid, signal.SIGTERM)
     except OSError:
         return
@@ -139,11 +194,13 @@ def stop(server: LocalServer) -> None:
         if is_gone(server.pid):
             return
         time.sleep(0.1)
-    os.killpg(server.pid, signal.SIGKILL)
+    if server.is_running():
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def stop_recorded(home: Path) -> LocalServer | None:
-    """Stop the server recorded in `home`; returns it, or None when none runs."""
+    """Stop the server recorded in `home`; returns it, or None when none runs (a stale record is
+    discarded without signalling anything)."""
     with file_lock(home, ".lr-sweep-server.lock"):
         server = recorded(home)
         if server is not None:

@@ -3,7 +3,7 @@
 Validation is pure (a GPU deployment's config validates on a laptop, `--dry-run --device cuda`);
 here, before anything is written or trained, the run asks the machine: is that GPU there, can the
 directories be written, can the data source be read, does the model source build a network that
-takes these images. Every refusal is an `InvalidInput` naming the field to fix (exit 2 in the CLI).
+takes these images. Every refusal is an `InputError` naming the field to fix (exit 2 in the CLI).
 """
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from models.errors import InputError
 from models.user_code import SourceError
-
-
-class InvalidInput(ValueError):
-    """Bad input found beyond the config's own checks; `field` is the one to fix."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def check_device(device: str) -> None:
@@ -28,10 +21,10 @@ def check_device(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise InvalidInput("device", f"{device!r} is not available: this machine has no CUDA GPU")
+        raise InputError("device", f"{device!r} is not available: this machine has no CUDA GPU")
     index = int(device.split(":")[1]) if ":" in device else 0
     if index >= torch.cuda.device_count():
-        raise InvalidInput("device", f"{device!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise InputError("device", f"{device!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def check_writable(field: str, path: Path) -> None:
@@ -40,9 +33,9 @@ def check_writable(field: str, path: Path) -> None:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise InvalidInput(field, f"{str(path)!r} is not a directory ({str(probe)!r} is a file)")
+        raise InputError(field, f"{str(path)!r} is not a directory ({str(probe)!r} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InvalidInput(field, f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
+        raise InputError(field, f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
 
 
 def check_machine(config) -> None:
@@ -67,7 +60,7 @@ def check_run(config, dry_run: bool = False):
     try:
         dataset = prepare_dataset(*dataset_arguments(config), allow_download=not dry_run)
     except SourceError as error:
-        raise InvalidInput(error.field, str(error)) from None
+        raise InputError(error.field, str(error)) from None
     check_model(config, dataset)
     return dataset
 
@@ -82,7 +75,7 @@ def check_model_code(config) -> None:
         try:
             load_callable(source.code(), "model")
         except SourceError as error:
-            raise InvalidInput(error.field, str(error)) from None
+            raise InputError(error.field, str(error)) from None
 
 
 def check_model(config, dataset) -> None:
@@ -94,4 +87,4 @@ def check_model(config, dataset) -> None:
     try:
         check_source(model_source(base_spec(config)), input_shape(dataset))
     except SourceError as error:
-        raise InvalidInput(error.field, str(error)) from None
+        raise InputError(error.field, str(error)) from None

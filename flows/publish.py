@@ -6,10 +6,13 @@ Two steps:
    from the staged copies it made when the run logged them (under WANDB_DATA_DIR, which a sweep
    points at OUTPUT_DIR/.wandb/data), so those must still exist; they are checked first.
 2. The promotion the sweep decided (summary.json) is applied to the synced artifacts: the W&B
-   version whose files have the promoted model's digest receives the alias (and the Registry
-   link). A promotion is replayed only while the local registry still gives the alias to that
-   model: if a later sweep or a manual promotion moved it since, replaying the old one would
-   set W&B back in time, so it is skipped and the reason is said.
+   version whose FILES have the promoted model's digest (downloaded and hashed: a `digest` key in
+   an artifact's metadata is only a claim anyone can copy) receives the alias (and the Registry
+   link), after the gate an online sweep passes: it must beat W&B's current holder of the alias,
+   both measured on the candidate's test set (`--force` skips the gate and says so). A promotion
+   is replayed only while the local registry still gives the alias to that model: if a later
+   sweep or a manual promotion moved it since, replaying the old one would set W&B back in
+   time, so it is skipped and the reason is said.
 3. The sweep's W&B report (tasks/wandb_report.py) is saved in the project: its curves are drawn by
    W&B from the synced runs, the verdict and tables come from summary.json.
 
@@ -27,10 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from flows.config import REGISTRY_COLLECTION_PATTERN, SweepConfig
+from pydantic import ValidationError
+
+from flows.config import SweepConfig, describe_validation_error
+from flows.preflight import check_writable
+from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.names import check_name, inside
-from models.registry import ModelRef, split_name
+from models.registry import DigestMismatch, split_name
 from models.wandb_registry import WandbRegistry
 from tasks import tracking
 from tasks.wandb_report import save_wandb_report
@@ -58,6 +65,8 @@ class PublishPlan:
     registry_collection: str | None
     runs_to_sync: list[Path]
     runs_already_synced: list[Path]
+    data_dir: Path | None = None  # where the gate finds the test set
+    promotion_margin: float = 0.0
     collection: str | None = None
     alias: str | None = None
     model: str | None = None  # the promoted model, as the local registry names it
@@ -85,7 +94,13 @@ def read_summary(sweep_dir: Path) -> dict:
     if not path.exists():
         raise PublishError(f"no summary.json in {sweep_dir}: is the sweep id right, and did the "
                            "sweep finish? (--output-dir must be the sweep's output directory)")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PublishError(f"{path} is corrupt ({error}): it is not the sweep's summary") from None
+    if not isinstance(summary, dict):
+        raise PublishError(f"{path} is corrupt (not a JSON object): it is not the sweep's summary")
+    return summary
 
 
 def planned_promotion(summary: dict, local: LocalRegistry) -> dict:
@@ -112,17 +127,42 @@ def planned_promotion(summary: dict, local: LocalRegistry) -> dict:
             "reason": promotion.get("reason")}
 
 
+# What publish takes from the command line, else from the sweep's summary.json, else the defaults.
+TARGET_FIELDS = ("wandb_project", "wandb_entity", "wandb_registry_collection", "registry_dir", "data_dir",
+                 "promotion_margin")
+
+
+def checked_targets(given: dict, recorded: dict, summary_path: Path) -> dict:
+    """The publication's targets, each checked by SweepConfig's own rules, as the CLI checks its
+    flags: summary.json is a file, and a file is input like any other."""
+    values = {name: given.get(name) if given.get(name) is not None else recorded.get(name) for name in TARGET_FIELDS}
+    try:
+        config = SweepConfig(**{name: value for name, value in values.items() if value is not None})
+    except ValidationError as error:
+        field = next((str(p["loc"][0]) for p in error.errors() if p["loc"]), "config")
+        source = "given" if given.get(field) is not None else f"recorded in {summary_path}"
+        problems = describe_validation_error(error).splitlines()
+        raise InputError(field, "; ".join(line.split(": ", 1)[-1] for line in problems) + f" ({source})") from None
+    for name in ("registry_dir", "data_dir"):  # the pre-flight's probe, as `lr-sweep run` does
+        try:
+            check_writable(name, getattr(config, name))
+        except InputError as error:
+            source = "given" if given.get(name) is not None else f"recorded in {summary_path}"
+            raise InputError(name, f"{error} ({source})") from None
+    return {name: getattr(config, name) for name in TARGET_FIELDS}
+
+
 def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | str | None = None,
                  project: str | None = None, entity: str | None = None,
-                 registry_collection: str | None = None) -> PublishPlan:
+                 registry_collection: str | None = None, data_dir: Path | str | None = None) -> PublishPlan:
     """Check the sweep's files and work out the publication; unset options default to the sweep's config."""
     check_name("sweep_id", sweep_id)
-    if registry_collection is not None and not REGISTRY_COLLECTION_PATTERN.fullmatch(registry_collection):
-        raise ValueError(f"wandb_registry_collection {registry_collection!r} is not allowed: use "
-                         "wandb-registry-REGISTRY/COLLECTION (optionally ORG/ before it)")
     sweep_dir = inside(Path(output_dir), sweep_id)
     summary = read_summary(sweep_dir)
     config = summary.get("config", {})
+    targets = checked_targets({"wandb_project": project, "wandb_entity": entity, "registry_dir": registry_dir,
+                               "wandb_registry_collection": registry_collection, "data_dir": data_dir},
+                              config, sweep_dir / "summary.json")
     runs = offline_runs(sweep_dir)
     if not runs:
         raise PublishError(f"no offline W&B runs under {sweep_dir / 'wandb'}: the sweep ran with "
@@ -134,15 +174,13 @@ def plan_publish(sweep_id: str, output_dir: Path | str, *, registry_dir: Path | 
             f"{len(missing)} staged artifact file(s) of the sweep's runs are gone (e.g. {missing[0]}); "
             "W&B uploads model artifacts from these copies, so they must stay until the sweep is "
             "published. Re-run the sweep (finished trials are reused from the registry) or restore them.")
-    defaults = SweepConfig.model_fields
-    local = LocalRegistry(registry_dir or config.get("registry_dir") or defaults["registry_dir"].default)
+    local = LocalRegistry(targets["registry_dir"])
     move = planned_promotion(summary, local)
     return PublishPlan(
-        sweep_id=sweep_id, sweep_dir=sweep_dir,
-        project=project or config.get("wandb_project") or defaults["wandb_project"].default,
-        entity=entity or config.get("wandb_entity"),
-        registry_collection=registry_collection or config.get("wandb_registry_collection"),
+        sweep_id=sweep_id, sweep_dir=sweep_dir, project=targets["wandb_project"], entity=targets["wandb_entity"],
+        registry_collection=targets["wandb_registry_collection"],
         runs_to_sync=to_sync, runs_already_synced=[run for run in runs if run not in to_sync],
+        data_dir=targets["data_dir"], promotion_margin=targets["promotion_margin"],
         collection=move.get("collection"), alias=move.get("alias"), model=move.get("model"),
         digest=move.get("digest"), skip_reason=move.get("skip_reason"), reason=move.get("reason"),
     )
@@ -172,27 +210,60 @@ def sync_runs(runs: list[Path], project: str, entity: str | None) -> str:
     return output
 
 
-def apply_promotion(plan: PublishPlan, registry, *, attempts: int = FIND_ATTEMPTS,
+def verified_version(plan: PublishPlan, registry, *, attempts: int = FIND_ATTEMPTS,
+                     interval_seconds: float = FIND_INTERVAL_SECONDS):
+    """(ref, stored model) of the newest W&B version whose downloaded files have the plan's
+    digest. Versions whose metadata claims the digest but whose files do not have it are skipped
+    (and named, if none is left)."""
+    refused: list[str] = []
+    for attempt in range(attempts):
+        claims = [info.ref for info in registry.versions(plan.collection) if info.ref.digest == plan.digest]
+        for ref in reversed(claims):  # newest first, as W&B lists them oldest first
+            try:
+                return ref, registry.fetch(ref)  # downloads and hashes the files
+            except DigestMismatch as error:
+                refused.append(f"{ref}: {error}")
+        if claims or attempt + 1 == attempts:
+            break
+        time.sleep(interval_seconds)  # the synced versions may take a moment to be listed
+    if refused:
+        raise PublishError(f"no W&B version of {plan.collection} in {registry.location} has files with the digest "
+                           f"of {plan.model} ({plan.digest}); refused: " + "; ".join(dict.fromkeys(refused)))
+    raise PublishError(
+        f"no W&B version of {plan.collection} in {registry.location} has the digest of {plan.model} "
+        f"({plan.digest}); if that model was reused from an earlier sweep, publish that sweep first")
+
+
+def apply_promotion(plan: PublishPlan, registry, *, force: bool = False, attempts: int = FIND_ATTEMPTS,
                     interval_seconds: float = FIND_INTERVAL_SECONDS) -> dict:
-    """Give the plan's alias to the synced W&B version of the promoted model; returns what happened."""
+    """Give the plan's alias to the verified W&B version of the promoted model, if it beats W&B's
+    holder (or with `force`); returns what happened."""
     if plan.skip_reason or plan.alias is None:
         return {"moved": False, "reason": plan.skip_reason}
-    ref: ModelRef | None = None
-    for attempt in range(attempts):
-        if (ref := registry.find_by_digest(plan.collection, plan.digest)) is not None:
-            break
-        if attempt + 1 < attempts:
-            time.sleep(interval_seconds)
-    if ref is None:
-        raise PublishError(
-            f"no W&B version of {plan.collection} in {registry.location} has the digest of {plan.model} "
-            f"({plan.digest}); if that model was reused from an earlier sweep, publish that sweep first")
-    previous = registry.move_alias(ref, plan.alias, reason=f"published sweep {plan.sweep_id}: {plan.reason}")
-    return {"moved": True, "alias": plan.alias, "model": str(ref), "previous": str(previous) if previous else None}
+    ref, stored = verified_version(plan, registry, attempts=attempts, interval_seconds=interval_seconds)
+    reason = f"published sweep {plan.sweep_id}: {plan.reason}"
+    holder = registry.resolve(plan.collection, plan.alias)
+    if holder == ref:
+        return {"moved": False, "reason": f"{ref} already holds '{plan.alias}' in W&B"}
+    if force:
+        reason += " (--force: not gated against W&B's holder)"
+        previous = registry.move_alias(ref, plan.alias, reason=reason)
+        return {"moved": True, "forced": True, "alias": plan.alias, "model": str(ref),
+                "previous": str(previous) if previous else None}
+    from tasks.manual_promotion import decide_against_holder  # torch and the data: only when gating
+
+    promotion, holder = decide_against_holder(registry, ref, stored.metadata, plan.alias, plan.promotion_margin,
+                                              plan.data_dir or SweepConfig.model_fields["data_dir"].default)
+    if not promotion.promoted:
+        return {"moved": False, "reason": f"W&B's '{plan.alias}' stays on {holder}: {promotion.reason} "
+                "(publish --force moves it anyway)"}
+    previous = registry.move_alias(ref, plan.alias, reason=f"{reason}; {promotion.reason}", expected_holder=holder)
+    return {"moved": True, "forced": False, "alias": plan.alias, "model": str(ref),
+            "previous": str(previous) if previous else None, "gate": promotion.reason}
 
 
 def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str, str | None], str] = sync_runs,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, force: bool = False) -> dict:
     """Sync the plan's runs, apply its promotion in W&B, then save the sweep's W&B report."""
     tracking.require_online_access(plan.project, plan.entity)
     log(f"syncing {len(plan.runs_to_sync)} run(s) of sweep {plan.sweep_id} to {plan.entity or '(default entity)'}"
@@ -201,7 +272,7 @@ def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str
     if registry is None:
         registry = WandbRegistry(project=plan.project, entity=plan.entity,
                                  registry_collection=plan.registry_collection)
-    result = apply_promotion(plan, registry)
+    result = apply_promotion(plan, registry, force=force)
     try:
         report_url = save_wandb_report(read_summary(plan.sweep_dir), plan.sweep_dir, plan.project, plan.entity)
     except Exception as error:  # the runs and the alias are in W&B by now: say so, and how to retry

@@ -27,6 +27,7 @@ from models.files import atomic_write, file_lock, fsync_dir, fsync_write
 from models.names import LATEST, VERSION_NAME, check_name, inside
 from models.registry import (
     ANY_HOLDER,
+    CorruptState,
     ModelNotFound,
     ModelRef,
     StoredModel,
@@ -41,6 +42,15 @@ MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
 PROMOTIONS_FILE = "promotions.jsonl"
 STAGING_PREFIX = ".staging-"
+
+
+def read_state(path: Path):
+    """A JSON file the registry keeps; one that cannot be parsed is CorruptState naming it (a
+    bare "Expecting ',' delimiter" says neither which file nor that it is stored state)."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptState(path, str(error)) from None
 
 
 class LocalRegistry:
@@ -64,7 +74,10 @@ class LocalRegistry:
 
     def _read_aliases(self, directory: Path) -> dict[str, str]:
         path = directory / ALIASES_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+        table = read_state(path) if path.exists() else {}
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise CorruptState(path, "not a table of alias -> version")
+        return table
 
     def _write_aliases(self, directory: Path, table: dict[str, str]) -> None:
         atomic_write(directory / ALIASES_FILE, json.dumps(table, indent=2, sort_keys=True))
@@ -144,7 +157,7 @@ class LocalRegistry:
             version = self._read_aliases(directory).get(check_name("alias", tag))
         if version is None or not (directory / version / MANIFEST_FILE).exists():
             return None
-        manifest = json.loads((directory / version / MANIFEST_FILE).read_text())
+        manifest = read_state(directory / version / MANIFEST_FILE)
         return ModelRef(collection=collection, version=version, digest=manifest["digest"])
 
     def find_by_digest(self, collection: str, digest: str) -> ModelRef | None:
@@ -164,7 +177,7 @@ class LocalRegistry:
         if not (directory / MANIFEST_FILE).exists():
             raise ModelNotFound(f"no model {ref} in registry {self.root} (for trials on several nodes "
                                 "the registry must be shared by all of them)")
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        manifest = read_state(directory / MANIFEST_FILE)
         require_digest(ref, manifest["digest"], f"registry {self.root}")
         contents = {name: (directory / name).read_bytes() for name in manifest["files"]}
         hashes, actual = digest_files(contents)
@@ -210,8 +223,8 @@ class LocalRegistry:
         infos = []
         for number in self._version_numbers(directory):
             version = f"v{number}"
-            manifest = json.loads((directory / version / MANIFEST_FILE).read_text())
-            metadata = json.loads((directory / version / METADATA_FILE).read_text())
+            manifest = read_state(directory / version / MANIFEST_FILE)
+            metadata = read_state(directory / version / METADATA_FILE)
             infos.append(VersionInfo(
                 ref=ModelRef(collection=collection, version=version, digest=manifest["digest"]),
                 aliases=self._aliases_of(directory, version), metadata=metadata,

@@ -13,28 +13,47 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from models.errors import InputError
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 SAFE_NAME_TEXT = "letters, digits, '_', '.', '-', starting with a letter or digit (no '/', ':' or spaces)"
 VERSION_NAME = re.compile(r"v(\d+)")
 LATEST = "latest"
 # Folders the sweep itself keeps beside the sweeps in the output directory.
 RESERVED_SWEEP_IDS = frozenset({"checkpoints", "wandb", "prefect-results", "exports"})
-MAX_LENGTH = {"sweep_id": 96, "collection": 128, "alias": 128, "version": 16}
+# W&B's own limit for project names is 128 characters; entities (users, teams) are shorter.
+MAX_LENGTH = {"sweep_id": 96, "collection": 128, "alias": 128, "version": 16, "wandb_project": 128,
+              "wandb_entity": 64}
 
 
-class NameNotAllowed(ValueError):
+class NameNotAllowed(InputError):
     """A name that would not stay in its folder (or is kept by the registry); `kind` is the
     field it was given for."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+    @property
+    def kind(self) -> str:
+        return self.field
 
+
+def trial_name(learning_rate: float, seed: int) -> str:
+    """The one spelling of a trial's name: task runs, W&B runs and aliases, folders, logs.
+
+    Six significant digits (`%g`) keep names readable; two rates that agree in those digits
+    would share every name, so a sweep's rates are refused when they do (flows/config.py)."""
+    return f"lr{learning_rate:g}-seed{seed}"
+
+
+def rates_sharing_a_name(rates) -> dict[str, list[float]]:
+    """The trial names that more than one of `rates` would get (any seed: the rate part)."""
+    named: dict[str, list[float]] = {}
+    for rate in rates:
+        named.setdefault(trial_name(rate, 0).removesuffix("-seed0"), []).append(rate)
+    return {name: group for name, group in named.items() if len(group) > 1}
 
 
 def check_name(kind: str, name: str) -> str:
-    """`name` if it is a valid `kind` (sweep_id, collection, alias, version), else ValueError
-    naming the kind, the value and what is allowed."""
+    """`name` if it is a valid `kind` (sweep_id, collection, alias, version, wandb_project,
+    wandb_entity), else NameNotAllowed naming the kind, the value and what is allowed."""
     limit = MAX_LENGTH[kind]
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or len(name) > limit:
         raise NameNotAllowed(kind, f"{name!r} is not allowed as {kind}: 1-{limit} characters of {SAFE_NAME_TEXT}")
@@ -54,5 +73,6 @@ def inside(root: Path, *names: str) -> Path:
     base = Path(root).resolve()
     path = base.joinpath(*names).resolve()
     if path != base and base not in path.parents:
-        raise ValueError(f"{'/'.join(names)!r} leads outside {base}")
+        # A name (or a symlink in its place) that would leave its root: refused like a bad name.
+        raise NameNotAllowed("path", f"{'/'.join(names)!r} leads outside {base}")
     return path

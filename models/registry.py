@@ -23,25 +23,14 @@ from typing import Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models.names import LATEST, VERSION_NAME, check_name
-
-
-class RegistryError(Exception):
-    """Base class of the registry's own errors."""
-
-
-class ModelNotFound(RegistryError, LookupError):
-    pass
-
-
-class DigestMismatch(RegistryError):
-    """A stored version's files, or the version a name points to, do not match the digest the
-    caller holds: it is refused, never loaded or promoted."""
-
-
-class AliasConflict(RegistryError):
-    """The alias moved since the caller looked at it: its decision must be made again."""
-
+from models.errors import (  # noqa: F401 (the registry's errors, re-exported where they always were)
+    AliasConflict,
+    CorruptState,
+    DigestMismatch,
+    ModelNotFound,
+    RegistryError,
+)
+from models.names import LATEST, VERSION_NAME, NameNotAllowed, check_name
 
 # `expected_holder` default of move_alias: move whoever holds the alias now.
 ANY_HOLDER = object()
@@ -85,7 +74,7 @@ def split_name(name: str) -> tuple[str, str]:
     """'collection:vN' or 'collection:alias' -> (collection, 'vN' or alias), both names checked."""
     collection, sep, tag = name.partition(":")
     if not sep:
-        raise ValueError(f"model name {name!r} must look like COLLECTION:vN or COLLECTION:ALIAS")
+        raise NameNotAllowed("model", f"model name {name!r} must look like COLLECTION:vN or COLLECTION:ALIAS")
     check_name("collection", collection)
     if tag != LATEST and not VERSION_NAME.fullmatch(tag):
         check_name("alias", tag)

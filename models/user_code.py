@@ -25,18 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from models.errors import InputError
+
 # module.path:function or some/file.py:function (the function a plain identifier)
 MODULE_SPEC = re.compile(r"(?P<module>[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*):(?P<function>[A-Za-z_]\w*)")
 FILE_SPEC = re.compile(r"(?P<file>.+\.py):(?P<function>[A-Za-z_]\w*)")
 USER_PACKAGE = "lr_sweep_user"
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A model or data source the user named cannot be used; `field` is the config field to fix."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -111,14 +111,23 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
     return {"test": "welch_t", "p_value": p_value, "significant": significant, "note": note}
 
 
+# Accuracies are whole images over the test set (k/N), but as floats 0.8130 - 0.8120 is
+# 0.00099999...: a lead of exactly the margin was refused. Differences are compared with this
+# tolerance, far below one image of any test set (1e-9 is one image in a billion) and far above
+# the rounding of a subtraction (about 1e-16).
+GATE_TOLERANCE = 1e-9
+
+
 def gate(challenger: Evaluation, champion: Evaluation | None, margin: float) -> tuple[bool, str]:
-    """Champion/challenger on the same test set: (promote?, reason)."""
+    """Champion/challenger on the same test set: (promote?, reason). The one decision: the
+    challenger must be better (by at least one image) and by at least `margin`, both within
+    GATE_TOLERANCE."""
     if champion is None:
         return True, "no model held the alias"
     ours, theirs = challenger.metric(GATE_METRIC), champion.metric(GATE_METRIC)
     delta = ours - theirs
     figures = f"challenger test accuracy {ours:.4f} vs holder {theirs:.4f} ({delta:+.4f}, margin {margin:g})"
-    if delta > 0 and delta >= margin:
+    if delta > GATE_TOLERANCE and delta >= margin - GATE_TOLERANCE:
         return True, f"better than the holder: {figures}"
     return False, f"not better than the holder by more than the margin: {figures}"
 
@@ -224,7 +233,7 @@ def promotion_line(promotion: Promotion, limited: bool) -> str:
             f"{after:.3f} (digest {promotion.model.digest[:12]}){smoke}")
 
 
-def emit_promoted(promotion: Promotion, sweep_id: str, registry_dir: str, limited: bool) -> None:
+def emit_promoted(promotion: Promotion, sweep_id: str | None, registry_dir: str, limited: bool) -> None:
     """The event a Prefect automation reacts to (prefect.yaml: lr-sweep-export)."""
     model = promotion.model
     emit_event(
@@ -234,7 +243,9 @@ def emit_promoted(promotion: Promotion, sweep_id: str, registry_dir: str, limite
         payload={"collection": model.collection, "alias": promotion.alias, "version": model.version,
                  "digest": model.digest, "previous_version": promotion.previous.version if promotion.previous else None,
                  "previous_digest": promotion.previous.digest if promotion.previous else None,
-                 "metrics": promotion.challenger_evaluation.model_dump(), "sweep_id": sweep_id,
+                 # a manual promotion with --force measures nothing
+                 "metrics": promotion.challenger_evaluation.model_dump() if promotion.challenger_evaluation else None,
+                 "sweep_id": sweep_id, "reason": promotion.reason,
                  "registry_dir": registry_dir, "smoke": limited})
 
 

@@ -16,7 +16,12 @@ and writes, into ``OUTPUT_DIR/<collection>-<version>-<digest[:12]>/``:
 Both exported modules are loaded back from the written files and must give the logits of the
 stored weights rebuilt in eager mode, to within 1e-5, on a batch of images (real test images
 when given, else a fixed seeded random batch). The bundle is written in a temporary folder that
-is renamed into place, so a reader sees a complete bundle or none. Plain functions, no Prefect.
+is renamed into place, so a reader sees a complete bundle or none. A bundle already in place is
+reused only after the same check: its files must have the SHA-256s its bundle.json lists AND
+give the registry's weights' logits (a bundle.json lists whatever its writer put there, so its
+own hashes prove nothing about the model). The network is rebuilt from the architecture in the
+model's metadata by models/cnn.py alone: no metadata, payload or bundle names code that is
+imported. Plain functions, no Prefect.
 """
 
 from __future__ import annotations
@@ -71,12 +76,21 @@ class ExportMismatch(ExportError):
     """An exported module does not give the logits of the stored weights."""
 
 
+class NotInThisRegistry(ExportError):
+    """No model with the promoted digest is in the registry the export is configured for: the
+    promotion happened in another registry (another node's, a container's), not an error here."""
+
+
 def check_name(kind: str, value: str) -> str:
     """The registry's one name rule (models/names.py), raised as this module's InvalidName."""
     try:
         return check_registry_name(kind, value)
     except NameNotAllowed as error:
         raise InvalidName(str(error)) from None
+
+
+def _where(registry) -> str:
+    return str(getattr(registry, "location", None) or getattr(registry, "root", registry))
 
 
 def bundle_name(ref: ModelRef) -> str:
@@ -237,17 +251,35 @@ def model_card(bundle: dict) -> str:
     return "\n".join(lines)
 
 
-def _existing_bundle(path: Path, digest: str, alias: str) -> dict | None:
-    """A complete bundle already in place for this digest and alias (its files match their SHA-256s)."""
+BUNDLE_FILES = frozenset({TORCHSCRIPT_FILE, EXPORTED_PROGRAM_FILE, CARD_FILE})
+
+
+def _existing_bundle(path: Path, digest: str, alias: str, reference: torch.Tensor, batch: torch.Tensor) -> dict | None:
+    """A complete bundle already in place for this digest and alias: its files match the SHA-256s
+    it lists, and its modules, loaded back, give the stored weights' logits on `batch`. Anything
+    else (a planted or half-replaced bundle) is None: it is rebuilt."""
     try:
         bundle = json.loads((path / BUNDLE_FILE).read_text())
-        if bundle.get("digest") != digest or bundle.get("alias") != alias:
+        if bundle.get("format") != BUNDLE_FORMAT or bundle.get("digest") != digest or bundle.get("alias") != alias:
+            return None
+        if set(bundle["files"]) != BUNDLE_FILES or set(os.listdir(path)) != BUNDLE_FILES | {BUNDLE_FILE}:
             return None
         if any(file_digest(path / name) != sha for name, sha in bundle["files"].items()):
             return None
-        return bundle
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    try:
+        recheck = _check_exports(path, reference, batch)
+    except Exception:  # whatever a foreign file makes the loaders raise: not our bundle
+        return None
+    return bundle | {"rechecked": recheck}
+
+
+def _rebuild(arch: dict) -> torch.nn.Module:
+    try:
+        return build_model(arch)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"the model's architecture cannot be rebuilt by this code ({error}); not exported") from None
 
 
 def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: str, expected_digest: str | None,
@@ -269,6 +301,10 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
     output_dir = Path(output_dir)
 
     ref = registry.resolve(collection, alias)
+    if expected_digest is not None and (ref is None or ref.digest != expected_digest) \
+            and registry.find_by_digest(collection, expected_digest) is None:
+        raise NotInThisRegistry(f"no model of {collection} in {_where(registry)} has the promoted digest "
+                                f"{expected_digest[:12]}…: the promotion happened in another registry; nothing to export")
     if ref is None:
         raise AliasNotFound(f"no version of {collection} holds '{alias}'; nothing to export")
     if expected_digest is not None and ref.digest != expected_digest:
@@ -291,17 +327,17 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         raise ExportError(f"bundle path {final}: {error}; refusing to write") from None
     if final.resolve().parent != root:
         raise ExportError(f"bundle path {final} resolves to {final.resolve()}, outside {root}; refusing to write")
-    existing = _existing_bundle(final, ref.digest, alias) if final.is_dir() else None
-    if existing is not None:
-        return existing | {"path": str(final.resolve()), "reused": True}
-
     # The eager reference: the stored weights in the layout the project runs them in.
-    eager = build_model(arch)
+    eager = _rebuild(arch)
     eager.load_state_dict(stored.state_dict)
     eager = place_model(eager, "cpu").eval()
     with torch.inference_mode():
         reference = eager(batch.contiguous(memory_format=torch.channels_last))
-    plain = build_model(arch)  # exported in the default layout: it loads anywhere
+    existing = _existing_bundle(final, ref.digest, alias, reference, batch) if final.is_dir() else None
+    if existing is not None:
+        return existing | {"path": str(final.resolve()), "reused": True}
+
+    plain = _rebuild(arch)  # exported in the default layout: it loads anywhere
     plain.load_state_dict(stored.state_dict)
     plain.eval()
 
@@ -346,7 +382,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         except OSError:
             # Someone else put a bundle there meanwhile (same digest: same content), or a broken
             # one is in the way: keep a good one, replace a broken one.
-            existing = _existing_bundle(final, ref.digest, alias)
+            existing = _existing_bundle(final, ref.digest, alias, reference, batch)
             if existing is not None:
                 shutil.rmtree(staging, ignore_errors=True)
                 return existing | {"path": str(final.resolve()), "reused": True}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import InputError
 from tasks import tracking
 from tasks.checks import check_int, check_lr_range
 from tasks.data import Splits, load_splits, train_batches
@@ -147,7 +148,7 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
                              "min_lr (and max_lr)")
         suggestion = suggest_lr(lrs, smoothed)
     except ValueError as error:
-        raise ValueError(f"LR range test from {min_lr:g} to {max_lr:g} ({len(lrs)} of {steps} steps"
+        raise InputError("min_lr", f"LR range test from {min_lr:g} to {max_lr:g} ({len(lrs)} of {steps} steps"
                          f"{', stopped: the loss blew up' if stopped else ''}): {error}") from None
     return RangeTestResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion,
                            stopped_early=stopped, min_lr=min_lr, max_lr=max_lr, planned_steps=steps,

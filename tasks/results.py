@@ -13,14 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from models.names import trial_name  # noqa: F401 (re-exported: the tasks' import of it)
 from models.registry import ModelRef
 
 TrialStatus = Literal["completed", "failed", "diverged", "stopped"]
-
-
-def trial_name(learning_rate: float, seed: int) -> str:
-    """The one spelling of a trial's name: task runs, W&B runs and aliases, folders, logs."""
-    return f"lr{learning_rate:g}-seed{seed}"
 
 
 class Frozen(BaseModel):

@@ -85,6 +85,9 @@ def test_failed_trials_are_not_aggregated():
     (0.91, 0.90, 0.0, True),     # better
     (0.905, 0.90, 0.01, False),  # better, but by less than the margin
     (0.92, 0.90, 0.01, True),    # better by more than the margin
+    (0.8130, 0.8120, 0.001, True),   # by exactly the margin (as floats 0.000999...): 10 of 10,000 images
+    (0.8129, 0.8120, 0.001, False),  # one image short of the margin
+    (0.8121, 0.8120, 0.0, True),     # one image better, no margin
 ])
 def test_gate(challenger, champion, margin, promoted):
     decision, reason = gate(evaluation(0.5, test_accuracy=challenger),

@@ -92,11 +92,12 @@ def test_validation_is_pure_and_the_preflight_probes_the_machine(tmp_path):
     cuda:7` on a laptop); the run's pre-flight is what refuses it, naming the field."""
     import torch
 
-    from flows.preflight import InvalidInput, check_device
+    from flows.preflight import check_device
+    from models.errors import InputError
 
     config = SweepConfig(device="cuda:7", output_dir=tmp_path / "nowhere" / "yet")
     assert config.device == "cuda:7" and not (tmp_path / "nowhere").exists()
     if torch.cuda.device_count() <= 7:
-        with pytest.raises(InvalidInput, match="not available") as caught:
+        with pytest.raises(InputError, match="not available") as caught:
             check_device("cuda:7")
         assert caught.value.field == "device"

@@ -35,7 +35,7 @@ from tests.conftest import REPO_ROOT
 IMAGE = "registry.example.com/ml/lr-sweep:2026-01-01"
 # The Docker API version docker-py would negotiate with a current engine (device requests need 1.40+).
 DOCKER_API_VERSION = "1.44"
-GPU_DEPLOYMENTS = [("lr_sweep", "lr-sweep"), ("lr_sweep_trial", "trial-gpu")]
+GPU_DEPLOYMENTS = [("lr_sweep", "lr-sweep"), ("lr_sweep_trial", "trial-gpu"), ("lr_sweep_export", "export-docker")]
 LOCAL_DEPLOYMENTS = [("lr_sweep", "local"), ("lr_sweep_trial", "trial-local")]
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
@@ -143,9 +143,9 @@ def test_deployments_restate_no_defaults_and_load_their_flows():
         config = flow.parameters.properties["config"]  # the sweep: SweepConfig, or None for its defaults
         assert config.get("$ref", (config.get("anyOf") or [{}])[0].get("$ref", "")).endswith("SweepConfig")
     assert names == {"lr-sweep": {"lr-sweep", "local"}, "lr-sweep-trial": {"trial-gpu", "trial-local"},
-                     "lr-sweep-export": {"export-local"}}
+                     "lr-sweep-export": {"export-local", "export-docker"}}
     # Distinct names in the UI's deployment list; each sweep finds its pool's trial deployment.
-    assert len(set().union(*names.values())) == 5
+    assert len(set().union(*names.values())) == 6
     pools = {(d["entrypoint"], d["work_pool"]["name"]) for d in project()["deployments"]}
     for pool in ("lr-sweep-gpu", "lr-sweep-process"):
         assert ("flows.trial:lr_sweep_trial", pool) in pools and ("flows.sweep:lr_sweep", pool) in pools

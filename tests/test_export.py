@@ -6,6 +6,7 @@ A small model is logged into a LocalRegistry under tmp_path; no Prefect, no data
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tasks.export import (
     ExportMismatch,
     HolderChanged,
     InvalidName,
+    NotInThisRegistry,
     bundle_name,
     export_bundle,
 )
@@ -214,14 +216,104 @@ def test_artifact_keys_are_what_prefect_accepts():
 
 
 def test_the_export_deployment_is_triggered_by_promotions():
-    """prefect.yaml: the trigger's shape; tests/test_promotion_chain.py shows it firing (-m slow)."""
+    """prefect.yaml: the trigger's shape; tests/test_promotion_chain.py shows it firing (-m slow).
+    The event fills in what it selects (collection, alias, digest) and nothing else: the registry
+    and the output directory are the deployment's."""
     project = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    [spec] = [d for d in project["deployments"] if d["entrypoint"] == "flows.export:lr_sweep_export"]
-    assert (spec["name"], spec["work_pool"]["name"]) == ("export-local", "lr-sweep-process")
-    [trigger] = [DeploymentEventTrigger.model_validate(t) for t in spec["triggers"]]
-    assert trigger.expect == {"lr-sweep.model.promoted"} and trigger.enabled
-    assert trigger.match.matches(Resource({"prefect.resource.id": f"lr-sweep.model.{COLLECTION}"}))
-    assert not trigger.match.matches(Resource({"prefect.resource.id": "lr-sweep.sweep.s1"}))
-    assert trigger.parameters == {name: f"{{{{ event.payload.{name} }}}}"
-                                  for name in ("collection", "alias", "digest", "registry_dir")}
-    assert set(trigger.parameters) <= set(lr_sweep_export.parameters.properties)
+    specs = {d["name"]: d for d in project["deployments"] if d["entrypoint"] == "flows.export:lr_sweep_export"}
+    assert {name: spec["work_pool"]["name"] for name, spec in specs.items()} == {
+        "export-local": "lr-sweep-process", "export-docker": "lr-sweep-gpu"}
+    for spec in specs.values():
+        [trigger] = [DeploymentEventTrigger.model_validate(t) for t in spec["triggers"]]
+        assert trigger.expect == {"lr-sweep.model.promoted"} and trigger.enabled
+        assert trigger.match.matches(Resource({"prefect.resource.id": f"lr-sweep.model.{COLLECTION}"}))
+        assert not trigger.match.matches(Resource({"prefect.resource.id": "lr-sweep.sweep.s1"}))
+        assert trigger.parameters == {name: f"{{{{ event.payload.{name} }}}}" for name in ("collection", "alias", "digest")}
+        assert set(trigger.parameters) <= set(lr_sweep_export.parameters.properties)
+
+
+# --- nothing in an event, a bundle or a model's metadata steers the export ------------------------
+
+def test_a_planted_bundle_is_rebuilt_not_reused(tmp_path):
+    """A bundle.json lists its files' SHA-256s, so a planted one "matched" and was reported as
+    reused, with another model's weights in model.pt. Reuse now also needs the logits check."""
+    registry = LocalRegistry(tmp_path / "registry")
+    other = log(registry, 0.01, 1, aliases=("staging",))
+    ref = log(registry, 0.001, 0, aliases=("production",))
+    decoy = export_bundle(registry, COLLECTION, "staging", other.digest, tmp_path / "decoy")  # a real bundle of v0
+    planted = tmp_path / "out" / bundle_name(ref)
+    planted.parent.mkdir()
+    (tmp_path / "decoy" / bundle_name(other)).rename(planted)
+    claim = decoy | {"model": str(ref), "version": ref.version, "digest": ref.digest, "alias": "production"}
+    (planted / "bundle.json").write_text(json.dumps({k: v for k, v in claim.items() if k not in ("path", "reused")}))
+
+    bundle = export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "out")
+    assert bundle["reused"] is False and bundle["path"] == str(planted.resolve())
+    images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = eager(registry, ref)(images.contiguous(memory_format=torch.channels_last))
+        scripted = torch.jit.load(str(planted / "model.pt"))(images)
+    assert (scripted - expected).abs().max().item() <= 1e-5  # the promoted weights, not the decoy's
+    again = export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "out")
+    assert again["reused"] is True and again["rechecked"]["max_abs_diff"] <= 1e-5
+
+
+def test_a_promotion_in_another_registry_is_not_this_exports(tmp_path):
+    """A Docker sweep's event reached the export of the host's registry: AliasNotFound or
+    HolderChanged. A digest this registry does not hold is not this deployment's to export."""
+    here, there = LocalRegistry(tmp_path / "here"), LocalRegistry(tmp_path / "there")
+    log(here, 0.001, 0, aliases=("production",))
+    elsewhere = log(there, 0.0005, 3, aliases=("production",))
+    with pytest.raises(NotInThisRegistry, match="another registry"):
+        export_bundle(here, COLLECTION, "production", elsewhere.digest, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_code_is_never_named_by_the_metadata(tmp_path):
+    """The network is rebuilt by models/cnn.py from the architecture; metadata naming other code
+    is refused without importing it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_model.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    registry = LocalRegistry(tmp_path / "registry")
+    stored = metadata(0.001, 0) | {"architecture": architecture(hidden_units=16) | {"name": "planted_model"},
+                                   "model": {"module": "planted_model", "path": str(tmp_path / "planted_model.py")}}
+    ref = registry.log_model(COLLECTION, build_model(architecture(hidden_units=16)).state_dict(), stored,
+                             aliases=("production",))
+    with pytest.raises(ExportError, match="cannot be rebuilt by this code"):
+        export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "out")
+    assert not marker.exists() and "planted_model" not in sys.modules
+
+
+def test_the_export_flow_opens_its_own_registry_not_the_events(prefect_server, tmp_path, monkeypatch):
+    """The flow took `registry_dir` from the event: whatever directory a payload named was
+    opened. Now the registry is the deployment's configuration (here LR_SWEEP_* of the worker)."""
+    registry = LocalRegistry(tmp_path / "registry")
+    ref = log(registry, 0.001, 0, aliases=("production",))
+    monkeypatch.setenv("LR_SWEEP_REGISTRY_DIR", str(tmp_path / "registry"))
+    monkeypatch.setenv("LR_SWEEP_OUTPUT_DIR", str(tmp_path / "runs"))
+    bundle = lr_sweep_export(collection=COLLECTION, alias="production", digest=ref.digest)
+    assert bundle["exported"] and Path(bundle["path"]).parent == (tmp_path / "runs" / "exports").resolve()
+    other = log(LocalRegistry(tmp_path / "other"), 0.0005, 1, aliases=("production",))
+    skipped = lr_sweep_export(collection=COLLECTION, alias="production", digest=other.digest)
+    assert skipped == {"exported": False, "reason": skipped["reason"]} and "another registry" in skipped["reason"]
+
+
+def test_the_export_flow_reads_a_wandb_registry(prefect_server, tmp_path, monkeypatch):
+    """With registry 'wandb' the export fetched from the local directory the event named:
+    AliasNotFound. It now resolves and downloads the alias from W&B (its server faked here:
+    offline W&B has no artifacts to fetch)."""
+    import wandb
+
+    from models.serialization import model_files
+    from models.wandb_registry import DIGEST_KEY
+    from tests.wandb_fakes import FakeServer, digest_of
+
+    server = FakeServer(collection=COLLECTION)
+    torch.manual_seed(0)
+    files = model_files(build_model(architecture(hidden_units=16)).state_dict(), metadata(0.001, 0))
+    server.add(files, json.loads(files["metadata.json"]) | {DIGEST_KEY: digest_of(files)}, ["production"])
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: server.api)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    bundle = lr_sweep_export(collection=COLLECTION, alias="production", digest=digest_of(files), registry="wandb",
+                             wandb_project="proj", wandb_entity="ent", output_dir=str(tmp_path / "out"))
+    assert bundle["exported"] and bundle["digest"] == digest_of(files) and bundle["model"] == f"{COLLECTION}:v0"

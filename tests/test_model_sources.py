@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.preflight import InvalidInput, check_model_code
+from flows.preflight import check_model_code
+from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.sources import GreyToRGB, InputShape, ModelCodeChanged, ModelSource, check_source, rebuild
 from models.user_code import SourceError
@@ -127,7 +128,7 @@ def test_a_factory_that_returns_no_module_or_wrong_logits_is_refused(tmp_path):
         check_source(ModelSource(f"{factories}:not_a_module"), GREY)
     with pytest.raises(SourceError, match=r"logits of shape \(2, 10\)"):
         check_source(ModelSource(f"{factories}:too_few_classes"), GREY)
-    with pytest.raises(InvalidInput, match="not a function"):
+    with pytest.raises(InputError, match="not a function"):
         check_model_code(smoke_config(tmp_path, tmp_path, model=f"{factories}:value"))
 
 

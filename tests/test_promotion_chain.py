@@ -6,8 +6,9 @@ creates the deployment's trigger as an automation), a process worker; then the e
 emits, sent by `emit_event` from a separate process pointed at that server:
 
 1. `lr-sweep.model.promoted` for the model that holds `production`: the automation starts a flow
-   run of lr-sweep-export with the event's collection, alias, digest and registry directory; it
-   completes and its bundle carries the promoted digest.
+   run of lr-sweep-export with the event's collection, alias and digest, on the deployment's own
+   registry (the payload's registry_dir, a container's path, is not used); it completes and its
+   bundle carries the promoted digest.
 2. `lr-sweep.sweep.finished`: starts nothing.
 3. a `lr-sweep.model.promoted` that is out of date (the alias names another model by the time it
    is handled): the export run fails with HolderChanged and writes nothing.
@@ -78,9 +79,10 @@ def stack(tmp_path_factory):
         server = stack.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
         print(f"\nprefect server healthy after {wait_until_healthy(stack, server):.0f} s on {api_url}")
         stack.run(str(BIN / "prefect"), "work-pool", "create", "lr-sweep-process", "--type", "process", "--overwrite")
-        # Bundles go under the test's folder, not the checkout: the deployment's default output_dir.
+        # The deployment's own registry and bundle folder (under the test's folder, not the
+        # checkout's defaults): the events only select collection, alias and digest.
         deployed = stack.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--name", DEPLOYMENT,
-                             "--param", f"output_dir={home / 'exports'}")
+                             "--param", f"output_dir={home / 'exports'}", "--param", f"registry_dir={home / 'registry'}")
         for line in deployed.splitlines():
             if "lr-sweep-export" in line or "rigger" in line or "utomation" in line:
                 print(line.strip(" │╭╰─"))
@@ -127,7 +129,8 @@ def promote_and_emit(stack: Stack, registry: LocalRegistry, version: str, previo
                          "previous_version": previous.version if previous else None, "digest": ref.digest,
                          "previous_digest": previous.digest if previous else None,
                          "metrics": stored.metadata["metrics"], "sweep_id": "chain-test",
-                         "registry_dir": str(registry.root.resolve())})
+                         # what a container's sweep sends: a path of its own; never opened here
+                         "registry_dir": "/opt/lr-sweep/registry"})
 
 
 def export_runs(stack: Stack) -> list:
@@ -173,7 +176,8 @@ def test_the_automation_is_the_deployments_trigger(stack):
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         automations = client.read_automations_by_name(AUTOMATION)
     assert deployment.work_pool_name == "lr-sweep-process" and deployment.entrypoint == "flows.export:lr_sweep_export"
-    assert deployment.parameters == {"output_dir": str(stack.home / "exports")}
+    assert deployment.parameters == {"output_dir": str(stack.home / "exports"),
+                                     "registry_dir": str(stack.home / "registry")}
     assert len(automations) == 1
     automation = automations[0]
     trigger, action = automation.trigger, automation.actions[0]
@@ -193,7 +197,7 @@ def test_a_promotion_runs_the_export_of_the_promoted_model(stack, registry):
     assert run.state.is_completed(), run.state
     payload = sent["payload"]
     assert run.parameters == {"collection": COLLECTION, "alias": "production", "digest": payload["digest"],
-                              "registry_dir": payload["registry_dir"], "output_dir": str(stack.home / "exports")}
+                              "registry_dir": str(stack.home / "registry"), "output_dir": str(stack.home / "exports")}
 
     holder = registry.resolve(COLLECTION, "production")
     path = stack.home / "exports" / bundle_name(holder)
@@ -226,3 +230,28 @@ def test_an_out_of_date_promotion_is_not_exported_and_other_events_start_nothing
         bundle_name(registry.resolve(COLLECTION, "v1"))]  # no staging folder left either
     new = [run for run in export_runs(stack) if run.id not in before]
     assert [r.parameters["digest"] for r in new] == [stale.digest], "sweep.finished started a run"
+
+
+def test_a_rollback_with_promote_force_is_exported_too(stack, registry):
+    """`lr-sweep promote --force` moved the alias without the event: the automation never ran
+    and the bundle of the model rolled back to was never made. A real CLI process now sends it."""
+    from tests.helpers import LR_SWEEP
+
+    target = registry.resolve(COLLECTION, "v0")
+    done = subprocess.run([str(LR_SWEEP), "promote", f"{COLLECTION}:v0", "--alias", "production", "--force",
+                           "--registry-dir", str(registry.root)], env=stack.env, capture_output=True, text=True,
+                          timeout=120)
+    print(done.stdout, done.stderr)
+    assert done.returncode == 0 and f"sent lr-sweep.model.promoted for {COLLECTION}:v0" in done.stderr, done.stderr
+    assert registry.resolve(COLLECTION, "production") == target
+    deadline = time.monotonic() + RUN_SECONDS
+    while time.monotonic() < deadline:  # a second run for v0's digest: the first was the stale event's
+        runs = [r for r in export_runs(stack) if r.parameters.get("digest") == target.digest]
+        if len(runs) > 1 and runs[-1].state is not None and runs[-1].state.is_final():
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no export run after the rollback: {[(r.name, r.state_type) for r in export_runs(stack)]}")
+    assert runs[-1].state.is_completed(), runs[-1].state
+    bundle = json.loads((stack.home / "exports" / bundle_name(target) / "bundle.json").read_text())
+    assert bundle["digest"] == target.digest and bundle["model"] == f"{COLLECTION}:v0"

@@ -1,6 +1,7 @@
 """`lr-sweep publish`: a real offline sweep (the session's smoke sweep), read back, planned and
 applied to a fake W&B server; the sync's own failures; paths that outlive the working directory."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -11,11 +12,13 @@ import pytest
 from flows import publish as publishing
 from flows.cli import main
 from flows.publish import PublishError, apply_promotion, plan_publish, sync_runs
+from models.errors import InputError
 from models.local_registry import LocalRegistry
+from models.serialization import model_files
 from models.wandb_registry import DIGEST_KEY, WandbRegistry
 from tasks import tracking
 from tests.helpers import COLLECTION as SWEEP_COLLECTION
-from tests.wandb_fakes import FakeServer
+from tests.wandb_fakes import FakeServer, digest_of, small_model
 
 # --- publish: a real offline sweep, read back ----------------------------------------------------------
 
@@ -48,16 +51,11 @@ def test_publish_without_a_key_says_so(offline_sweep, capsys):
     assert "WANDB_API_KEY" in capsys.readouterr().err
 
 
-def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch, report_server):
-    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one, and
-    the sweep's W&B report is saved in the project."""
-    config, summary = offline_sweep
-    plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
-    server = FakeServer(collection=SWEEP_COLLECTION)
-    server.add_model(0, aliases=["production"])  # an earlier holder in W&B
-
-    def fake_sync(runs, project, entity):  # what `wandb sync` uploads: the runs' artifacts as recorded
-        report_server.projects.append(project)  # (and the project, which it creates)
+def synced_to(server: FakeServer, report_server=None):
+    """What `wandb sync` uploads: the runs' artifacts as recorded (and the project, which it creates)."""
+    def fake_sync(runs, project, entity):
+        if report_server is not None:
+            report_server.projects.append(project)
         for run_dir in runs:
             for record in tracking.run_records(run_dir):
                 if record["type"] == "artifact":
@@ -66,13 +64,34 @@ def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_
                              for entry in artifact["manifest"]["contents"]}
                     server.add(files, json.loads(artifact["metadata"]), artifact["aliases"])
         return ""
+    return fake_sync
+
+
+def add_holder(server: FakeServer, config, summary, seed: int = 0) -> None:
+    """An earlier holder of `production` in W&B: an untrained model on the sweep's own data."""
+    dataset = LocalRegistry(config.registry_dir).fetch(summary["promotion"]["model"]).metadata["dataset"]
+    state, metadata = small_model(seed)
+    files = model_files(state, metadata | {"dataset": dataset})
+    server.add(files, json.loads(files["metadata.json"]) | {DIGEST_KEY: digest_of(files)}, ["production"])
+
+
+def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_sweep, monkeypatch, report_server):
+    """After `wandb sync`, W&B holds each trial's artifact; the alias goes to the promoted one once
+    it beat W&B's holder, and the sweep's W&B report is saved in the project."""
+    config, summary = offline_sweep
+    plan = publishing.plan_publish(summary["sweep_id"], config.output_dir)
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    add_holder(server, config, summary)
 
     monkeypatch.setattr(tracking, "require_online_access", lambda project, entity: None)
-    result = publishing.publish(plan, registry=WandbRegistry("proj", "ent", api=server.api), sync=fake_sync,
-                                log=lambda line: None)
+    result = publishing.publish(plan, registry=WandbRegistry("proj", "ent", api=server.api),
+                                sync=synced_to(server, report_server), log=lambda line: None)
     winner = next(n for n, v in enumerate(server.versions) if v["metadata"].get(DIGEST_KEY) == plan.digest)
-    assert result["promotion"] == {"moved": True, "alias": "production", "model": f"{SWEEP_COLLECTION}:v{winner}",
-                                   "previous": f"{SWEEP_COLLECTION}:v0"}
+    promotion = result["promotion"]
+    assert {k: promotion[k] for k in ("moved", "forced", "alias", "model", "previous")} == {
+        "moved": True, "forced": False, "alias": "production", "model": f"{SWEEP_COLLECTION}:v{winner}",
+        "previous": f"{SWEEP_COLLECTION}:v0"}
+    assert "better than the holder" in promotion["gate"]
     assert server.holders("production") == [f"v{winner}"]
     stored = WandbRegistry("proj", "ent", api=server.api).fetch(f"{SWEEP_COLLECTION}:production")  # digest checked
     assert stored.metadata["sweep_id"] == summary["sweep_id"]
@@ -81,11 +100,71 @@ def test_publish_applies_the_recorded_promotion_to_the_synced_artifacts(offline_
     assert summary["sweep_id"] in report["displayName"]
 
 
+def test_an_artifact_that_only_claims_the_digest_gets_nothing(offline_sweep):
+    """The alias went to the newest artifact whose METADATA had the digest: anyone who logged one
+    with a copied `digest` key won. The files are downloaded and hashed."""
+    config, summary = offline_sweep
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    synced_to(server)(plan.runs_to_sync, plan.project, plan.entity)
+    genuine = next(n for n, v in enumerate(server.versions) if v["metadata"].get(DIGEST_KEY) == plan.digest)
+    state, metadata = small_model(7)
+    server.add(model_files(state, metadata), metadata | {DIGEST_KEY: plan.digest})  # newer, other files
+    result = apply_promotion(plan, WandbRegistry("proj", "ent", api=server.api))
+    assert result["moved"] and result["model"] == f"{SWEEP_COLLECTION}:v{genuine}"
+    assert server.holders("production") == [f"v{genuine}"]
+
+
+def test_a_copied_digest_alone_is_refused_with_the_reason(offline_sweep):
+    config, summary = offline_sweep
+    plan = plan_publish(summary["sweep_id"], config.output_dir)
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    state, metadata = small_model(7)
+    server.add(model_files(state, metadata), metadata | {DIGEST_KEY: plan.digest})
+    with pytest.raises(PublishError, match="has files with the digest(.|\n)*refused: .*downloaded files"):
+        apply_promotion(plan, WandbRegistry("proj", "ent", api=server.api), attempts=1)
+    assert server.holders("production") == []
+
+
+def test_publish_gates_against_the_holder_in_wandb_unless_forced(offline_sweep):
+    """An older offline sweep replaced a better online champion: publish now measures W&B's
+    holder as an online sweep would; --force moves the alias anyway and says so."""
+    config, summary = offline_sweep
+    plan = dataclasses.replace(plan_publish(summary["sweep_id"], config.output_dir), promotion_margin=1.0)
+    server = FakeServer(collection=SWEEP_COLLECTION)
+    add_holder(server, config, summary)  # no challenger beats it by the whole margin of 1.0
+    synced_to(server)(plan.runs_to_sync, plan.project, plan.entity)
+    registry = WandbRegistry("proj", "ent", api=server.api)
+    kept = apply_promotion(plan, registry)
+    assert not kept["moved"] and "stays on" in kept["reason"] and "--force" in kept["reason"]
+    assert server.holders("production") == ["v0"]
+    forced = apply_promotion(plan, registry, force=True)
+    assert forced["moved"] and forced["forced"] and server.holders("production") != ["v0"]
+    [record] = server.versions[int(forced["model"].rsplit(":v", 1)[1])]["metadata"]["promotions"]
+    assert "--force: not gated" in record["reason"]
+
+
+@pytest.mark.parametrize("field, value", [("wandb_entity", "--yes"), ("wandb_project", "../elsewhere"),
+                                          ("wandb_registry_collection", "wandb-registry-x/../y"),
+                                          ("registry_dir", "/proc/1")])
+def test_targets_from_summary_json_obey_the_cli_rules(offline_sweep, tmp_path, capsys, field, value):
+    """Project, entity, Registry collection and registry_dir came from summary.json unchecked."""
+    config, summary = offline_sweep
+    sweep = tmp_path / "runs" / summary["sweep_id"]
+    sweep.mkdir(parents=True)
+    (sweep / "summary.json").write_text(json.dumps(summary | {"config": summary["config"] | {field: value}}))
+    with pytest.raises(InputError) as raised:
+        plan_publish(summary["sweep_id"], tmp_path / "runs")
+    assert raised.value.field == field and str(sweep / "summary.json") in str(raised.value)
+    assert main(["publish", summary["sweep_id"], "--output-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
+    assert f"invalid input:\n{field}: " in capsys.readouterr().err
+
+
 def test_a_report_that_cannot_be_saved_fails_publish_and_says_what_is_done(offline_sweep, monkeypatch, report_server):
     config, summary = offline_sweep
     plan = publishing.plan_publish(summary["sweep_id"], config.output_dir, project="not-in-wandb")
     monkeypatch.setattr(tracking, "require_online_access", lambda project, entity: None)
-    monkeypatch.setattr(publishing, "apply_promotion", lambda plan, registry: {"moved": False, "reason": "test"})
+    monkeypatch.setattr(publishing, "apply_promotion", lambda plan, registry, **options: {"moved": False, "reason": "test"})
     with pytest.raises(PublishError, match="runs are synced and the promotion applied(.|\n)*not found(.|\n)*"
                                            "Run publish again"):
         publishing.publish(plan, registry=object(), sync=lambda runs, project, entity: "", log=lambda line: None)
@@ -138,3 +217,12 @@ def test_publish_from_another_directory_finds_the_sweeps_registry(offline_sweep,
     LocalRegistry(empty)
     with pytest.raises(PublishError, match="holds no model with the digest"):
         plan_publish(summary["sweep_id"], config.output_dir, registry_dir=empty)
+
+
+def test_a_corrupt_summary_is_named(tmp_path, capsys):
+    sweep = tmp_path / "runs" / "s1"
+    sweep.mkdir(parents=True)
+    (sweep / "summary.json").write_text('{"config": {"wandb_project": "p" "x"}}')
+    assert main(["publish", "s1", "--output-dir", str(tmp_path / "runs"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert f"{sweep / 'summary.json'} is corrupt" in err and "Traceback" not in err

@@ -1,0 +1,34 @@
+"""Promotions decided outside a sweep, `lr-sweep promote` and `lr-sweep publish`: the sweep's
+own champion/challenger decision (tasks/compare.py decide_promotion) with both models fetched
+from the registry that will hold the alias (files checked against their digests) and measured on
+the candidate's test set, on the CPU. Nothing is moved here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.registry import ModelRef, ModelRegistry
+from models.sources import ModelSource
+from tasks.compare import decide_promotion
+from tasks.data import load_splits, prepare_dataset
+from tasks.evaluate import evaluate_stored_model
+from tasks.results import Promotion
+
+
+def decide_against_holder(registry: ModelRegistry, candidate: ModelRef, metadata: dict, alias: str,
+                          margin: float, data_dir: Path | str,
+                          allowed: ModelSource | None = None) -> tuple[Promotion, ModelRef | None]:
+    """(the decision, the holder it was made against). `metadata`: the candidate's, as fetched.
+
+    Both models are measured on the test set of the candidate's dataset, each with its own
+    normalisation; a holder trained on other data is not compared (the caller's --force). User
+    model code is imported only when `allowed` (the command's own --model) names it."""
+    dataset_meta = metadata["dataset"]
+    dataset = prepare_dataset(dataset_meta["name"], Path(data_dir), dataset_meta["val_size"],
+                              dataset_meta["split_seed"], dataset_meta["train_limit"])
+    splits = load_splits(dataset, "cpu")
+
+    def evaluate(model: ModelRef):
+        return evaluate_stored_model(registry, model, splits, "cpu", allowed)
+
+    return decide_promotion(registry, candidate, evaluate(candidate), alias, margin, evaluate)
