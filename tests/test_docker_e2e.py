@@ -10,7 +10,9 @@ device request, the host's network) and Debian's Fashion-MNIST mounted read-only
 GPU request is still what the deployment asks for without the override; the flow runs as the
 image's non-root user and writes to the three named volumes; the alias moves, and a second sweep
 reuses the registry volume; `dispatch: deployment` spreads the trials over both workers on one
-shared registry volume; fake API keys in the workers' environment reach no image layer, image
+shared registry volume; an image derived from it by examples/Dockerfile (the example model's
+package pip-installed) sweeps `--model resnet_model:small_resnet` on the same workers, its alias
+in a collection of its own; fake API keys in the workers' environment reach no image layer, image
 file, volume or output. Every process, container, volume and image made here is removed by its
 id or unique name at the end.
 
@@ -45,6 +47,7 @@ from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
 import docker as docker_sdk
 from models.local_registry import LocalRegistry
+from models.sources import ModelSource
 from tests.conftest import REPO_ROOT, SYSTEM_FASHION_MNIST
 
 pytestmark = pytest.mark.docker
@@ -58,6 +61,9 @@ ALIAS = "production"
 USER_ID = 10001  # the Dockerfile's lrsweep user
 VOLUME_ROLES = {"data": "/opt/lr-sweep/data", "registry": "/opt/lr-sweep/registry", "runs": "/opt/lr-sweep/runs"}
 DATASET_MOUNT = f"{SYSTEM_FASHION_MNIST}:{SYSTEM_FASHION_MNIST}:ro"
+EXAMPLES = REPO_ROOT / "examples"  # the example model's package and the Dockerfile deriving an image with it
+USER_MODEL = "resnet_model:small_resnet"  # by module: the package is installed in the derived image
+USER_COLLECTION = "fashion-mnist-small_resnet"
 
 
 def free_port() -> int:
@@ -446,6 +452,47 @@ def test_dispatch_spreads_the_trials_over_both_docker_workers(stack, workers):
         stack.say(f"dispatch: lr {trial['learning_rate']:g} trained on worker {trial['worker']} -> "
                   f"{trial['model']} (digest {trial['digest'][:16]}...)")
     stack.say(f"dispatch: alias {ALIAS!r} -> {holder}, the best trial's digest")
+
+
+# --- a user's model in an image derived from lr-sweep's ------------------------------------------
+
+def test_a_user_model_package_in_a_derived_image_sweeps_on_the_docker_worker(stack, workers):
+    # examples/Dockerfile as the docs give it, on this test's image, with the classic builder
+    # (docker/build-image.sh says why); the build context is the package's folder.
+    image = f"lr-sweep-resnet:e2e-{stack.uid}"
+    started = time.monotonic()
+    stack.run(["docker", "build", "--network", "host", "--file", str(EXAMPLES / "Dockerfile"),
+               "--build-arg", f"LR_SWEEP_IMAGE={stack.image}", "--tag", image, str(EXAMPLES)],
+              timeout=900, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    stack.images.insert(0, image)  # removed before the image it derives from
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", image)) - int(docker("image", "inspect", "-f",
+                                                                                 "{{.Size}}", stack.image))
+    stack.say(f"derived image {image} (examples/Dockerfile on {stack.image}): {time.monotonic() - started:.0f} s, "
+              f"{size / 1e3:+.0f} kB")
+    who, where = docker("run", "--rm", "--network", "host", image, "sh", "-c",
+                        "id -un; python3 -c 'import resnet_model; print(resnet_model.__file__)'").split()
+    assert who == "lrsweep" and where.endswith("site-packages/resnet_model.py"), (who, where)
+
+    config = SMOKE | {"learning_rates": [0.003], "model": USER_MODEL, "model_args": {"width": 4},
+                      "sweep_id": f"e2e-docker-resnet-{stack.uid}"}
+    flow_run = run_sweep(stack, config, stack.job_variables() | {"image": image})
+    assert flow_run.job_variables["image"] == image
+    runs, registry = stack.snapshot(stack.volume("runs")), stack.snapshot(stack.volume("registry"))
+    summary = summary_of(runs, config["sweep_id"])
+    [trial] = summary["trials"]
+    assert trial["status"] == "completed" and trial["model"].startswith(f"{USER_COLLECTION}:v")
+    assert summary["promotion"]["promoted"] is True and summary["promotion"]["previous"] is None
+    holder = LocalRegistry(registry.path).resolve(USER_COLLECTION, ALIAS)
+    assert holder is not None and (str(holder), holder.digest) == (trial["model"], trial["digest"])
+    record = LocalRegistry(registry.path).fetch(holder).metadata["model_source"]
+    # The code the container ran is the example file itself: the same digest as the file here.
+    example_digest = ModelSource(f"{EXAMPLES / 'resnet_model.py'}:small_resnet").digest()
+    assert (record["spec"], record["kind"], record["args"], record["code_digest"]) == (
+        USER_MODEL, "user", {"width": 4}, example_digest)
+    if stack.first_holder is not None:  # the CNN's collection on the same registry volume is left alone
+        assert LocalRegistry(registry.path).resolve(COLLECTION, ALIAS) == stack.first_holder
+    stack.say(f"user model {USER_MODEL} in {image}: alias {ALIAS!r} -> {holder} (code digest "
+              f"{record['code_digest'][:23]}..., the digest of examples/resnet_model.py)")
 
 
 # --- secrets -----------------------------------------------------------------------------------
