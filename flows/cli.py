@@ -182,7 +182,11 @@ def command_run(args: argparse.Namespace) -> int:
     config = parse_config(args)
     if config.search == "tpe":
         check_study_storage(config)
-    with collector_paused("tasks.data"):  # torch behind it
+    # The server first: Prefect reads its settings when it is imported (the data and model checks
+    # import it), and the server starts while they run. A refused input leaves it running for the
+    # next sweep; nothing of the sweep is written.
+    server = None if args.dry_run else launch_server(args)
+    with collector_paused("tasks.data"):  # torch and Prefect behind it
         from tasks.data import DatasetError
     try:
         dataset = check_run(config, dry_run=args.dry_run)
@@ -194,7 +198,6 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"would train {config.plan_description()} of {config.model} on {dataset.name} "
               f"({dataset.train_size} training images) on device {config.device} (not probed by --dry-run)")
         return 0
-    server = launch_server(args)
     with collector_paused("flows.sweep"):
         from flows.dispatch import RegistryNotShared
         from flows.sweep import SweepFailed, lr_sweep

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_runs_share_one_background_server(sweep_data_dir, tmp_path):
     home = tmp_path / "prefect"
-    env = os.environ | {"PREFECT_HOME": str(home)}
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}  # Prefect's server messages
     env.pop("PREFECT_API_URL", None)
     command = [str(LR_SWEEP), "run", "--dataset", "mnist", "--learning-rates", "0.001", "--epochs", "1",
                "--val-size", "200", "--device", "cpu", "--data-dir", str(sweep_data_dir),
@@ -26,6 +26,7 @@ def test_two_runs_share_one_background_server(sweep_data_dir, tmp_path):
         assert first.returncode == 0, first.stderr[-3000:]
         server = local_server.recorded(home)
         assert server is not None and f"Prefect UI: {server.url} (started" in first.stderr
+        assert "Starting temporary server" not in first.stdout + first.stderr  # Prefect read its settings too early
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stderr[-3000:]
         assert f"Prefect UI: {server.url} (reused" in second.stderr
