@@ -158,6 +158,8 @@ class Located:
     name: str
     root: Path
     fingerprint: str
+    train_count: int | None = None  # known before decoding (a folder's files)
+    val_folder: bool = False
 
 
 def builtin_source(name: str, root: Path, image_size: int | None) -> SourceData:
@@ -186,7 +188,8 @@ def locate(spec: str, data_dir: Path, allow_download: bool = True) -> Located:
     from tasks import imagefolder
 
     scan = imagefolder.scan_folder(Path(kind.target))
-    return Located("imagefolder", dataset_label(spec), scan.root, imagefolder.folder_fingerprint(scan))
+    return Located("imagefolder", dataset_label(spec), scan.root, imagefolder.folder_fingerprint(scan),
+                   train_count=len(scan.files["train"]), val_folder="val" in scan.files)
 
 
 def read_source(spec: str, located: Located, data_dir: Path, image_size: int | None) -> SourceData:
@@ -208,6 +211,8 @@ def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed:
 
         return user_data.prepare_function(name, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
     located = locate(name, data_dir, allow_download)
+    if located.train_count is not None:  # refused before a folder is decoded and cached
+        held_out(located.train_count, located.val_folder, val_size)
     return tensor_ref(name, located, read_source(name, located, data_dir, image_size), data_dir, val_size,
                       split_seed, train_limit, image_size, num_workers)
 
@@ -230,16 +235,27 @@ def tensor_ref(spec: str, located: Located, data: SourceData, data_dir: Path, va
     )
 
 
+def held_out(total: int, val_folder: bool, val_size: int | None) -> int:
+    """How many of the `total` training images are held out for validation (none when the
+    source has its own validation images); a val_size that leaves none to train on is refused."""
+    if val_folder:
+        if val_size is not None:
+            raise DatasetInputError("val_size", "the folder has its own val/ images: leave val_size unset")
+        return 0
+    val_size = default_val_size(total) if val_size is None else val_size
+    if val_size >= total:
+        raise DatasetInputError("val_size", f"val_size {val_size} leaves no training images out of {total}: "
+                                f"give at most {total - 1}")
+    return val_size
+
+
 def train_and_val_counts(data: SourceData, val_size: int | None, split_seed: int,
                          train_limit: int | None) -> tuple[torch.Tensor, int]:
     """The training indices and the number of validation images of `data`."""
-    if data.val_images is not None:
-        if val_size is not None:
-            raise DatasetInputError("val_size", "the folder has its own val/ images: leave val_size unset")
-        return split_indices(len(data.train_labels), 0, split_seed, train_limit)[0], len(data.val_labels)
-    total = len(data.train_labels)
-    val_size = default_val_size(total) if val_size is None else val_size
-    return split_indices(total, val_size, split_seed, train_limit)[0], val_size
+    val_folder = data.val_images is not None
+    held = held_out(len(data.train_labels), val_folder, val_size)
+    train = split_indices(len(data.train_labels), held, split_seed, train_limit)[0]
+    return train, len(data.val_labels) if val_folder else held
 
 
 def count_classes(class_names: tuple[str, ...] | None, *labels: torch.Tensor) -> int:
@@ -345,6 +361,11 @@ def eval_batches(splits: Splits, which: Literal["val", "test"], batch_size: int)
         yield from splits.loader.eval_batches(which, batch_size)
         return
     images, labels = (splits.val_x, splits.val_y) if which == "val" else (splits.test_x, splits.test_y)
+    yield from tensor_batches(images, labels, batch_size)
+
+
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive slices of resident tensors."""
     for start in range(0, len(labels), batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]
 

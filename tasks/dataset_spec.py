@@ -12,11 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from models.user_code import FILE_SPEC, is_code_spec
+
 BUILTIN_DATASETS = ("fashion-mnist", "mnist", "kmnist")
 IMAGEFOLDER_PREFIX = "imagefolder:"
-# package.module:function (a dotted import path) or path/to/file.py:function.
-MODULE_FUNCTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
-FILE_FUNCTION = re.compile(r"(?P<file>[^\n\x00]+\.py):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
 ALLOWED_FORMS = ("fashion-mnist, mnist, kmnist, imagefolder:PATH, package.module:function "
                  "or path/to/file.py:function")
 
@@ -53,7 +52,7 @@ def parse_dataset_spec(spec: str) -> DatasetSpec:
         if not path.strip() or "\n" in path or "\x00" in path:
             raise ValueError(f"{spec!r} is not allowed: imagefolder:PATH needs the folder's path")
         return DatasetSpec("imagefolder", path)
-    if MODULE_FUNCTION.fullmatch(spec) or FILE_FUNCTION.fullmatch(spec):
+    if is_code_spec(spec):  # the same rule as a model's (models/user_code.py)
         return DatasetSpec("function", spec)
     raise ValueError(f"{spec!r} is not allowed: use {ALLOWED_FORMS}")
 
@@ -68,6 +67,6 @@ def dataset_label(spec: str) -> str:
         label, fallback = os.path.basename(os.path.abspath(os.path.expanduser(parsed.target))), "imagefolder"
     else:
         target, _, function = spec.rpartition(":")
-        stem = os.path.splitext(os.path.basename(target))[0] if FILE_FUNCTION.fullmatch(spec) else target.rsplit(".", 1)[-1]
+        stem = os.path.splitext(os.path.basename(target))[0] if FILE_SPEC.fullmatch(spec) else target.rsplit(".", 1)[-1]
         label, fallback = f"{stem}-{function}", "dataset"
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", label).strip("-.")[:64] or fallback

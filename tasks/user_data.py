@@ -23,64 +23,20 @@ called once per process.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models.serialization import manifest_digest
-from tasks.dataset_spec import (
-    FILE_FUNCTION,
-    DatasetError,
-    DatasetInputError,
-    dataset_label,
-)
+from models.user_code import SourceError, code_digest, load_callable, parse_code_spec
+from tasks.dataset_spec import DatasetError, DatasetInputError, dataset_label
 
 # Float32 pixels of train + test a Dataset may have to be materialised on the device: above it,
 # the DataLoader path. Fashion-MNIST is 0.2 GiB.
 RESIDENT_LIMIT_BYTES = 4 << 30
 READ_BATCH = 512  # images per DataLoader batch when a Dataset is read once (materialised, or its statistics)
-
-
-def _temporary_load_callable(spec: str, field: str) -> tuple[Callable, str]:
-    """The function a spec names and the SHA-256 of its module's file. A file is loaded under a
-    module name of its own, so a user's `tasks/` or `models/` never shadows ours.
-    (Stands in for models.user_code.load_callable until it is there.)"""
-    target, _, function = spec.rpartition(":")
-    if FILE_FUNCTION.fullmatch(spec):
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise DatasetInputError(field, f"{spec}: no file {path}")
-        name = f"lr_sweep_user_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
-        try:
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
-        except Exception as error:
-            sys.modules.pop(name, None)
-            raise DatasetInputError(field, f"{spec}: cannot load {path}: {type(error).__name__}: {error}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as error:
-            raise DatasetInputError(field, f"{spec}: cannot import {target}: {type(error).__name__}: {error}") from None
-        path = Path(module.__file__)
-    found = getattr(module, function, None)
-    if not callable(found):
-        raise DatasetInputError(field, f"{spec}: {target} has no function {function!r}")
-    return found, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-try:
-    from models.user_code import load_callable
-except ImportError:
-    load_callable = _temporary_load_callable
 
 
 @dataclass
@@ -113,12 +69,17 @@ def call_function(spec: str, image_size: int | None) -> FunctionResult:
     key = (spec, image_size)
     with _results_lock:
         if key not in _results:
-            function, code_digest = load_callable(spec, "dataset")
+            try:
+                code = parse_code_spec(spec, "dataset")
+                digest = code_digest(code, "dataset")  # from the files, before any of them runs
+                function = load_callable(code, "dataset")
+            except SourceError as error:
+                raise DatasetInputError(error.field, str(error)) from None
             try:
                 returned = function()
             except Exception as error:
                 raise refuse(spec, f"the function raised {type(error).__name__}: {error}") from None
-            _results[key] = FunctionResult(code_digest, _check_result(spec, returned, image_size))
+            _results[key] = FunctionResult(digest, _check_result(spec, returned, image_size))
         return _results[key]
 
 

@@ -271,3 +271,25 @@ def test_rescaling_maps_each_channel_and_reads_models_stored_with_one_float():
     grey = DatasetRef(name="x", root="/", fingerprint="f", val_size=1, split_seed=0, train_limit=None,
                       train_size=1, test_size=1, mean=(0.3,), std=(0.2,))
     assert rescaling(grey, {"mean": 0.3, "std": 0.2}) is None  # a model stored before: one float each
+
+
+def test_a_trial_trains_on_an_image_folder(tmp_path):
+    """Ten grey 28x28 classes in PNG files: the reference CNN trains on them as on the built-ins."""
+    from flows.config import SweepConfig
+    from flows.plan import trial_specs
+    from tasks.train import train_trial
+
+    for split, count in (("train", 12), ("test", 3)):
+        for label in range(10):
+            (tmp_path / "digits" / split / f"c{label}").mkdir(parents=True)
+            for index in range(count):
+                image = torch.randint(0, 60, (1, 28, 28), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(100 * label + index))
+                image[:, 2 * label + 4:2 * label + 7, 4:24] = 250
+                write_png(image, str(tmp_path / "digits" / split / f"c{label}" / f"{index}.png"))
+    config = SweepConfig(dataset=f"imagefolder:{tmp_path / 'digits'}", learning_rates=[0.003], epochs=3,
+                         batch_size=16, train_limit=100, data_dir=tmp_path / "data", device="cpu")
+    ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit)
+    assert (ref.train_size, ref.val_size, ref.num_classes) == (100, 20, 10)
+    result = train_trial(trial_specs(config)[0], load_splits(ref, "cpu"), "cpu")
+    assert result.history[-1]["val_accuracy"] > 0.5 and math.isfinite(result.history[-1]["train_loss"])
