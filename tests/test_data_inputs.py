@@ -1,9 +1,9 @@
 """Bad data input: refused before training with one line naming the field, nothing written.
 
 The spec's form and the numbers are the config's (exit 2 from `lr-sweep run --dry-run`); a
-folder or a function is looked at by the data step itself (`prepare_dataset`), which raises
-DatasetInputError naming the field, before it writes anything (the pre-flight turns that into
-exit 2)."""
+folder or a function is looked at by the data step itself (`prepare_dataset`, which `lr-sweep
+data` and the run's pre-flight call), which raises DatasetInputError naming the field before it
+writes anything: exit 2 from `lr-sweep data`."""
 
 import textwrap
 from pathlib import Path
@@ -111,22 +111,26 @@ FOLDER_CASES = [
 ]
 
 
-def assert_refused_at_prepare(spec: str, tmp_path: Path, field: str, fragment: str, **arguments) -> None:
+def assert_refused_at_prepare(spec: str, tmp_path: Path, field: str, fragment: str, capsys, **arguments) -> None:
+    """Refused by the data step, and by `lr-sweep data` (exit 2, the field named); nothing written."""
     before = snapshot(tmp_path)
     options = {"val_size": None} | arguments
     with pytest.raises(DatasetInputError) as caught:
         prepare_dataset(spec, tmp_path / "data", options.pop("val_size"), 0, None, **options)
     assert caught.value.field == field
     assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    flags = [part for name, value in arguments.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+    code = main(["data", "--dataset", spec, "--data-dir", str(tmp_path / "data"), *flags])
+    assert_refused(code, capsys.readouterr().err, field, fragment)
     assert snapshot(tmp_path) == before  # nothing written: no cache, no lock, no data folder
     assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("make, arguments, field, fragment", FOLDER_CASES,
                          ids=[f"{f}-{i}" for i, (_, _, f, _) in enumerate(FOLDER_CASES)])
-def test_a_bad_image_folder_is_refused_naming_the_field(make, arguments, field, fragment, tmp_path):
+def test_a_bad_image_folder_is_refused_naming_the_field(make, arguments, field, fragment, tmp_path, capsys):
     make(tmp_path / "images")
-    assert_refused_at_prepare(f"imagefolder:{tmp_path / 'images'}", tmp_path, field, fragment, **arguments)
+    assert_refused_at_prepare(f"imagefolder:{tmp_path / 'images'}", tmp_path, field, fragment, capsys, **arguments)
 
 
 FUNCTION_MODULE = '''
@@ -204,7 +208,7 @@ FUNCTION_CASES = [
 
 @pytest.mark.parametrize("spec, field, fragment", FUNCTION_CASES,
                          ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(FUNCTION_CASES)])
-def test_a_bad_dataset_function_is_refused_naming_the_field(spec, field, fragment, tmp_path, monkeypatch):
+def test_a_bad_dataset_function_is_refused_naming_the_field(spec, field, fragment, tmp_path, monkeypatch, capsys):
     code = tmp_path / "code"
     code.mkdir()
     (code / "mydata.py").write_text(textwrap.dedent(FUNCTION_MODULE))
@@ -213,4 +217,4 @@ def test_a_bad_dataset_function_is_refused_naming_the_field(spec, field, fragmen
     monkeypatch.setattr(user_data, "READ_BATCH", 4)
     spec = spec if spec.startswith("no_such") else f"{code}/{spec}"
     monkeypatch.chdir(tmp_path)
-    assert_refused_at_prepare(spec, tmp_path, field, fragment, num_workers=0)
+    assert_refused_at_prepare(spec, tmp_path, field, fragment, capsys, num_workers=0)
