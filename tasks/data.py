@@ -74,6 +74,7 @@ class DatasetRef:
     class_names: tuple[str, ...] | None = None
     val_folder: bool = False  # validation images from PATH/val, not split from train
     resize: int | None = None
+    code_digest: str | None = None  # a dataset function's code (also part of the fingerprint)
     data_dir: str = ""
     resident: bool = True  # the splits live on the device as tensors; False: read by a DataLoader
     num_workers: int = 2

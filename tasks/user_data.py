@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -239,7 +239,8 @@ def prepare_function(spec: str, data_dir: Path, val_size: int | None, split_seed
     if result.fingerprint is None:
         result.fingerprint = data_fingerprint(result.code_digest, result.data)
     located = Located("function", dataset_label(spec), Path(data_dir).resolve(), result.fingerprint)
-    return tensor_ref(spec, located, result.data, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+    ref = tensor_ref(spec, located, result.data, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+    return replace(ref, code_digest=result.code_digest)
 
 
 def function_tensors(ref):
@@ -301,7 +302,8 @@ def loader_ref(spec: str, result: FunctionResult, data_dir: Path, val_size: int 
         std=tuple(round(s, 6) for s in std.tolist()), source="function", spec=spec, channels=channels,
         height=pair.sample_shape[1], width=pair.sample_shape[2],
         num_classes=count_classes(pair.class_names, labels), class_names=pair.class_names, resize=image_size,
-        data_dir=str(Path(data_dir).resolve()), resident=False, num_workers=num_workers)
+        code_digest=result.code_digest, data_dir=str(Path(data_dir).resolve()), resident=False,
+        num_workers=num_workers)
 
 
 class LoaderSplits:

@@ -127,6 +127,8 @@ def test_cached_tensors_survive_a_damaged_cache_file(tmp_path, count_decodes):
 # --- dataset functions ---------------------------------------------------------------------------
 
 DATA_MODULE = '''
+import os
+
 import torch
 
 CLASSES = ("zero", "one", "two", "three")
@@ -142,7 +144,7 @@ def images(count, seed):
 
 
 def tensors():
-    train_x, train_y = images(60, 0)
+    train_x, train_y = images(60, int(os.environ.get("DATA_SEED", "0")))
     test_x, test_y = images(12, 1)
     return train_x, train_y, test_x, test_y, CLASSES
 
@@ -177,8 +179,21 @@ def test_a_function_returning_tensors_takes_the_resident_path(tmp_path, data_mod
     assert (ref.source, ref.name, ref.resident, ref.channels, ref.image_size) == ("function", "mydata-tensors", True, 3, 6)
     assert (ref.train_size, ref.val_size, ref.test_size, ref.num_classes) == (50, 10, 12, 4)
     assert ref.class_names == ("zero", "one", "two", "three")
+    assert ref.as_metadata()["code_digest"] == ref.code_digest and len(ref.code_digest) == 64
     splits = load_splits(ref, "cpu")
     assert splits.train_x.shape == (50, 3, 6, 6) and splits.train_size == 50
+
+
+def test_the_fingerprint_of_a_function_covers_its_code_and_its_data(tmp_path, data_module, monkeypatch):
+    first = prepare_dataset(f"{data_module}:tensors", tmp_path / "data", None, 0, None)
+    monkeypatch.setattr(user_data, "_results", {})
+    data_module.write_text(data_module.read_text() + "\n# a comment: the same data, other code\n")
+    recoded = prepare_dataset(f"{data_module}:tensors", tmp_path / "data", None, 0, None)
+    assert recoded.fingerprint != first.fingerprint and recoded.code_digest != first.code_digest
+    monkeypatch.setattr(user_data, "_results", {})
+    monkeypatch.setenv("DATA_SEED", "1")  # the same code, other data
+    redata = prepare_dataset(f"{data_module}:tensors", tmp_path / "data", None, 0, None)
+    assert redata.fingerprint != recoded.fingerprint and redata.code_digest == recoded.code_digest
 
 
 def test_a_function_returning_small_datasets_is_materialised_like_tensors(tmp_path, data_module):
