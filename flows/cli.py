@@ -359,7 +359,7 @@ def command_data(args: argparse.Namespace) -> int:
         ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed,
                               config.train_limit, image_size=config.image_size, num_workers=config.num_workers)
     except DatasetInputError as error:
-        raise InvalidInput(error.field, str(error)) from None
+        raise InputError(error.field, str(error)) from None
     except DatasetError as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
@@ -409,7 +409,7 @@ def command_promote(args: argparse.Namespace) -> int:
     from models.local_registry import LocalRegistry
     from models.registry import split_name
     from models.sources import ModelSource
-    from tasks.data import DatasetError
+    from tasks.data import DatasetError, DatasetInputError
     from tasks.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
@@ -429,7 +429,10 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelSource(spec=config.model, args=config.model_args))  # the only user code it may import
+                allowed=ModelSource(spec=config.model, args=config.model_args),  # the only user code it may import
+                dataset_spec=config.dataset)
+        except DatasetInputError:
+            raise  # bad input (exit 2, the field named), not missing files
         except DatasetError as error:
             print(f"lr-sweep: {error}", file=sys.stderr)
             return 1

@@ -203,7 +203,7 @@ def read_source(spec: str, located: Located, data_dir: Path, image_size: int | N
 
 
 def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed: int,
-                    train_limit: int | None, allow_download: bool = True, image_size: int | None = None,
+                    train_limit: int | None, allow_download: bool = True, *, image_size: int | None = None,
                     num_workers: int = 2) -> DatasetRef:
     """Locate and verify the source `name` (a --dataset spec), fix the split and the per-channel
     normalisation: the sweep's DatasetRef. Bad input raises DatasetInputError naming the field."""
@@ -388,9 +388,23 @@ def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[torch.Tensor, torc
     return torch.tensor(scale).view(1, -1, 1, 1), torch.tensor(shift).view(1, -1, 1, 1)
 
 
+def prepare_recorded(recorded: dict, spec: str | None, data_dir: Path) -> DatasetRef:
+    """The data a stored model was measured on (its metadata's `dataset`), prepared again with
+    the recorded split and size: a built-in by its recorded name; an image folder or a dataset
+    function only as the command's own `spec` names it, since a registry entry never decides what
+    is read or imported (the fingerprint check then says whether it is the same data)."""
+    source = recorded.get("source", "builtin")
+    if source != "builtin" and (spec is None or parse_dataset_spec(spec).kind != source):
+        raise DatasetInputError("dataset", f"the model was trained on {source} data {recorded.get('name')!r}: "
+                                "give that data as --dataset (imagefolder:PATH or module:function)")
+    return prepare_dataset(recorded["name"] if source == "builtin" else spec, data_dir,
+                           None if recorded.get("val_folder") else recorded["val_size"], recorded["split_seed"],
+                           recorded["train_limit"], image_size=recorded.get("resize"))
+
+
 @task(name="prepare_data", task_run_name="prepare {name}", cache_policy=NO_CACHE)
 def prepare_data(name: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-                 image_size: int | None = None, num_workers: int = 2) -> DatasetRef:
+                 *, image_size: int | None = None, num_workers: int = 2) -> DatasetRef:
     """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
     return prepare_dataset(name, data_dir, val_size, split_seed, train_limit, image_size=image_size,
                            num_workers=num_workers)

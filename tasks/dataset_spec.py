@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from models.errors import InputError
 from models.user_code import FILE_SPEC, is_code_spec
 
 BUILTIN_DATASETS = ("fashion-mnist", "mnist", "kmnist")
@@ -24,14 +25,14 @@ class DatasetError(RuntimeError):
     """The dataset cannot be found or its files are corrupt: a clear error before training."""
 
 
-class DatasetInputError(DatasetError, ValueError):
+class DatasetInputError(DatasetError, InputError):
     """The data the user named is not usable as given (no train/ folder, mixed image sizes, a
     function that returns something else): bad input, refused before training, one line.
-    `field` is the config field to fix (`dataset`, `image_size`, `val_size`)."""
+    `field` is the config field to fix (`dataset`, `image_size`, `val_size`); as an InputError
+    the CLI answers it with exit 2 naming that field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+        InputError.__init__(self, field, message)
 
 
 @dataclass(frozen=True)

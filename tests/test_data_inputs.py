@@ -1,9 +1,9 @@
 """Bad data input: refused before training with one line naming the field, nothing written.
 
-The spec's form and the numbers are the config's (exit 2 from `lr-sweep run --dry-run`); a
-folder or a function is looked at by the data step itself (`prepare_dataset`, which `lr-sweep
-data` and the run's pre-flight call), which raises DatasetInputError naming the field before it
-writes anything: exit 2 from `lr-sweep data`."""
+The spec's form and the numbers are the config's; a folder or a function is looked at by the
+data step itself (`prepare_dataset`, which `lr-sweep data` and the run's pre-flight call), which
+raises DatasetInputError naming the field before it writes anything. Each case: exit 2 from
+`lr-sweep run --dry-run`, the field named, the registry and the output parent unchanged."""
 
 import textwrap
 from pathlib import Path
@@ -112,7 +112,8 @@ FOLDER_CASES = [
 
 
 def assert_refused_at_prepare(spec: str, tmp_path: Path, field: str, fragment: str, capsys, **arguments) -> None:
-    """Refused by the data step, and by `lr-sweep data` (exit 2, the field named); nothing written."""
+    """Refused by the data step, by `lr-sweep data` and by `lr-sweep run --dry-run` (exit 2, the
+    field named); nothing written."""
     before = snapshot(tmp_path)
     options = {"val_size": None} | arguments
     with pytest.raises(DatasetInputError) as caught:
@@ -120,8 +121,10 @@ def assert_refused_at_prepare(spec: str, tmp_path: Path, field: str, fragment: s
     assert caught.value.field == field
     assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     flags = [part for name, value in arguments.items() for part in (f"--{name.replace('_', '-')}", str(value))]
-    code = main(["data", "--dataset", spec, "--data-dir", str(tmp_path / "data"), *flags])
-    assert_refused(code, capsys.readouterr().err, field, fragment)
+    for command in (["data"], ["run", "--dry-run", "--output-dir", str(tmp_path / "runs"),
+                               "--registry-dir", str(tmp_path / "registry")]):
+        code = main([*command, "--dataset", spec, "--data-dir", str(tmp_path / "data"), *flags])
+        assert_refused(code, capsys.readouterr().err, field, fragment)
     assert snapshot(tmp_path) == before  # nothing written: no cache, no lock, no data folder
     assert not (tmp_path / "data").exists()
 

@@ -308,3 +308,26 @@ def test_a_trial_trains_on_an_image_folder(tmp_path):
     assert (ref.train_size, ref.val_size, ref.num_classes) == (100, 20, 10)
     result = train_trial(trial_specs(config)[0], load_splits(ref, "cpu"), "cpu")
     assert result.history[-1]["val_accuracy"] > 0.5 and math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_a_stored_models_data_is_prepared_again_only_as_the_command_names_it(tmp_path, synthetic_data_dir):
+    from tasks.data import DatasetInputError, prepare_recorded
+
+    builtin = prepare_dataset("mnist", synthetic_data_dir, 50, 3, 200, allow_download=False)
+    assert prepare_recorded(builtin.as_metadata(), "fashion-mnist", synthetic_data_dir) == builtin  # by its name
+    root = write_folder(tmp_path / "pets", {"train": 3, "val": 1, "test": 1})
+    folder = prepare_dataset(f"imagefolder:{root}", tmp_path / "data", None, 0, None, image_size=4)
+    again = prepare_recorded(folder.as_metadata(), f"imagefolder:{root}", tmp_path / "data")
+    assert again == folder
+    with pytest.raises(DatasetInputError, match="trained on imagefolder data 'pets': give that data as --dataset"):
+        prepare_recorded(folder.as_metadata(), "fashion-mnist", tmp_path / "data")
+
+
+def test_rescaling_a_model_stored_with_one_float_each():
+    grey = DatasetRef(name="x", root="/", fingerprint="f", val_size=1, split_seed=0, train_limit=None,
+                      train_size=1, test_size=1, mean=(0.3,), std=(0.2,))
+    from tasks.evaluate import rescaling as evaluation_rescaling
+
+    for scale, shift in (rescaling(grey, {"mean": 0.25, "std": 0.4}),
+                         evaluation_rescaling(grey, {"fingerprint": "f", "mean": 0.25, "std": 0.4})):
+        assert torch.allclose(scale.flatten(), torch.tensor([0.5])) and torch.allclose(shift.flatten(), torch.tensor([0.125]))
