@@ -331,3 +331,23 @@ def test_rescaling_a_model_stored_with_one_float_each():
     for scale, shift in (rescaling(grey, {"mean": 0.25, "std": 0.4}),
                          evaluation_rescaling(grey, {"fingerprint": "f", "mean": 0.25, "std": 0.4})):
         assert torch.allclose(scale.flatten(), torch.tensor([0.5])) and torch.allclose(shift.flatten(), torch.tensor([0.125]))
+
+
+def test_a_sweep_of_an_rgb_image_folder_trains_evaluates_and_promotes(prefect_server, tmp_path):
+    """One tiny sweep end to end: PNG files of two sizes resized to 8x8, three RGB classes, the
+    reference CNN built for them; the fetched models are evaluated by digest and the best one takes
+    the alias, its class names stored with it."""
+    from flows.sweep import lr_sweep
+    from models.local_registry import LocalRegistry
+    from tests.helpers import smoke_config
+
+    root = write_folder(tmp_path / "my pets", {"train": 8, "test": 2}, sizes=((8, 8), (10, 12)))
+    config = smoke_config(tmp_path, tmp_path / "data", dataset=f"imagefolder:{root}", image_size=8,
+                          val_size=None, train_limit=16, learning_rates=[0.01, 0.001], batch_size=8)
+    summary = lr_sweep(config=config)
+    assert summary["promotion"]["promoted"] and summary["dataset"]["train_size"] == 16
+    holder = LocalRegistry(config.registry_dir).resolve("my-pets-cnn", "production")
+    dataset = LocalRegistry(config.registry_dir).fetch(holder).metadata["dataset"]
+    assert dataset["class_names"] == list(CLASSES) and (dataset["channels"], dataset["height"]) == (3, 8)
+    assert all(t["status"] == "completed" and t["evaluation"]["val_accuracy"] == t["history"][-1]["val_accuracy"]
+               for t in summary["trials"])
