@@ -15,7 +15,8 @@ Debian's dataset-fashion-mnist), the reference CNN, the same seed, the same lear
 Each epoch's time covers its training and its validation pass, in both. Printed: per-epoch
 times, the ratios (per epoch after the first; and all epochs with lr-sweep's cold prepare and
 load counted in its first), both final validation accuracies; with `--models`, training images/s
-of torchvision:resnet18 and of bf16 autocast against fp32 for the CNN. Figures go to --json too.
+of lr-sweep's own loop for the CNN and torchvision:resnet18, each in fp32 and --precision bf16.
+Figures go to --json too.
 
     make bench-data
     .venv/bin/python -m flows.environment .venv/bin/python -m benchmarks.bench_data --help
@@ -142,47 +143,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_speed(build, splits, device: str, batch_size: int, steps: int, precision: str = "fp32") -> float:
-    """Training images/s of a network on resident batches, after a warm-up."""
-    torch.manual_seed(0)
-    model = build().to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = torch.randperm(splits.train_size, generator=torch.Generator().manual_seed(0)).to(splits.device)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step(index: int) -> None:
-        batch = order[index * batch_size:(index + 1) * batch_size]
-        with autocast:
-            loss = nn.functional.cross_entropy(model(splits.train_x[batch]), splits.train_y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for index in range(3):
-        step(index)
-    synchronize(device)
-    started = time.perf_counter()
-    for index in range(3, 3 + steps):
-        step(index)
-    synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
-
-
-def model_speeds(config: SweepConfig, device: str, steps: int) -> dict:
-    ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit)
+def engine_speed(spec, config: SweepConfig, device: str, train_limit: int, **changes) -> float:
+    """Training images/s of lr-sweep's own loop (`train_trial`'s samples_per_second: the steps of
+    an epoch, validation left out) for one epoch of `train_limit` images, after one to warm up,
+    with `changes` to the trial (model, precision)."""
+    ref = prepare_dataset(config.dataset, config.data_dir, 256, config.split_seed, train_limit)
+    trial = spec.model_copy(update={"epochs": 1, **changes})
     splits = load_splits(ref, device)
-    cnn = lambda: build_model(architecture(config.hidden_units))  # noqa: E731
-    figures = {"cnn_fp32": training_speed(cnn, splits, device, config.batch_size, steps),
-               "cnn_bf16_autocast": training_speed(cnn, splits, device, config.batch_size, steps, "bf16")}
-    try:
-        from models.sources import InputShape, ModelSource
-    except ImportError:
-        figures["resnet18"] = "models/sources.py is not on this branch"
-        return figures
-    shape = InputShape(in_channels=ref.channels, image_size=ref.height, num_classes=ref.num_classes)
-    resnet = lambda: ModelSource(spec="torchvision:resnet18").build(shape)  # noqa: E731
-    figures["resnet18_fp32"] = training_speed(resnet, splits, device, config.batch_size, max(3, steps // 10))
-    return figures
+    train_trial(trial, splits, device)  # warm-up: the first steps of a network run slow
+    return train_trial(trial, splits, device).samples_per_second
+
+
+def model_speeds(spec, config: SweepConfig, device: str, train_limit: int) -> dict:
+    small = max(256, train_limit // 8)  # resnet18 is ~20x slower than the CNN on a CPU
+    return {
+        "cnn_fp32": engine_speed(spec, config, device, train_limit),
+        "cnn_bf16": engine_speed(spec, config, device, train_limit, precision="bf16"),
+        "resnet18_fp32": engine_speed(spec, config, device, small, model="torchvision:resnet18"),
+        "resnet18_bf16": engine_speed(spec, config, device, small, model="torchvision:resnet18", precision="bf16"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (a quick look)")
     parser.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time resnet18 and bf16 autocast (training images/s)")
-    parser.add_argument("--model-steps", type=int, default=60, help="timed training steps of the CNN (resnet18: a tenth)")
+                        help="also time torchvision:resnet18 and --precision bf16 (training images/s)")
+    parser.add_argument("--model-images", type=int, default=4096,
+                        help="training images of the one-epoch speed runs (the CNN; resnet18 an eighth)")
     parser.add_argument("--json", default=os.environ.get("BENCH_DATA_JSON", "bench-data.json"))
     args = parser.parse_args(argv)
 
@@ -234,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"validation accuracy: lr-sweep {100 * ours['val_accuracy']:.2f}%, ImageFolder loop "
           f"{100 * plain['val_accuracy']:.2f}% ({summary['val_accuracy_points_apart']:.2f} points apart)")
     if args.models:
-        speeds = model_speeds(config, device, args.model_steps)
+        speeds = model_speeds(spec, config, device, args.model_images)
         summary["training_images_per_s"] = speeds
-        print("training images/s (resident batches of 64): " + ", ".join(
-            f"{name} {value:,.0f}" if isinstance(value, float) else f"{name}: {value}" for name, value in speeds.items()))
-        print("(bf16 is torch.autocast around the forward pass, as --precision bf16 is to run it)")
+        print("training images/s of lr-sweep's loop (one epoch, batch 64): "
+              + ", ".join(f"{name} {value:,.0f}" for name, value in speeds.items()))
     Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"figures: {args.json}")
     return 0
