@@ -13,9 +13,11 @@ import torch
 from torchvision.io import write_png
 
 from flows.cli import main
+from models.local_registry import LocalRegistry
 from tasks import user_data
 from tasks.data import DatasetInputError, prepare_dataset
-from tests.test_inputs import assert_refused, registry_with_production, snapshot  # noqa: F401 (a fixture)
+from tests.helpers import FASHION_COLLECTION, tiny_model
+from tests.test_inputs import assert_refused, snapshot
 
 CONFIG_INPUTS = [
     # (extra CLI arguments, environment, the field the message must name, a fragment of what is allowed)
@@ -30,6 +32,13 @@ CONFIG_INPUTS = [
     (["--num-workers", "-1"], {}, "num_workers", "greater than or equal to 0"),
     (["--val-size", "0"], {}, "val_size", "greater than or equal to 1"),
 ]
+
+
+@pytest.fixture
+def registry_with_production(tmp_path):
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.move_alias(registry.log_model(FASHION_COLLECTION, *tiny_model(0)), "production")
+    return tmp_path / "registry"
 
 
 @pytest.mark.parametrize("arguments, environment, field, allowed", CONFIG_INPUTS,
