@@ -350,23 +350,20 @@ def command_server(args: argparse.Namespace) -> int:
 
 
 def command_data(args: argparse.Namespace) -> int:
-    """Locate (or install, or download) the dataset and verify its files; an image folder is
-    decoded into its cache, a dataset function called: what the sweep will find ready."""
+    """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
+    from flows.plan import dataset_arguments
     from tasks.data import DatasetError, DatasetInputError, prepare_dataset
 
     config = parse_config(args)
     try:
-        ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed,
-                              config.train_limit, image_size=config.image_size, num_workers=config.num_workers)
+        ref = prepare_dataset(**dataset_arguments(config))
     except DatasetInputError as error:
         raise InputError(error.field, str(error)) from None
     except DatasetError as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
-    classes = f" ({', '.join(ref.class_names)})" if ref.class_names else ""
-    print(f"{config.dataset}: files in {ref.root}, fingerprint {ref.fingerprint}")
-    print(f"{ref.train_size:,} training / {ref.val_size:,} validation / {ref.test_size:,} test images, "
-          f"{ref.channels} x {ref.height} x {ref.width}, {ref.num_classes} classes{classes}")
+    print(f"{config.dataset}: files in {ref.root}, fingerprint {ref.fingerprint}; {ref.train_size:,} / {ref.val_size:,} / "
+          f"{ref.test_size:,} train / val / test images of {ref.channels}x{ref.height}x{ref.width}, {ref.num_classes} classes")
     return 0
 
 
@@ -538,8 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
-    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit",
-                                "num_workers"])
+    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers"])
     data.set_defaults(handler=command_data)
 
     models = commands.add_parser("models", help="list the models of the registry")
