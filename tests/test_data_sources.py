@@ -268,6 +268,13 @@ def test_the_built_ins_are_normalised_bit_for_bit_as_before(synthetic_data_dir):
     assert (ref.channels, ref.image_size, ref.num_classes, ref.class_names) == (1, 28, 10, None)
 
 
+def test_a_built_in_resized_with_image_size(synthetic_data_dir):
+    ref = prepare_dataset("mnist", synthetic_data_dir, None, 0, None, allow_download=False, image_size=32)
+    assert (ref.image_size, ref.resize, ref.as_metadata()["resize"]) == (32, 32, 32)
+    splits = load_splits(ref, "cpu")
+    assert splits.train_x.shape == (500, 1, 32, 32) and splits.test_x.shape == (200, 1, 32, 32)
+
+
 def test_val_size_is_checked_against_the_training_images(tmp_path):
     make_idx_dataset(tmp_path / "MNIST" / "raw", train=60, test=10)
     assert prepare_dataset("mnist", tmp_path, None, 0, None, allow_download=False).val_size == 10
