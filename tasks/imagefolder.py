@@ -21,6 +21,7 @@ non-square image is stretched, not cropped).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.files import file_digest, file_lock, fsync_dir, temporary_sibling
+from models.files import file_lock, fsync_dir, temporary_sibling
 from models.serialization import manifest_digest
 from tasks.dataset_spec import DatasetInputError
 
@@ -57,10 +58,13 @@ def _class_folders(split: Path) -> tuple[str, ...]:
 
 
 def _images_under(folder: Path, root: Path) -> list[str]:
+    """Relative paths of the image files under `folder`, sorted (string operations: a Path per
+    file costs a second per 70,000 files)."""
     found = []
     for directory, subdirs, names in os.walk(folder, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found += [str((Path(directory) / name).relative_to(root)) for name in sorted(names)
+        prefix = os.path.relpath(directory, root) + os.sep
+        found += [prefix + name for name in sorted(names)
                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
     return found
 
@@ -101,8 +105,13 @@ def scan_folder(root: Path) -> FolderScan:
 
 def folder_fingerprint(scan: FolderScan) -> str:
     """Digest of every image file's relative path and SHA-256."""
-    return manifest_digest({path: file_digest(scan.root / path)
-                            for entries in scan.files.values() for path, _ in entries})
+    root = str(scan.root) + os.sep
+    return manifest_digest({path: _sha256(root + path) for entries in scan.files.values() for path, _ in entries})
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb", buffering=0) as handle:  # an image file is read whole: one read, no buffer copy
+        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def decode_image_file(path: Path) -> torch.Tensor:
