@@ -120,7 +120,8 @@ class SweepConfig(BaseSettings):
     num_workers: int = Field(
         title="1 Experiment · data loader workers",
         default=2, ge=0, le=64,
-        description="Worker processes of the DataLoader a Dataset too large for memory is read with (0-64).",
+        description="Worker processes that decode an image folder the first time (4,096 files or more) and "
+        "read a Dataset too large for memory (0-64; 0 = in the process itself).",
     )
 
     # --- search -------------------------------------------------------------------------------

@@ -193,13 +193,13 @@ def locate(spec: str, data_dir: Path, allow_download: bool = True) -> Located:
                    train_count=len(scan.files["train"]), val_folder="val" in scan.files)
 
 
-def read_source(spec: str, located: Located, data_dir: Path, image_size: int | None) -> SourceData:
+def read_source(spec: str, located: Located, data_dir: Path, image_size: int | None, num_workers: int) -> SourceData:
     if located.source == "builtin":
         return builtin_source(spec, located.root, image_size)
     from tasks import imagefolder
 
     return imagefolder.cached_tensors(imagefolder.scan_folder(located.root), located.fingerprint,
-                                      Path(data_dir), image_size)
+                                      Path(data_dir), image_size, num_workers)
 
 
 def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed: int,
@@ -214,7 +214,7 @@ def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed:
     located = locate(name, data_dir, allow_download)
     if located.train_count is not None:  # refused before a folder is decoded and cached
         held_out(located.train_count, located.val_folder, val_size)
-    return tensor_ref(name, located, read_source(name, located, data_dir, image_size), data_dir, val_size,
+    return tensor_ref(name, located, read_source(name, located, data_dir, image_size, num_workers), data_dir, val_size,
                       split_seed, train_limit, image_size, num_workers)
 
 
@@ -327,7 +327,7 @@ def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
         data = user_data.function_tensors(ref)
     else:
         located = Located(ref.source, ref.name, Path(ref.root), ref.fingerprint)
-        data = read_source(ref.spec or ref.name, located, Path(ref.data_dir or ref.root), ref.resize)
+        data = read_source(ref.spec or ref.name, located, Path(ref.data_dir or ref.root), ref.resize, ref.num_workers)
     if ref.val_folder:
         train_idx = split_indices(len(data.train_labels), 0, ref.split_seed, ref.train_limit)[0]
         val_images, val_labels = data.val_images, data.val_labels

@@ -38,6 +38,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SPLIT_FOLDERS = ("train", "val", "test")
 CACHE_FOLDER = "imagefolder-cache"
 CACHE_FORMAT = "1"  # bump when the cached tensors would come out differently for the same files
+# Folders of this many files or more are decoded by num_workers processes, DECODE_BATCH files a task.
+PARALLEL_FROM = 4096
+DECODE_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -145,20 +148,60 @@ def as_rgb(image: torch.Tensor) -> torch.Tensor:
     return image[:1].expand(3, -1, -1) if channels <= 2 else image[:3]
 
 
-def decode_folder(scan: FolderScan, image_size: int | None) -> dict[str, torch.Tensor]:
+def _decoded_or_error(root: Path, path: str) -> torch.Tensor | str:
+    try:
+        return decode_image_file(root / path)
+    except Exception as error:  # any decoder's complaint about a broken file
+        return f"cannot read image {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """The folder's files decoded in DataLoader worker processes (the decoders hold the GIL, so
+    threads do not help); an unreadable file comes back as its error message."""
+
+    def __init__(self, root: Path, paths: list[str]):
+        self.root, self.paths = root, paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor | str:
+        return _decoded_or_error(self.root, self.paths[index])
+
+
+def _batch(items: list) -> tuple[str, object]:
+    """A worker's batch as one stacked tensor when its images share a shape (one shared-memory
+    block to send back instead of one per image), else as the list."""
+    if all(isinstance(item, torch.Tensor) for item in items) and len({item.shape for item in items}) == 1:
+        return "stacked", torch.stack(items)
+    return "list", items
+
+
+def decode_files(root: Path, paths: list[str], num_workers: int) -> list[torch.Tensor]:
+    """Every file decoded, in order: in `num_workers` processes for a folder of PARALLEL_FROM
+    files or more, here otherwise. The first unreadable file is refused."""
+    if num_workers == 0 or len(paths) < PARALLEL_FROM:
+        decoded = [_decoded_or_error(root, path) for path in paths]
+    else:
+        decoded = []
+        loader = torch.utils.data.DataLoader(_Decoder(root, paths), batch_size=DECODE_BATCH, num_workers=num_workers,
+                                             collate_fn=_batch)
+        for kind, batch in loader:
+            decoded += list(batch.unbind(0)) if kind == "stacked" else batch
+    for item in decoded:
+        if isinstance(item, str):
+            raise refuse(f"imagefolder:{root}: {item}")
+    return decoded
+
+
+def decode_folder(scan: FolderScan, image_size: int | None, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """Every image decoded, brought to one channel count and size, stacked per split."""
     from tasks.data import resize
 
-    decoded: dict[str, list[torch.Tensor]] = {}
-    for split, entries in scan.files.items():
-        images = []
-        for path, _ in entries:
-            try:
-                images.append(decode_image_file(scan.root / path))
-            except Exception as error:  # any decoder's complaint about a broken file
-                raise refuse(f"imagefolder:{scan.root}: cannot read image {path}: "
-                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-        decoded[split] = images
+    every = decode_files(scan.root, [path for entries in scan.files.values() for path, _ in entries], num_workers)
+    decoded, start = {}, 0
+    for split, entries in scan.files.items():  # one pass (one set of workers) for all splits
+        decoded[split], start = every[start:start + len(entries)], start + len(entries)
     counts = {image.shape[0] for images in decoded.values() for image in images}
     if len(counts) > 1:
         decoded = {split: [as_rgb(image) for image in images] for split, images in decoded.items()}
@@ -214,7 +257,7 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], scan: FolderScan)
     fsync_dir(path.parent)
 
 
-def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_size: int | None):
+def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_size: int | None, num_workers: int = 0):
     """The folder's images as tasks.data.SourceData: from the cache, else decoded and cached.
 
     The decoding happens before the cache's lock is taken, so that a refused folder (an
@@ -226,7 +269,7 @@ def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_siz
     path = cache_file(data_dir, fingerprint, image_size)
     tensors = _read_cache(path, scan)
     if tensors is None:
-        tensors = decode_folder(scan, image_size)  # refusals here, before anything is written
+        tensors = decode_folder(scan, image_size, num_workers)  # refusals here, before anything is written
         with file_lock(path.parent, ".lock"):
             if _read_cache(path, scan) is None:
                 _write_cache(path, tensors, scan)

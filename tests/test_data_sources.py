@@ -358,3 +358,16 @@ def test_a_sweep_of_an_rgb_image_folder_trains_evaluates_and_promotes(prefect_se
     assert dataset["class_names"] == list(CLASSES) and (dataset["channels"], dataset["height"]) == (3, 8)
     assert all(t["status"] == "completed" and t["evaluation"]["val_accuracy"] == t["history"][-1]["val_accuracy"]
                for t in summary["trials"])
+
+
+def test_worker_processes_decode_a_folder_as_this_process_does(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "pets", {"train": 5, "test": 2}, sizes=((8, 8), (10, 12)))
+    scan = imagefolder.scan_folder(root)
+    here = imagefolder.decode_folder(scan, 8, num_workers=0)
+    monkeypatch.setattr(imagefolder, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(imagefolder, "DECODE_BATCH", 4)  # batches of one shape and of two
+    there = imagefolder.decode_folder(scan, 8, num_workers=2)
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+    (root / "test" / "dog" / "001.png").write_bytes(b"not an image")
+    with pytest.raises(imagefolder.DatasetInputError, match="cannot read image test/dog/001.png"):
+        imagefolder.decode_folder(imagefolder.scan_folder(root), 8, num_workers=2)
