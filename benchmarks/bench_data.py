@@ -12,7 +12,8 @@ Debian's dataset-fashion-mnist), the reference CNN, the same seed, the same lear
    Normalize with the same constants) + `DataLoader(batch 64, shuffle, num_workers=2)` over the
    same training split, decoding every epoch, validated each epoch through a DataLoader too.
 
-Each epoch's time covers its training and its validation pass, in both. Printed: per-epoch
+Each epoch's time covers its training and its validation pass, in both; the data path alone (one
+epoch of batches, no model) is timed too, for each. Printed: per-epoch
 times, the ratios (per epoch after the first; and all epochs with lr-sweep's cold prepare and
 load counted in its first), both final validation accuracies; with `--models`, training images/s
 of lr-sweep's own loop for the CNN and torchvision:resnet18, each in fp32 and --precision bf16.
@@ -39,7 +40,7 @@ from flows.config import SweepConfig
 from flows.plan import trial_specs
 from models.cnn import architecture, build_model
 from tasks import imagefolder
-from tasks.data import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices
+from tasks.data import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices, train_batches
 from tasks.devices import configure_cpu_threads, resolve_devices
 from tasks.train import train_trial
 
@@ -86,12 +87,17 @@ def lr_sweep_path(spec, config: SweepConfig, device: str) -> dict:
     warm = time.perf_counter()
     prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit)
     prepare_warm = time.perf_counter() - warm
+    order = torch.randperm(splits.train_size, generator=torch.Generator().manual_seed(0)).to(splits.device)
+    started = time.perf_counter()
+    count = sum(len(labels) for _, labels in train_batches(splits, order, spec.batch_size))
+    synchronize(device)
+    data_only = count / (time.perf_counter() - started)
     ends = []
     started = time.perf_counter()
     result = train_trial(spec, splits, device, on_epoch=lambda record: (synchronize(device), ends.append(time.perf_counter())))
     epochs = [b - a for a, b in zip([started, *ends], ends)]
     return {"prepare_cold_s": prepare_cold, "load_splits_s": load, "prepare_warm_s": prepare_warm,
-            "epoch_s": epochs, "val_accuracy": result.history[-1]["val_accuracy"],
+            "epoch_s": epochs, "val_accuracy": result.history[-1]["val_accuracy"], "data_path_images_per_s": data_only,
             "train_size": ref.train_size, "val_size": ref.val_size, "mean": ref.mean, "std": ref.std,
             "fingerprint": ref.fingerprint}
 
@@ -115,6 +121,9 @@ def plain_loop(spec, folder: Path, mean: tuple, std: tuple, config: SweepConfig,
     train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
                               num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
     val_loader = DataLoader(Subset(train_set, val_idx.tolist()), batch_size=1024, num_workers=workers, pin_memory=cuda)
+    started = time.perf_counter()
+    count = sum(len(labels) for _, labels in train_loader)  # the data path alone: decode, transform, collate
+    data_only = count / (time.perf_counter() - started)
     torch.manual_seed(spec.seed)
     model = build_model(architecture(spec.hidden_units)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
@@ -135,7 +144,7 @@ def plain_loop(spec, folder: Path, mean: tuple, std: tuple, config: SweepConfig,
                 correct += (model(images.to(device)).argmax(1) == labels.to(device)).sum().item()
         accuracy = correct / len(val_idx)
         epochs.append(time.perf_counter() - started)
-    return {"epoch_s": epochs, "val_accuracy": accuracy, "workers": workers}
+    return {"epoch_s": epochs, "val_accuracy": accuracy, "workers": workers, "data_path_images_per_s": data_only}
 
 
 def synchronize(device: str) -> None:
@@ -211,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{epoch:>5} {a:>11.1f} {b:>14.1f} {r:>5.2f}x")
     print(f"all epochs, lr-sweep's cold prepare and load counted: {summary['ratio_including_decode']:.2f}x "
           f"({ours_total:.1f} s against {sum(plain['epoch_s']):.1f} s)")
+    print(f"the data path alone (one epoch of batches, no model): lr-sweep {ours['data_path_images_per_s']:,.0f} images/s, "
+          f"ImageFolder + DataLoader({args.workers} workers) {plain['data_path_images_per_s']:,.0f} images/s")
     print(f"validation accuracy: lr-sweep {100 * ours['val_accuracy']:.2f}%, ImageFolder loop "
           f"{100 * plain['val_accuracy']:.2f}% ({summary['val_accuracy_points_apart']:.2f} points apart)")
     if args.models:
