@@ -121,8 +121,12 @@ def plain_loop(spec, folder: Path, mean: tuple, std: tuple, config: SweepConfig,
     train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
                               num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
     val_loader = DataLoader(Subset(train_set, val_idx.tolist()), batch_size=1024, num_workers=workers, pin_memory=cuda)
+    # The data path alone (decode, transform, collate), through a loader of its own: the training
+    # loader's shuffle generator is left as it is.
+    data_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
+                             num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
     started = time.perf_counter()
-    count = sum(len(labels) for _, labels in train_loader)  # the data path alone: decode, transform, collate
+    count = sum(len(labels) for _, labels in data_loader)
     data_only = count / (time.perf_counter() - started)
     torch.manual_seed(spec.seed)
     model = build_model(architecture(spec.hidden_units)).to(device)
