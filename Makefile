@@ -139,6 +139,16 @@ export BENCH_JSON
 bench: data
 	$(QUIET) $(BIN)/python -m benchmarks.bench --json $(BENCH_JSON)
 
+# An image folder: lr-sweep's decoded-once cache against a plain torchvision ImageFolder +
+# DataLoader(num_workers=2) loop, 2 epochs of the reference CNN on Fashion-MNIST written once as
+# PNG files (about 5 minutes on 2 cores); figures go to $(BENCH_DATA_JSON).
+BENCH_DATA_JSON ?= bench-data.json
+export BENCH_DATA_JSON
+
+.PHONY: bench-data
+bench-data: data
+	$(QUIET) $(BIN)/python -m benchmarks.bench_data --json $(BENCH_DATA_JSON)
+
 # The full grid against successive halving and TPE, and the LR range test, on
 # Fashion-MNIST (about 15-25 minutes on 2 cores); figures go to benchmarks/bench_search.json.
 bench-search: data

@@ -163,7 +163,7 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
     or, with `engine_model`, as the engine runs it (`place_model`, fused optimizer): the gap
     between that loop and the engine is what the resident data path alone is worth.
     """
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((ref.mean,), (ref.std,))])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ref.mean, ref.std)])
     dataset = torchvision_class(ref.name)(ref.root, train=True, download=False, transform=transform)
     train_idx, _ = split_indices(len(dataset), ref.val_size, ref.split_seed, ref.train_limit)
     loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
@@ -220,7 +220,7 @@ def sweep_overrides(args, config: SweepConfig, engine_images_per_s: float, workd
                  "output_dir": str(workdir / "runs"), "registry_dir": str(workdir / "registry")}
     if args.default_sweep:
         return overrides
-    available = 60000 - config.val_size
+    available = 60000 - (config.val_size or 10000)  # val_size none: one sixth of the 60k
     # More epochs when the whole training split is too short for `--trial-seconds` (fast machines).
     epochs = max(args.sweep_epochs, math.ceil(args.trial_seconds * engine_images_per_s / available))
     limit = math.ceil(args.trial_seconds * engine_images_per_s / epochs / 1000) * 1000

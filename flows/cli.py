@@ -350,16 +350,20 @@ def command_server(args: argparse.Namespace) -> int:
 
 
 def command_data(args: argparse.Namespace) -> int:
-    """Locate (or install, or download) the dataset and verify its files."""
-    from tasks.data import DatasetError, locate_dataset
+    """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
+    from flows.plan import dataset_arguments
+    from tasks.data import DatasetError, DatasetInputError, prepare_dataset
 
     config = parse_config(args)
     try:
-        root, fingerprint = locate_dataset(config.dataset, config.data_dir)
+        ref = prepare_dataset(**dataset_arguments(config))
+    except DatasetInputError as error:
+        raise InputError(error.field, str(error)) from None
     except DatasetError as error:
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1
-    print(f"{config.dataset}: files in {root}, fingerprint {fingerprint}")
+    print(f"{config.dataset}: files in {ref.root}, fingerprint {ref.fingerprint}; {ref.train_size:,} / {ref.val_size:,} / "
+          f"{ref.test_size:,} train / val / test images of {ref.channels}x{ref.height}x{ref.width}, {ref.num_classes} classes")
     return 0
 
 
@@ -402,7 +406,7 @@ def command_promote(args: argparse.Namespace) -> int:
     from models.local_registry import LocalRegistry
     from models.registry import split_name
     from models.sources import ModelSource
-    from tasks.data import DatasetError
+    from tasks.data import DatasetError, DatasetInputError
     from tasks.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
@@ -422,7 +426,10 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelSource(spec=config.model, args=config.model_args))  # the only user code it may import
+                allowed=ModelSource(spec=config.model, args=config.model_args),  # the only user code it may import
+                dataset_spec=config.dataset)
+        except DatasetInputError:
+            raise  # bad input (exit 2, the field named), not missing files
         except DatasetError as error:
             print(f"lr-sweep: {error}", file=sys.stderr)
             return 1
@@ -528,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
-    add_config_arguments(data, ["dataset", "data_dir"])
+    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers"])
     data.set_defaults(handler=command_data)
 
     models = commands.add_parser("models", help="list the models of the registry")

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.names import check_name, rates_sharing_a_name
 from models.source_spec import source_kind
 from tasks.checks import check_lr_range
+from tasks.dataset_spec import parse_dataset_spec
 
 MAX_LEARNING_RATES = 64
 MAX_SEEDS = 32
@@ -84,16 +85,25 @@ class SweepConfig(BaseSettings):
         title="1 Experiment · precision", default="fp32",
         description="Training precision: fp32, bf16 autocast (CPU and GPU) or fp16 autocast with a "
         "gradient scaler; evaluation is fp32.")
-    dataset: Literal["fashion-mnist", "mnist", "kmnist"] = Field(
+    dataset: str = Field(
         title="1 Experiment · dataset",
-        default="fashion-mnist", description="Dataset (28x28 grey images, 10 classes)."
+        default="fashion-mnist",
+        description="Data: fashion-mnist, mnist or kmnist (28x28 grey, 10 classes); imagefolder:PATH "
+        "(PATH/train/CLASS/*, PATH/test/CLASS/*, optional PATH/val/CLASS/*); package.module:function or "
+        "path/to/file.py:function returning (train_images, train_labels, test_images, test_labels"
+        "[, class_names]) tensors or (train, test[, class_names]) Datasets.",
     )
-    val_size: int = Field(
+    image_size: int | None = Field(
+        title="1 Experiment · image size",
+        default=None, ge=1, le=4096,
+        description="Resize every image to N x N (1-4096); none = the images' own size (they must all have one).",
+    )
+    val_size: int | None = Field(
         title="1 Experiment · validation images",
-        default=10000,
+        default=None,
         ge=1,
-        le=59000,
-        description="Images held out of the 60k training set for validation (1-59000).",
+        description="Images held out of the training images for validation (>= 1, leaving at least one "
+        "to train on); none = one sixth of them (10,000 of the 60k built-ins). Not with a val/ folder.",
     )
     split_seed: int = Field(
         title="1 Experiment · split seed",
@@ -106,6 +116,12 @@ class SweepConfig(BaseSettings):
         default=None,
         ge=1,
         description="Train on at most this many images (>= 1; smoke runs, marked as such in the report); none = all.",
+    )
+    num_workers: int = Field(
+        title="1 Experiment · data loader workers",
+        default=2, ge=0, le=64,
+        description="Worker processes that decode an image folder the first time (4,096 files or more) and "
+        "read a Dataset too large for memory (0-64; 0 = in the process itself).",
     )
 
     # --- search -------------------------------------------------------------------------------
@@ -270,6 +286,12 @@ class SweepConfig(BaseSettings):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, spec: str) -> str:
+        parse_dataset_spec(spec)  # the form only: the folder or the module is checked before training
+        return spec
 
     @field_validator("alias")
     @classmethod

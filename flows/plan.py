@@ -18,6 +18,7 @@ from models.source_spec import short_name
 from models.sources import ModelSource
 from tasks import tracking
 from tasks.data import DatasetRef, prepare_data
+from tasks.dataset_spec import dataset_label
 from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.results import TrialSpec
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
@@ -32,13 +33,8 @@ def new_sweep_id() -> str:
 
 def dataset_short_name(spec: str) -> str:
     """The dataset's part of a collection name: the built-in's name, an image folder's folder
-    name, a dataset function's name."""
-    kind, _, rest = spec.partition(":")
-    if not rest:
-        return spec
-    if kind == "imagefolder":
-        return Path(rest).resolve().name
-    return rest.rsplit(":", 1)[-1] if ":" in rest else rest
+    name, a dataset function's module (or file) and name, in the characters a collection takes."""
+    return dataset_label(spec)
 
 
 def collection_name(config: SweepConfig) -> str:
@@ -88,14 +84,16 @@ def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
     return workspace
 
 
-def dataset_arguments(config: SweepConfig) -> tuple:
+def dataset_arguments(config: SweepConfig) -> dict:
     """What `prepare_dataset` (and its task, `prepare_data`) take from the config."""
-    return config.dataset, config.data_dir, config.val_size, config.split_seed, config.train_limit
+    return {"name": config.dataset, "data_dir": config.data_dir, "val_size": config.val_size,
+            "split_seed": config.split_seed, "train_limit": config.train_limit, "image_size": config.image_size,
+            "num_workers": config.num_workers}
 
 
 def dataset_of(config: SweepConfig) -> DatasetRef:
     """The sweep's data, located, verified and decoded once (the prepare_data task)."""
-    return prepare_data(*dataset_arguments(config))
+    return prepare_data(**dataset_arguments(config))
 
 
 @dataclass

@@ -50,7 +50,7 @@ def check_run(config, dry_run: bool = False):
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
     from flows.plan import dataset_arguments
-    from tasks.data import prepare_dataset
+    from tasks.data import DatasetInputError, prepare_dataset
 
     if not dry_run:
         check_device(config.device)
@@ -58,8 +58,8 @@ def check_run(config, dry_run: bool = False):
         check_writable(field, getattr(config, field))
     check_model_code(config)
     try:
-        dataset = prepare_dataset(*dataset_arguments(config), allow_download=not dry_run)
-    except SourceError as error:
+        dataset = prepare_dataset(**dataset_arguments(config), allow_download=not dry_run)
+    except (SourceError, DatasetInputError) as error:
         raise InputError(error.field, str(error)) from None
     check_model(config, dataset)
     return dataset

@@ -1,102 +1,59 @@
-"""Dataset files: found, verified and fingerprinted once; tensors loaded once per process.
+"""Data sources, prepared once per sweep; their tensors loaded once per process and device.
 
-Sources, in order:
-1. the data directory, where torchvision keeps decompressed IDX files (DATA_DIR/FashionMNIST/raw);
-2. the system's dataset directory (Debian's `dataset-fashion-mnist` installs the .gz files under
-   /usr/share/datasets/fashion-mnist): their MD5s are checked against torchvision's and they are
-   decompressed into the data directory, where torchvision looks;
-3. torchvision's own download (needs internet; it checks the MD5s itself).
+A `--dataset` spec names one of three kinds of source (tasks/dataset_spec.py):
+- a built-in (fashion-mnist, mnist, kmnist: tasks/builtin_data.py, IDX files verified by SHA-256);
+- `imagefolder:PATH`, torchvision's folder layout, decoded once into a uint8 tensor cache keyed
+  by the folder's fingerprint (tasks/imagefolder.py);
+- a user function returning tensors or torch Datasets (tasks/user_data.py).
 
-The fingerprint of a dataset is the digest of its four raw files' SHA-256s. It goes into every
-model's metadata, so a model can always be traced to the exact bytes it was trained on. A
-SHA256SUMS file written next to the raw files catches later corruption before any training.
-
-Training wants the whole dataset on the device as one tensor with batches sliced from it (no
-DataLoader): see `load_splits`.
+Every source ends as a `DatasetRef` (fingerprint, shape, classes, split sizes, per-channel
+normalisation), the same for every trial. Training wants the whole dataset on the device as one
+tensor with batches sliced from it (no DataLoader, see `load_splits`); only a Dataset too large
+for memory is read by a DataLoader, and `train_batches` / `eval_batches` serve both the same way.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
-import os
-import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Literal
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.files import atomic_write, file_digest, file_lock, temporary_sibling
-from models.serialization import manifest_digest
-
-
-@dataclass(frozen=True)
-class DatasetFiles:
-    """A dataset's published files: torchvision's folder name (so torchvision reads the same
-    files) and the MD5 of each .gz archive, as torchvision's own tables list them. Kept here so
-    that reading the data does not import torchvision (1.6 s and 190 MB of RSS, measured)."""
-
-    folder: str
-    archives: dict[str, str]
-
-
-DATASET_FILES = {
-    "fashion-mnist": DatasetFiles("FashionMNIST", {
-        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
-    "mnist": DatasetFiles("MNIST", {
-        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
-    "kmnist": DatasetFiles("KMNIST", {
-        "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
-        "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
-        "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
-        "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134"}),
-}
-
-
-def torchvision_class(name: str):
-    """torchvision's Dataset class of `name`: for its download, and for code that wants a
-    torchvision Dataset (the benchmark's DataLoader baseline)."""
-    from torchvision import datasets
-
-    return getattr(datasets, DATASET_FILES[name].folder)
-# Directories where an operating system package may have put the .gz files.
-SYSTEM_DIRS = {
-    "fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")],
-    "mnist": [Path("/usr/share/datasets/mnist")],
-    "kmnist": [Path("/usr/share/datasets/kmnist")],
-}
-CHECKSUM_FILE = "SHA256SUMS"
-# SHA-256 of the decompressed raw files, where we know them. Debian re-compresses the upstream
-# .gz files, so their MD5s differ from torchvision's while the content is the same; these were
-# computed from Debian's dataset-fashion-mnist (0.0~git20200523), the zalandoresearch release.
-KNOWN_RAW_SHA256 = {
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    },
-}
-TRAIN_SET_SIZE = 60000
-
-
-class DatasetError(RuntimeError):
-    """The dataset cannot be found or its files are corrupt: a clear error before training."""
+from tasks.builtin_data import (  # noqa: F401  (re-exported: the built-ins' names as they always were)
+    CHECKSUM_FILE,
+    DATASET_FILES,
+    KNOWN_RAW_SHA256,
+    SYSTEM_DIRS,
+    TRAIN_SET_SIZE,
+    locate_dataset,
+    raw_dir,
+    raw_file_names,
+    read_idx,
+    read_raw,
+    torchvision_class,
+)
+from tasks.dataset_spec import (  # noqa: F401
+    DatasetError,
+    DatasetInputError,
+    dataset_label,
+    parse_dataset_spec,
+)
 
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """Which data a sweep trains on; small and serialisable, passed to every task."""
+    """Which data a sweep trains on; small and serialisable, passed to every task.
+
+    `mean` and `std` hold one value per channel (one for the grey built-ins); `resize` is the
+    --image-size the images were resized to (None: their own size). `spec`, `root` (the files,
+    or the image folder), `data_dir`, `resident` and `num_workers` say where and how this machine
+    reads the data; they are not part of what the model was trained on (`as_metadata`)."""
 
     name: str
     root: str
@@ -106,178 +63,73 @@ class DatasetRef:
     train_limit: int | None
     train_size: int
     test_size: int
-    mean: float
-    std: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str = "builtin"  # builtin, imagefolder or function
+    spec: str = ""  # the --dataset value; "" = `name` (a built-in)
     channels: int = 1
-    image_size: int = 28
+    height: int = 28
+    width: int = 28
     num_classes: int = 10
+    class_names: tuple[str, ...] | None = None
+    val_folder: bool = False  # validation images from PATH/val, not split from train
+    resize: int | None = None
+    code_digest: str | None = None  # a dataset function's code (also part of the fingerprint)
+    data_dir: str = ""
+    resident: bool = True  # the splits live on the device as tensors; False: read by a DataLoader
+    num_workers: int = 2
+
+    @property
+    def image_size(self) -> int | tuple[int, int]:
+        """N for N x N images (what a model factory is given), else (height, width)."""
+        return self.height if self.height == self.width else (self.height, self.width)
 
     def as_metadata(self) -> dict:
         data = asdict(self)
-        data.pop("root")  # where the files sit on one machine says nothing about the model
+        # Where the files sit on one machine, and how it reads them, say nothing about the model.
+        for local in ("root", "spec", "data_dir", "resident", "num_workers"):
+            data.pop(local)
+        for field in ("mean", "std", "class_names"):
+            data[field] = None if data[field] is None else list(data[field])
         return data
 
 
 @dataclass
 class Splits:
-    """The three splits as tensors on one device: images (N, 1, 28, 28) float32, normalised with
-    `dataset.mean` and `dataset.std`, labels int64."""
+    """The three splits on one device. Resident (the usual case): images (N, C, H, W) float32,
+    normalised with `dataset.mean` and `dataset.std`, labels int64. A Dataset too large for
+    memory: `loader` reads them batch by batch and the tensors are None. Batches come from
+    `train_batches` and `eval_batches`, which serve both."""
 
     dataset: DatasetRef
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-
-    @property
-    def device(self) -> torch.device:
-        return self.train_x.device
+    train_x: torch.Tensor | None
+    train_y: torch.Tensor | None
+    val_x: torch.Tensor | None
+    val_y: torch.Tensor | None
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+    loader: object | None = None  # tasks.user_data.LoaderSplits
 
     @property
     def train_size(self) -> int:
-        return len(self.train_y)
+        return len(self.train_y) if self.loader is None else self.loader.sizes["train"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_y.device if self.loader is None else self.loader.device
 
 
-def train_batches(splits: Splits, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training batches of one epoch, in `order` (indices on the splits' device)."""
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        yield splits.train_x[batch], splits.train_y[batch]
-
-
-def eval_batches(splits: Splits, which: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation or test split in consecutive batches."""
-    images, labels = (splits.val_x, splits.val_y) if which == "val" else (splits.test_x, splits.test_y)
-    return tensor_batches(images, labels, batch_size)
-
-
-def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size], labels[start:start + batch_size]
-
-
-def raw_file_names(name: str) -> list[str]:
-    return [Path(archive).stem for archive in DATASET_FILES[name].archives]
-
-
-def raw_dir(name: str, data_dir: Path) -> Path:
-    return Path(data_dir) / DATASET_FILES[name].folder / "raw"
-
-
-def _write_checksums(directory: Path, names: list[str]) -> dict[str, str]:
-    hashes = {name: file_digest(directory / name) for name in names}
-    atomic_write(directory / CHECKSUM_FILE, "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes)))
-    return hashes
-
-
-def _read_checksums(directory: Path) -> dict[str, str] | None:
-    path = directory / CHECKSUM_FILE
-    if not path.exists():
-        return None
-    pairs = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
-    return {name.strip(): digest for digest, name in pairs}
-
-
-def _install_from_system(name: str, target: Path) -> bool:
-    """Decompress an OS package's .gz files into `target`; False when none are installed.
-
-    An archive is accepted when its MD5 is torchvision's or, decompressed, its SHA-256 is known.
-    """
-    expected_md5 = DATASET_FILES[name].archives
-    known = KNOWN_RAW_SHA256.get(name, {})
-    for source in SYSTEM_DIRS.get(name, []):
-        archives = [source / gz for gz in expected_md5]
-        if not all(path.exists() for path in archives):
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        for archive in archives:
-            # Decompress to a temporary name and rename, so an interrupted copy never looks done.
-            tmp = temporary_sibling(target / archive.stem)
-            with gzip.open(archive, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            if file_digest(archive, "md5") != expected_md5[archive.name] and known.get(archive.stem) != file_digest(tmp):
-                tmp.unlink()
-                raise DatasetError(
-                    f"{archive} is corrupt: neither its MD5 nor its decompressed SHA-256 matches "
-                    f"the published {name} files; reinstall the package that provides it")
-            os.replace(tmp, target / archive.stem)
-        return True
-    return False
-
-
-def locate_dataset(name: str, data_dir: Path, allow_download: bool = True) -> tuple[Path, str]:
-    """Make sure the raw files are in the data directory; returns (root, fingerprint)."""
-    if name not in DATASET_FILES:
-        raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_FILES)}")
-    data_dir = Path(data_dir)
-    directory = raw_dir(name, data_dir)
-    names = raw_file_names(name)
-    # Two sweeps (two containers on one fresh data volume) may install the files at once: the
-    # first installs under the lock, the second then finds them and only verifies.
-    with file_lock(data_dir, ".install.lock"):
-        have_files = all((directory / n).exists() for n in names)
-        if not have_files:
-            installed = _install_from_system(name, directory)
-            if not installed and allow_download:
-                try:
-                    torchvision_class(name)(str(data_dir), train=True, download=True)
-                    torchvision_class(name)(str(data_dir), train=False, download=True)
-                except Exception as error:  # no network, mirror down, ...
-                    raise DatasetError(
-                        f"dataset {name!r} not found in {directory} nor in "
-                        f"{', '.join(map(str, SYSTEM_DIRS.get(name, [])))}, and torchvision's "
-                        f"download failed: {error}"
-                    ) from error
-            elif not installed:
-                raise DatasetError(f"dataset {name!r} not found in {directory} (download disabled)")
-            hashes = _write_checksums(directory, names)
-        else:
-            hashes = {n: file_digest(directory / n) for n in names}
-            recorded = KNOWN_RAW_SHA256.get(name) or _read_checksums(directory)
-            if recorded is None:
-                _write_checksums(directory, names)
-            else:
-                bad = [n for n in names if recorded.get(n) != hashes[n]]
-                if bad:
-                    raise DatasetError(
-                        f"dataset files {', '.join(bad)} in {directory} do not match {CHECKSUM_FILE}: "
-                        f"they are corrupt or were changed; delete {directory} to fetch them again"
-                    )
-    return data_dir, manifest_digest(hashes)
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes (what the MNIST family ships) as a uint8 tensor: a 4-byte
-    magic (0, 0, 0x08, number of dimensions), each dimension as a big-endian int32, the data."""
-    data = path.read_bytes()
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path.name} is not an IDX file of unsigned bytes")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    body = data[4 + 4 * ndim:]
-    if len(body) != math.prod(dims):
-        raise ValueError(f"{path.name} holds {len(body)} bytes of data, its header says {math.prod(dims)}")
-    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
-
-
-def _read_raw(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) of the training or the test files."""
-    directory = raw_dir(name, root)
-    prefix = "train" if train else "t10k"
-    try:
-        images = read_idx(directory / f"{prefix}-images-idx3-ubyte")
-        labels = read_idx(directory / f"{prefix}-labels-idx1-ubyte").long()
-    except (OSError, ValueError, RuntimeError) as error:  # truncated or malformed IDX files
-        raise DatasetError(f"cannot read dataset {name!r} from {directory}: {error}") from error
-    return images, labels
+def default_val_size(total: int) -> int:
+    """One sixth of the training images: 10,000 of the built-ins' 60,000, as before val_size
+    could be left unset."""
+    return max(1, total // 6)
 
 
 def split_indices(total: int, val_size: int, split_seed: int, train_limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and validation indices: a seeded permutation, the first `val_size` for validation."""
     if val_size >= total:
-        raise DatasetError(f"val_size {val_size} leaves no training images out of {total}")
+        raise DatasetInputError("val_size", f"val_size {val_size} leaves no training images out of {total}: "
+                                f"give at most {total - 1}")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(split_seed))
     val, train = order[:val_size], order[val_size:]
     if train_limit is not None:
@@ -285,31 +137,172 @@ def split_indices(total: int, val_size: int, split_seed: int, train_limit: int |
     return train, val
 
 
-def prepare_dataset(name: str, data_dir: Path, val_size: int, split_seed: int,
-                    train_limit: int | None, allow_download: bool = True) -> DatasetRef:
-    """Locate and verify the files, fix the split and the normalisation: the sweep's DatasetRef."""
-    root, fingerprint = locate_dataset(name, data_dir, allow_download)
-    images, _ = _read_raw(name, root, train=True)
-    test_labels = read_idx(raw_dir(name, root) / "t10k-labels-idx1-ubyte")  # the count, not the images
-    train_idx, _ = split_indices(len(images), val_size, split_seed, train_limit)
-    mean, std = pixel_statistics(images[train_idx])
+@dataclass
+class SourceData:
+    """A source's images as tensors, before the split: uint8 (pixels / 255) or float (as they
+    are), (N, C, H, W); labels int64. `val_*` only when the source has its own validation set."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: tuple[str, ...] | None = None
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a source was found and what identifies it: what `prepare_dataset` reads from."""
+
+    source: str
+    name: str
+    root: Path
+    fingerprint: str
+    train_count: int | None = None  # known before decoding (a folder's files)
+    val_folder: bool = False
+
+
+def builtin_source(name: str, root: Path, image_size: int | None) -> SourceData:
+    images, labels = read_raw(name, root, train=True)
+    test_images, test_labels = read_raw(name, root, train=False)
+    return SourceData(resize(images.unsqueeze(1), image_size), labels,
+                      resize(test_images.unsqueeze(1), image_size), test_labels)
+
+
+def resize(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """(N, C, H, W) images at image_size x image_size (antialiased bilinear, as torchvision's
+    Resize); unchanged when they have that size already or no size is asked for."""
+    if image_size is None or tuple(images.shape[-2:]) == (image_size, image_size):
+        return images
+    from torchvision.transforms.v2 import functional
+
+    return functional.resize(images, [image_size, image_size], antialias=True)
+
+
+def locate(spec: str, data_dir: Path, allow_download: bool = True) -> Located:
+    """Find a built-in or a folder and fingerprint it, without decoding anything."""
+    kind = parse_dataset_spec(spec)
+    if kind.kind == "builtin":
+        root, fingerprint = locate_dataset(spec, data_dir, allow_download)
+        return Located("builtin", spec, Path(root).resolve(), fingerprint)
+    from tasks import imagefolder
+
+    scan = imagefolder.scan_folder(Path(kind.target))
+    return Located("imagefolder", dataset_label(spec), scan.root, imagefolder.folder_fingerprint(scan),
+                   train_count=len(scan.files["train"]), val_folder="val" in scan.files)
+
+
+def read_source(spec: str, located: Located, data_dir: Path, image_size: int | None, num_workers: int) -> SourceData:
+    if located.source == "builtin":
+        return builtin_source(spec, located.root, image_size)
+    from tasks import imagefolder
+
+    return imagefolder.cached_tensors(imagefolder.scan_folder(located.root), located.fingerprint,
+                                      Path(data_dir), image_size, num_workers)
+
+
+def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed: int,
+                    train_limit: int | None, allow_download: bool = True, *, image_size: int | None = None,
+                    num_workers: int = 2) -> DatasetRef:
+    """Locate and verify the source `name` (a --dataset spec), fix the split and the per-channel
+    normalisation: the sweep's DatasetRef. Bad input raises DatasetInputError naming the field."""
+    if parse_dataset_spec(name).kind == "function":
+        from tasks import user_data
+
+        return user_data.prepare_function(name, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+    located = locate(name, data_dir, allow_download)
+    if located.train_count is not None:  # refused before a folder is decoded and cached
+        held_out(located.train_count, located.val_folder, val_size)
+    return tensor_ref(name, located, read_source(name, located, data_dir, image_size, num_workers), data_dir, val_size,
+                      split_seed, train_limit, image_size, num_workers)
+
+
+def tensor_ref(spec: str, located: Located, data: SourceData, data_dir: Path, val_size: int | None,
+               split_seed: int, train_limit: int | None, image_size: int | None, num_workers: int) -> DatasetRef:
+    """The DatasetRef of a source whose images are tensors in memory (the resident path)."""
+    train_idx, val_count = train_and_val_counts(data, val_size, split_seed, train_limit)
+    mean, std = pixel_statistics(data.train_images[train_idx])
+    channels, height, width = data.train_images.shape[1:]
     return DatasetRef(
-        name=name, root=str(Path(root).resolve()), fingerprint=fingerprint, val_size=val_size,
+        name=located.name, root=str(located.root), fingerprint=located.fingerprint, val_size=val_count,
         split_seed=split_seed, train_limit=train_limit, train_size=len(train_idx),
-        test_size=len(test_labels), mean=round(mean, 6), std=round(std, 6),
+        test_size=len(data.test_labels), mean=tuple(round(m, 6) for m in mean),
+        std=tuple(round(s, 6) for s in std), source=located.source, spec=spec,
+        channels=channels, height=height, width=width,
+        num_classes=count_classes(data.class_names, data.train_labels, data.test_labels),
+        class_names=data.class_names, val_folder=data.val_images is not None, resize=image_size,
+        data_dir=str(Path(data_dir).resolve()), num_workers=num_workers,
     )
 
 
-def pixel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
-    """Mean and (sample) standard deviation of the pixels in [0, 1], accumulated in float64 over
-    chunks of uint8 images: the whole split as floats would add 300 MB to the peak memory."""
-    count, total, squares = images.numel(), 0.0, 0.0
-    for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].to(torch.float64).div_(255.0)
-        total += block.sum().item()
-        squares += block.square_().sum().item()
-    mean = total / count
-    return mean, math.sqrt((squares - count * mean * mean) / (count - 1))
+def held_out(total: int, val_folder: bool, val_size: int | None) -> int:
+    """How many of the `total` training images are held out for validation (none when the
+    source has its own validation images); a val_size that leaves none to train on is refused."""
+    if val_folder:
+        if val_size is not None:
+            raise DatasetInputError("val_size", "the folder has its own val/ images: leave val_size unset")
+        return 0
+    val_size = default_val_size(total) if val_size is None else val_size
+    if val_size >= total:
+        raise DatasetInputError("val_size", f"val_size {val_size} leaves no training images out of {total}: "
+                                f"give at most {total - 1}")
+    return val_size
+
+
+def train_and_val_counts(data: SourceData, val_size: int | None, split_seed: int,
+                         train_limit: int | None) -> tuple[torch.Tensor, int]:
+    """The training indices and the number of validation images of `data`."""
+    val_folder = data.val_images is not None
+    held = held_out(len(data.train_labels), val_folder, val_size)
+    train = split_indices(len(data.train_labels), held, split_seed, train_limit)[0]
+    return train, len(data.val_labels) if val_folder else held
+
+
+def count_classes(class_names: tuple[str, ...] | None, *labels: torch.Tensor) -> int:
+    """The number of classes: as many as there are names, else the largest label + 1."""
+    largest = max(int(part.max()) for part in labels if len(part))
+    return len(class_names) if class_names is not None else largest + 1
+
+
+def to_unit(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels as values in [0, 1]; float pixels as they are (a new tensor either way)."""
+    pixels = images.to(dtype, copy=True)
+    return pixels.div_(255.0) if images.dtype == torch.uint8 else pixels
+
+
+def pixel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) standard deviation of (N, C, H, W) images, pixels in [0, 1],
+    accumulated in float64 over chunks: the whole split as floats would add 300 MB to the peak
+    memory. One channel gives the very numbers of the flat (N, H, W) computation."""
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        plane = images[:, channel]
+        count, total, squares = plane.numel(), 0.0, 0.0
+        for start in range(0, len(plane), chunk):
+            block = to_unit(plane[start:start + chunk], torch.float64)
+            total += block.sum().item()
+            squares += block.square_().sum().item()
+        mean = total / count
+        means.append(mean)
+        stds.append(math.sqrt((squares - count * mean * mean) / (count - 1)))
+    return tuple(means), tuple(stds)
+
+
+def normalise_(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(pixels - mean) / std per channel, in place on float (N, C, H, W) pixels. Channel by
+    channel with Python numbers: for one channel exactly the arithmetic the grey built-ins always
+    had, so their tensors (and the weights trained on them) stay bit for bit the same."""
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        pixels[:, channel].sub_(m).div_(s)
+    return pixels
+
+
+def to_device(raw: torch.Tensor, ref: DatasetRef, device: torch.device) -> torch.Tensor:
+    pixels = normalise_(to_unit(raw), ref.mean, ref.std)
+    # channels_last is the layout the convolutions run fastest in (measured on CPU, and the
+    # tensor-core layout on GPU); for one channel it costs nothing to store it that way.
+    return pixels.to(device).contiguous(memory_format=torch.channels_last)
 
 
 _splits_cache: dict[tuple, Splits] = {}
@@ -326,25 +319,92 @@ def load_splits(ref: DatasetRef, device: str | torch.device) -> Splits:
 
 
 def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
-    root = Path(ref.root)
-    images, labels = _read_raw(ref.name, root, train=True)
-    test_images, test_labels = _read_raw(ref.name, root, train=False)
-    train_idx, val_idx = split_indices(len(images), ref.val_size, ref.split_seed, ref.train_limit)
+    if ref.source == "function":
+        from tasks import user_data
 
-    def to_device(raw: torch.Tensor) -> torch.Tensor:
-        pixels = (raw.float().div_(255.0).sub_(ref.mean).div_(ref.std)).unsqueeze(1)
-        # channels_last is the layout the convolutions run fastest in (measured on CPU, and the
-        # tensor-core layout on GPU); for one channel it costs nothing to store it that way.
-        return pixels.to(device).contiguous(memory_format=torch.channels_last)
-
+        if not ref.resident:
+            return user_data.loader_splits(ref, device)
+        data = user_data.function_tensors(ref)
+    else:
+        located = Located(ref.source, ref.name, Path(ref.root), ref.fingerprint)
+        data = read_source(ref.spec or ref.name, located, Path(ref.data_dir or ref.root), ref.resize, ref.num_workers)
+    if ref.val_folder:
+        train_idx = split_indices(len(data.train_labels), 0, ref.split_seed, ref.train_limit)[0]
+        val_images, val_labels = data.val_images, data.val_labels
+    else:
+        train_idx, val_idx = split_indices(len(data.train_labels), ref.val_size, ref.split_seed, ref.train_limit)
+        val_images, val_labels = data.train_images[val_idx], data.train_labels[val_idx]
     return Splits(
-        dataset=ref, train_x=to_device(images[train_idx]), train_y=labels[train_idx].to(device),
-        val_x=to_device(images[val_idx]), val_y=labels[val_idx].to(device),
-        test_x=to_device(test_images), test_y=test_labels.to(device),
+        dataset=ref, train_x=to_device(data.train_images[train_idx], ref, device),
+        train_y=data.train_labels[train_idx].to(device),
+        val_x=to_device(val_images, ref, device), val_y=val_labels.to(device),
+        test_x=to_device(data.test_images, ref, device), test_y=data.test_labels.to(device),
     )
 
 
+def train_batches(splits: Splits, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches of one epoch in `order` (a permutation of range(splits.train_size)):
+    resident, `train_x[order[s:s + b]]`, an index slice on the device; from a DataLoader, the
+    same images in the same order, normalised on the way and moved to the device."""
+    if splits.loader is not None:
+        yield from splits.loader.train_batches(order, batch_size)
+        return
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        yield splits.train_x[batch], splits.train_y[batch]
+
+
+def eval_batches(splits: Splits, which: Literal["val", "test"], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation or test images in their fixed order, `batch_size` at a time."""
+    if which not in ("val", "test"):
+        raise ValueError(f"which must be 'val' or 'test', got {which!r}")
+    if splits.loader is not None:
+        yield from splits.loader.eval_batches(which, batch_size)
+        return
+    images, labels = (splits.val_x, splits.val_y) if which == "val" else (splits.test_x, splits.test_y)
+    yield from tensor_batches(images, labels, batch_size)
+
+
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive slices of resident tensors."""
+    for start in range(0, len(labels), batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]
+
+
+def channel_values(value: float | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """Per-channel constants as a tuple; a model stored before they were per channel has one float."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift), each (1, C, 1, 1), taking images normalised with the data's constants to
+    the model's: x_model = x_data * scale + shift. None when they are the same."""
+    mean, std = channel_values(model_dataset["mean"]), channel_values(model_dataset["std"])
+    if (mean, std) == (data.mean, data.std):
+        return None
+    # x_model = (raw - mean) / std with raw = x_data * data.std + data.mean
+    scale = [ds / s for ds, s in zip(data.std, std)]
+    shift = [(dm - m) / s for dm, m, s in zip(data.mean, mean, std)]
+    return torch.tensor(scale).view(1, -1, 1, 1), torch.tensor(shift).view(1, -1, 1, 1)
+
+
+def prepare_recorded(recorded: dict, spec: str | None, data_dir: Path) -> DatasetRef:
+    """The data a stored model was measured on (its metadata's `dataset`), prepared again with
+    the recorded split and size: a built-in by its recorded name; an image folder or a dataset
+    function only as the command's own `spec` names it, since a registry entry never decides what
+    is read or imported (the fingerprint check then says whether it is the same data)."""
+    source = recorded.get("source", "builtin")
+    if source != "builtin" and (spec is None or parse_dataset_spec(spec).kind != source):
+        raise DatasetInputError("dataset", f"the model was trained on {source} data {recorded.get('name')!r}: "
+                                "give that data as --dataset (imagefolder:PATH or module:function)")
+    return prepare_dataset(recorded["name"] if source == "builtin" else spec, data_dir,
+                           None if recorded.get("val_folder") else recorded["val_size"], recorded["split_seed"],
+                           recorded["train_limit"], image_size=recorded.get("resize"))
+
+
 @task(name="prepare_data", task_run_name="prepare {name}", cache_policy=NO_CACHE)
-def prepare_data(name: str, data_dir: Path, val_size: int, split_seed: int, train_limit: int | None) -> DatasetRef:
+def prepare_data(name: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
+                 *, image_size: int | None = None, num_workers: int = 2) -> DatasetRef:
     """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
-    return prepare_dataset(name, data_dir, val_size, split_seed, train_limit)
+    return prepare_dataset(name, data_dir, val_size, split_seed, train_limit, image_size=image_size,
+                           num_workers=num_workers)

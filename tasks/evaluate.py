@@ -23,6 +23,7 @@ from torch import nn
 from models.registry import ModelRef, ModelRegistry
 from models.sources import ModelSource, rebuild
 from tasks.data import DatasetRef, Splits, eval_batches, load_splits
+from tasks.data import rescaling as channel_rescaling
 from tasks.devices import DeviceSlots
 from tasks.results import Evaluation, TrialOutcome
 from tasks.workspace import Workspace
@@ -72,7 +73,7 @@ def measure(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return loss_sum.item() / count, correct.item() / count
 
 
-def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[float, float] | None:
+def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(scale, shift) taking images normalised with the data's constants to the model's, None
     when they are the same. Refuses a model trained on other files (another fingerprint)."""
     fingerprint = model_dataset.get("fingerprint") if model_dataset else None
@@ -81,15 +82,8 @@ def rescaling(data: DatasetRef, model_dataset: dict) -> tuple[float, float] | No
             f"the model was trained on dataset fingerprint {str(fingerprint)[:12]}…, not on the "
             f"{data.name} files measured here ({data.fingerprint[:12]}…): their test accuracies "
             "are not comparable")
-    mean, std = model_dataset["mean"], model_dataset["std"]
-    if (mean, std) == (data.mean, data.std):
-        return None
-    # x_model = (raw - mean) / std with raw = x_data * data.std + data.mean, channel by channel
-    if isinstance(mean, (int, float)):
-        return data.std / std, (data.mean - mean) / std
-    scale = torch.tensor([d / m for d, m in zip(data.std, std)]).view(1, -1, 1, 1)
-    shift = torch.tensor([(dm - m) / s for dm, m, s in zip(data.mean, mean, std)]).view(1, -1, 1, 1)
-    return scale, shift
+    # Per channel; a model stored before the constants were per channel holds one float each.
+    return channel_rescaling(data, model_dataset)
 
 
 def load_model(registry: ModelRegistry, ref: ModelRef, device: torch.device | str,

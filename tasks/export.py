@@ -43,6 +43,7 @@ from models.local_registry import LocalRegistry
 from models.names import NameNotAllowed, inside
 from models.names import check_name as check_registry_name
 from models.registry import ModelRef, ModelRegistry
+from tasks.data import channel_values, normalise_
 from tasks.evaluate import place_model
 
 DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -104,8 +105,9 @@ def _fsync_file(path: Path) -> None:
 
 
 
-def normalise(images: torch.Tensor, mean: float, std: float, arch: dict) -> torch.Tensor:
-    """Raw images (uint8 0-255, or float 0-1), (N, H, W) or (N, C, H, W) -> the network's input."""
+def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], arch: dict) -> torch.Tensor:
+    """Raw images (uint8 0-255, or float 0-1), (N, H, W) or (N, C, H, W) -> the network's input,
+    normalised channel by channel (for one channel the arithmetic it always had)."""
     images = torch.as_tensor(images)
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
@@ -115,19 +117,34 @@ def normalise(images: torch.Tensor, mean: float, std: float, arch: dict) -> torc
     expected = (arch["in_channels"], arch["image_size"], arch["image_size"])
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
         raise ExportError(f"sample images of shape {tuple(images.shape)}; expected (N, {', '.join(map(str, expected))})")
-    return ((images - mean) / std).contiguous()
+    return normalise_(images.clone(), mean, std).contiguous()
 
 
-def normalisation(metadata: dict) -> tuple[float, float]:
-    """The (mean, std) the model was trained with; without them the bundle could not be used."""
+def normalisation(metadata: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) the model was trained with (one float each in models stored
+    before they were per channel); without them the bundle could not be used."""
     dataset = metadata.get("dataset") or {}
     try:
-        mean, std = float(dataset["mean"]), float(dataset["std"])
+        mean = tuple(float(m) for m in channel_values(dataset["mean"]))
+        std = tuple(float(s) for s in channel_values(dataset["std"]))
     except (KeyError, TypeError, ValueError):
         raise ExportError("the model's metadata has no dataset mean/std: its inputs could not be prepared") from None
-    if not std > 0:
-        raise ExportError(f"the model's metadata gives dataset std {std}")
+    if len(mean) != len(std) or not all(s > 0 for s in std):
+        raise ExportError(f"the model's metadata gives dataset mean {list(mean)} and std {list(std)}")
     return mean, std
+
+
+def bundle_constant(values: tuple[float, ...]) -> float | list[float]:
+    """A normalisation constant as bundle.json states it: one float for grey images (as every
+    bundle so far), one per channel otherwise."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _constant_code(value: float | list[float]) -> str:
+    """The constant as the model card's code snippet writes it."""
+    if not isinstance(value, list):
+        return f"{value}"
+    return f"torch.tensor({value}).view(1, {len(value)}, 1, 1)"
 
 
 def sample_batch(metadata: dict, sample_images=None) -> tuple[torch.Tensor, str]:
@@ -221,7 +238,8 @@ def model_card(bundle: dict) -> str:
         f"- training / validation images: {_fmt(dataset.get('train_size'))} / {_fmt(dataset.get('val_size'))}"
         f" (split seed {_fmt(dataset.get('split_seed'))})",
         f"- input: float32, shape (N, {', '.join(map(str, shape[1:]))}), pixels scaled to [0, 1] then "
-        f"normalised: `(x - {mean}) / {std}`; output: {bundle['architecture'].get('num_classes')} logits",
+        f"normalised: `(x - {mean}) / {std}`{' channel by channel' if isinstance(mean, list) else ''}; output: "
+        f"{bundle['architecture'].get('num_classes')} logits",
         "",
         "## Provenance",
         "",
@@ -241,7 +259,7 @@ def model_card(bundle: dict) -> str:
         "import torch",
         f'model = torch.jit.load("{TORCHSCRIPT_FILE}").eval()   # or torch.export.load("{EXPORTED_PROGRAM_FILE}").module()',
         f"pixels = torch.rand(8, {', '.join(map(str, shape[1:]))})            # your images, scaled to [0, 1]",
-        f"logits = model((pixels - {mean}) / {std})",
+        f"logits = model((pixels - {_constant_code(mean)}) / {_constant_code(std)})",
         "print(logits.argmax(dim=1))                  # class indices",
         "```",
         "",
@@ -363,7 +381,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
             "code": metadata.get("code", {}),
             "packages": metadata.get("packages", {}),
             "input": {"shape": [None, arch["in_channels"], arch["image_size"], arch["image_size"]], "dtype": "float32",
-                      "scale": "pixels / 255", "mean": mean, "std": std},
+                      "scale": "pixels / 255", "mean": bundle_constant(mean), "std": bundle_constant(std)},
             "exporter": {"torch": torch.__version__, TORCHSCRIPT_FILE: "torch.jit.script",
                          EXPORTED_PROGRAM_FILE: "torch.export.export (dynamic batch)"},
             "verification": verification,

@@ -10,22 +10,22 @@ from pathlib import Path
 from models.registry import ModelRef, ModelRegistry
 from models.sources import ModelSource
 from tasks.compare import decide_promotion
-from tasks.data import load_splits, prepare_dataset
+from tasks.data import load_splits, prepare_recorded
 from tasks.evaluate import evaluate_stored_model
 from tasks.results import Promotion
 
 
 def decide_against_holder(registry: ModelRegistry, candidate: ModelRef, metadata: dict, alias: str,
-                          margin: float, data_dir: Path | str,
-                          allowed: ModelSource | None = None) -> tuple[Promotion, ModelRef | None]:
+                          margin: float, data_dir: Path | str, allowed: ModelSource | None = None,
+                          dataset_spec: str | None = None) -> tuple[Promotion, ModelRef | None]:
     """(the decision, the holder it was made against). `metadata`: the candidate's, as fetched.
 
     Both models are measured on the test set of the candidate's dataset, each with its own
     normalisation; a holder trained on other data is not compared (the caller's --force). User
-    model code is imported only when `allowed` (the command's own --model) names it."""
-    dataset_meta = metadata["dataset"]
-    dataset = prepare_dataset(dataset_meta["name"], Path(data_dir), dataset_meta["val_size"],
-                              dataset_meta["split_seed"], dataset_meta["train_limit"])
+    model code is imported only when `allowed` (the command's own --model) names it; an image
+    folder or a dataset function is read only as `dataset_spec` (the command's own --dataset)
+    names it."""
+    dataset = prepare_recorded(metadata["dataset"], dataset_spec, Path(data_dir))
     splits = load_splits(dataset, "cpu")
 
     def evaluate(model: ModelRef):

@@ -11,7 +11,8 @@ def test_defaults_are_the_reference_experiment():
     assert (config.batch_size, config.epochs, config.hidden_units) == (64, 5, 128)
     assert config.seeds == [0]
     assert config.dataset == "fashion-mnist"
-    assert config.val_size == 10000
+    assert config.val_size is None  # one sixth of the training images: 10,000 of the 60k built-ins
+    assert (config.image_size, config.num_workers) == (None, 2)
     assert config.optimizer == "adam"
     assert config.selection_metric == "val_accuracy"
     assert config.alias == "production"
@@ -44,7 +45,8 @@ def test_environment_values_are_validated_too(monkeypatch):
     ("learning_rates", [], "at least one"),
     ("learning_rates", [0.001, 0.001], "unique"),
     ("learning_rates", [float("nan")], "finite"),
-    ("dataset", "cifar10", "'fashion-mnist', 'mnist' or 'kmnist'"),
+    ("dataset", "cifar10", "fashion-mnist, mnist, kmnist, imagefolder:PATH, package.module:function or "
+                           "path/to/file.py:function"),
     ("alias", "prod:1", "no '/', ':'"),
     ("device", "tpu", "auto, cpu, cuda or cuda:N"),
     ("unknown_field", 1, "Extra inputs are not permitted"),

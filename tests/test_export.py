@@ -317,3 +317,25 @@ def test_the_export_flow_reads_a_wandb_registry(prefect_server, tmp_path, monkey
     bundle = lr_sweep_export(collection=COLLECTION, alias="production", digest=digest_of(files), registry="wandb",
                              wandb_project="proj", wandb_entity="ent", output_dir=str(tmp_path / "out"))
     assert bundle["exported"] and bundle["digest"] == digest_of(files) and bundle["model"] == f"{COLLECTION}:v0"
+
+
+def test_models_with_per_channel_constants_are_exported(tmp_path):
+    """What a sweep stores now: mean and std as one value per channel. Grey models give the bundle
+    the floats every bundle had; an RGB model's are normalised channel by channel."""
+    registry = LocalRegistry(tmp_path / "registry")
+    grey = metadata(0.001, 0)
+    grey["dataset"] |= {"mean": [MEAN], "std": [STD]}
+    torch.manual_seed(0)
+    ref = registry.log_model(COLLECTION, build_model(architecture(hidden_units=16)).state_dict(), grey, aliases=("production",))
+    bundle = export_bundle(registry, COLLECTION, "production", ref.digest, tmp_path / "grey")
+    assert (bundle["input"]["mean"], bundle["input"]["std"]) == (MEAN, STD)
+
+    rgb = metadata(0.001, 0) | {"architecture": architecture(hidden_units=16, in_channels=3, image_size=8, num_classes=3)}
+    rgb["dataset"] |= {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    arch = rgb["architecture"]
+    ref = registry.log_model("pets-cnn", build_model(arch).state_dict(), rgb, aliases=("production",))
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    bundle = export_bundle(registry, "pets-cnn", "production", ref.digest, tmp_path / "rgb", sample_images=images)
+    assert bundle["input"]["mean"] == [0.5, 0.4, 0.3] and bundle["verification"]["max_abs_diff"] <= 1e-5
+    card = (Path(bundle["path"]) / "model_card.md").read_text()
+    assert "torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)" in card and "channel by channel" in card
