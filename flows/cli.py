@@ -26,13 +26,12 @@ import gc
 import json
 import os
 import sys
-import types
-import typing
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from flows import local_server
+from flows.cli_flags import PRESET_HELP, add_config_arguments, find_fields, flag, parse_config
+from flows.cli_registry import command_models, command_promote, command_publish
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
 from flows.preflight import check_run
@@ -41,106 +40,8 @@ from models.errors import InputError, RegistryError
 EXIT_USER_ERROR = 2
 SERVE_DEPLOYMENT = "lr-sweep"  # `prefect deployment run lr-sweep/lr-sweep`, as with prefect.yaml's
 NIGHTLY_CRON = "0 2 * * *"
-PRESET_HELP = ("a preset: a .toml or .yaml file of SweepConfig fields (examples/*.toml); the flags given "
-               "override it, and it overrides LR_SWEEP_* variables")
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
                          "behaviour) instead of the background one `lr-sweep server` manages")
-
-
-def _flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _none_or(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-    return parse
-
-
-# The help's groups, from the group word of each field's title ("1 Experiment · epochs").
-HELP_GROUPS = {"Experiment": "Experiment", "Search": "Search", "Selection": "Selection and promotion",
-               "Promotion": "Selection and promotion", "Infrastructure": "Infrastructure",
-               "Tracking": "Tracking and storage", "Storage": "Tracking and storage"}
-# What `find` (the range test alone) does not use: the grid, the registry, where models go.
-NOT_FOR_FIND = {"learning_rates", "epochs", "collection", "registry", "registry_dir", "wandb_registry_collection"}
-
-
-def help_group(name: str) -> str:
-    title = SweepConfig.model_fields[name].title or ""
-    word = title.split(" · ")[0].split(" ", 1)[-1]
-    return HELP_GROUPS.get(word, "Other")
-
-
-def find_fields() -> list[str]:
-    """The range test's flags: the experiment, tracking and storage fields a range test uses,
-    its own (min_lr, max_lr, auto_factors) and the device."""
-    fields = SweepConfig.model_fields
-    return [name for name in fields
-            if (help_group(name) in ("Experiment", "Tracking and storage") and name not in NOT_FOR_FIND)
-            or "range test" in (fields[name].title or "") or name in ("auto_factors", "device")]
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] | None = None) -> None:
-    """One flag per SweepConfig field (or per field in `names`), in the help group of its title;
-    values are validated by SweepConfig itself."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name in names or SweepConfig.model_fields:
-        field = SweepConfig.model_fields[name]
-        group = help_group(name)
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        annotation = field.annotation
-        origin = typing.get_origin(annotation)
-        args = typing.get_args(annotation)
-        default = field.default
-        shown = " ".join(map(str, default)) if isinstance(default, list) else json.dumps(default) if isinstance(default, dict) else default
-        help_text = field.description
-        options: dict = {"default": argparse.SUPPRESS, "dest": name}
-        lists = [a for a in (args if origin in (typing.Union, types.UnionType) else (annotation,))
-                 if typing.get_origin(a) is list]
-        if lists:  # a list, or a list or a keyword (learning_rates: FLOAT ... or 'auto')
-            item = typing.get_args(lists[0])[0].__name__.upper()
-            keywords = [k for a in args if typing.get_origin(a) is typing.Literal for k in typing.get_args(a)]
-            options.update(nargs="+", metavar=item if not keywords else f"{item}|{'|'.join(keywords)}")
-        elif origin is typing.Literal:
-            help_text += f" Allowed: {', '.join(args)}."
-            options.update(metavar="{" + ",".join(args) + "}")
-        elif origin in (typing.Union, types.UnionType):
-            options.update(type=_none_or(str), metavar="VALUE|none")
-        elif annotation is bool:
-            options.update(action=argparse.BooleanOptionalAction)
-        help_text = f"{help_text} (default: {shown})".replace("%", "%%")  # argparse formats help with %
-        groups[group].add_argument(_flag(name), help=help_text, **options)
-
-
-def parse_config(namespace: argparse.Namespace) -> SweepConfig:
-    """The config from the given flags, then the preset file (--config), then LR_SWEEP_*
-    variables, then SweepConfig's defaults."""
-    given = {name: getattr(namespace, name) for name in SweepConfig.model_fields if hasattr(namespace, name)}
-    preset = read_preset(namespace.config) if getattr(namespace, "config", None) else {}
-    return SweepConfig(**(preset | given))
-
-
-def read_preset(path: str) -> dict:
-    """A preset (nanoGPT's config/*.py, as TOML or YAML): a table whose keys are SweepConfig
-    fields, e.g. `epochs = 1`; SweepConfig refuses unknown keys and bad values, naming them."""
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as error:
-        raise InputError("config", f"cannot read {path}: {error.strerror}") from None
-    if file.suffix not in (".toml", ".yaml", ".yml"):
-        raise InputError("config", f"{path}: use a .toml or .yaml file")
-    import tomllib
-    import yaml
-
-    try:
-        values = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise InputError("config", f"{path} is not valid {file.suffix[1:].upper()}: {error}") from None
-    if not isinstance(values, dict):
-        raise InputError("config", f"{path} must hold a table of SweepConfig fields, not {type(values).__name__}")
-    return values
 
 
 def print_table(summary: dict) -> None:
@@ -367,141 +268,6 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_models(args: argparse.Namespace) -> int:
-    from models.local_registry import LocalRegistry
-    from models.names import check_name
-
-    registry = LocalRegistry(parse_config(args).registry_dir)
-    collections = [check_name("collection", args.collection)] if args.collection else registry.collections()
-    listing = []
-    for collection in collections:
-        for info in registry.versions(collection):
-            metadata = info.metadata
-            listing.append({
-                "model": str(info.ref), "digest": info.ref.digest, "aliases": info.aliases,
-                "learning_rate": metadata["training"]["learning_rate"], "seed": metadata["training"]["seed"],
-                "epochs": metadata["training"]["epochs"], "metrics": metadata["metrics"],
-                "sweep_id": metadata.get("sweep_id"), "created_at": info.created_at,
-            })
-    if args.json:
-        print(json.dumps(listing, indent=2))
-        return 0
-    if not listing:
-        print(f"no models in {registry.root}")
-        return 0
-    print(f"{'model':<28} {'lr':>9} {'seed':>4} {'val acc':>8}  aliases")
-    for row in listing:
-        print(f"{row['model']:<28} {row['learning_rate']:>9g} {row['seed']:>4} "
-              f"{100 * row['metrics']['val_accuracy']:>8.2f}  {', '.join(row['aliases'])}")
-    return 0
-
-
-def command_promote(args: argparse.Namespace) -> int:
-    """Manual promotion: the sweep's champion/challenger gate, unless --force (e.g. a rollback).
-
-    Either way the model's files are checked against its digest first (as every fetch does), and
-    the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
-    automation exports what a rollback rolled back to."""
-    events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
-    from models.local_registry import LocalRegistry
-    from models.registry import split_name
-    from models.sources import ModelSource
-    from tasks.data import DatasetError, DatasetInputError
-    from tasks.manual_promotion import decide_against_holder
-    from tasks.results import Promotion
-
-    config = parse_config(args)
-    registry = LocalRegistry(config.registry_dir)
-    collection, tag = split_name(args.version)
-    ref = registry.resolve(collection, tag)
-    if ref is None:
-        raise InputError("model", f"no model {args.version!r} in {registry.root}")
-    stored = registry.fetch(ref)  # DigestMismatch unless every file has the manifest's digest
-    if args.force:
-        previous = registry.move_alias(ref, config.alias, reason="manual promotion (--force)")
-        promotion = Promotion(alias=config.alias, promoted=True, reason="manual promotion (--force)",
-                              model=ref, previous=previous)
-        print(f"'{config.alias}' -> {ref} (was {previous or 'unset'}): manual promotion (--force)")
-    else:
-        try:
-            promotion, holder = decide_against_holder(
-                registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelSource(spec=config.model, args=config.model_args),  # the only user code it may import
-                dataset_spec=config.dataset)
-        except DatasetInputError:
-            raise  # bad input (exit 2, the field named), not missing files
-        except DatasetError as error:
-            print(f"lr-sweep: {error}", file=sys.stderr)
-            return 1
-        if not promotion.promoted:
-            print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
-                  "(e.g. a rollback)", file=sys.stderr)
-            return 1
-        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
-        print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
-    announce_promotion(events_url, promotion, registry, stored.metadata)
-    return 0
-
-
-def promotion_event_server() -> str | None:
-    """The Prefect API a manual promotion's event goes to: PREFECT_API_URL, else the background
-    server of this PREFECT_HOME while it answers. Never a temporary one: an automation lives in
-    a running server's database, and a server started for one event has none."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        server = local_server.recorded(local_server.prefect_home())
-        if server is not None and local_server.is_healthy(server.url):
-            url = os.environ["PREFECT_API_URL"] = server.api_url
-    return url
-
-
-def announce_promotion(events_url: str | None, promotion, registry, metadata: dict) -> None:
-    if events_url is None:
-        print("no Prefect server runs (PREFECT_API_URL unset, no `lr-sweep server`): the promotion event "
-              "was not sent, so no export automation follows it", file=sys.stderr)
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tasks.compare import emit_promoted
-
-    limited = (metadata.get("dataset") or {}).get("train_limit") is not None
-    with temporary_settings({PREFECT_API_URL: events_url}):
-        emit_promoted(promotion, metadata.get("sweep_id"), str(registry.root.resolve()), limited)
-        EventsWorker.drain_all(timeout=30)  # sent before the command says it is done
-    print(f"sent lr-sweep.model.promoted for {promotion.model} to {events_url}", file=sys.stderr)
-
-
-def command_publish(args: argparse.Namespace) -> int:
-    """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
-    from flows.publish import PublishError, plan_publish, publish
-    from tasks.data import DatasetError
-    from tasks.tracking import WandbUnavailable
-
-    try:
-        plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
-                            project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
-                            registry_collection=args.sweeps_wandb_registry_collection,
-                            data_dir=args.sweeps_data_dir)
-        if args.dry_run:
-            print(json.dumps(plan.as_dict(), indent=2))
-            return 0
-        result = publish(plan, force=args.force)
-    except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
-        print(f"lr-sweep: {error}", file=sys.stderr)
-        return 1
-    promotion = result["promotion"]
-    where = f"{plan.entity + '/' if plan.entity else ''}{plan.project}"
-    print(f"synced {len(plan.runs_to_sync)} run(s) to {where} ({len(plan.runs_already_synced)} already synced)")
-    if promotion["moved"]:
-        how = ("--force: not gated against W&B's holder" if promotion["forced"]
-               else f"it beats W&B's holder: {promotion['gate']}")
-        print(f"'{promotion['alias']}' -> {promotion['model']} in W&B (was {promotion['previous'] or 'unset'}; {how})")
-    else:
-        print(f"no alias moved in W&B: {promotion['reason']}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     fields = SweepConfig.model_fields
     parser = argparse.ArgumentParser(prog="lr-sweep", description="Learning-rate sweep of any PyTorch image "
@@ -557,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--registry-dir", dest="sweeps_registry_dir", default=None,
                          help="local registry that recorded the promotion; default: the sweep's")
     for name in ("wandb_project", "wandb_entity", "wandb_registry_collection"):
-        publish.add_argument(_flag(name), dest=f"sweeps_{name}", default=None,
+        publish.add_argument(flag(name), dest=f"sweeps_{name}", default=None,
                              help=f"{fields[name].description} Default: the sweep's.")
     publish.add_argument("--dry-run", action="store_true", help="check the sweep's files and print the plan; "
                          "nothing is uploaded")
