@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from models.backends import open_registry
+from models.sources import ModelSource
 from tasks.export import CARD_FILE, NotInThisRegistry, export_bundle
 
 # Bundles go beside the sweeps, in the output directory's folder kept for them (models/names.py
@@ -43,11 +44,14 @@ def artifact_key(collection: str) -> str:
 
 
 def export_settings(registry: str | None = None, registry_dir: str | None = None, wandb_project: str | None = None,
-                    wandb_entity: str | None = None) -> SweepConfig:
-    """The deployment's registry settings: the given ones, else SweepConfig's, all checked by it.
-    A W&B registry is read online (offline W&B cannot fetch artifacts): it needs WANDB_API_KEY."""
+                    wandb_entity: str | None = None, model: str | None = None,
+                    model_args: dict | None = None) -> SweepConfig:
+    """The deployment's registry settings and model source: the given ones, else SweepConfig's,
+    all checked by it. A W&B registry is read online (offline W&B cannot fetch artifacts): it
+    needs WANDB_API_KEY."""
     given = {"registry": registry, "registry_dir": registry_dir, "wandb_project": wandb_project,
-             "wandb_entity": wandb_entity, "wandb_mode": "online" if registry == "wandb" else None}
+             "wandb_entity": wandb_entity, "wandb_mode": "online" if registry == "wandb" else None,
+             "model": model, "model_args": model_args}
     return SweepConfig(**{name: value for name, value in given.items() if value is not None})
 
 
@@ -57,7 +61,8 @@ def export_model(collection: str, alias: str, digest: str | None, config: SweepC
     registry = open_registry(config.registry, config.registry_dir, project=config.wandb_project,
                              entity=config.wandb_entity, registry_collection=None)
     try:
-        bundle = export_bundle(registry, collection, alias, digest, output_dir)
+        bundle = export_bundle(registry, collection, alias, digest, output_dir,
+                               allowed=ModelSource(spec=config.model, args=config.model_args))
     except NotInThisRegistry as error:
         logger.info("not exported: %s", error)
         return {"exported": False, "reason": str(error)}
@@ -73,13 +78,16 @@ def export_model(collection: str, alias: str, digest: str | None, config: SweepC
 def lr_sweep_export(collection: str, alias: str = SweepConfig.model_fields["alias"].default,
                     digest: str | None = None, registry: Literal["local", "wandb"] | None = None,
                     registry_dir: str | None = None, wandb_project: str | None = None,
-                    wandb_entity: str | None = None, output_dir: str | None = None) -> dict:
+                    wandb_entity: str | None = None, output_dir: str | None = None, model: str | None = None,
+                    model_args: dict | None = None) -> dict:
     """Export the model `alias` names in `collection` (TorchScript, torch.export, model card).
 
     `digest`: the promoted model's digest, from the promotion event; the export is refused if the
     alias now names another model. None: export whoever holds the alias. The registry settings
     and `output_dir` are the deployment's (None: SweepConfig's; output_dir: OUTPUT_DIR/exports).
+    `model`, `model_args`: the deployment's model source, the only user code the export may
+    import to rebuild a user's model (an event's payload cannot name one).
     """
-    config = export_settings(registry, registry_dir, wandb_project, wandb_entity)
+    config = export_settings(registry, registry_dir, wandb_project, wandb_entity, model, model_args)
     target = output_dir if output_dir is not None else str(Path(config.output_dir) / EXPORTS_FOLDER)
     return export_model(collection, alias, digest, config, target)

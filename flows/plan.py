@@ -31,16 +31,10 @@ def new_sweep_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def dataset_short_name(spec: str) -> str:
-    """The dataset's part of a collection name: the built-in's name, an image folder's folder
-    name, a dataset function's module (or file) and name, in the characters a collection takes."""
-    return dataset_label(spec)
-
-
 def collection_name(config: SweepConfig) -> str:
     """One registry collection per dataset and model, as in W&B's model registry
     (fashion-mnist-cnn, my-folder-resnet18), unless the config names one."""
-    return config.collection or f"{dataset_short_name(config.dataset)}-{short_name(config.model)}"
+    return config.collection or f"{dataset_label(config.dataset)}-{short_name(config.model)}"
 
 
 def trial_specs(config: SweepConfig, learning_rates: list[float] | None = None) -> list[TrialSpec]:

@@ -19,9 +19,12 @@ when given, else a fixed seeded random batch). The bundle is written in a tempor
 is renamed into place, so a reader sees a complete bundle or none. A bundle already in place is
 reused only after the same check: its files must have the SHA-256s its bundle.json lists AND
 give the registry's weights' logits (a bundle.json lists whatever its writer put there, so its
-own hashes prove nothing about the model). The network is rebuilt from the architecture in the
-model's metadata by models/cnn.py alone: no metadata, payload or bundle names code that is
-imported. Plain functions, no Prefect.
+own hashes prove nothing about the model). The network is rebuilt by models/sources.py from the
+model's recorded source: the CNN and torchvision's models from the record alone, a user's model
+only when the export's own configuration names that source (`allowed`) and its code digest is the
+recorded one; no metadata, payload or bundle makes it import code. A network that TorchScript
+cannot script is exported as the torch.export program alone (bundle.json says why). Plain
+functions, no Prefect.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ from pathlib import Path
 
 import torch
 
-from models.cnn import build_model
 from models.files import file_digest, fsync_dir
 from models.local_registry import LocalRegistry
 from models.names import NameNotAllowed, inside
 from models.names import check_name as check_registry_name
 from models.registry import ModelRef, ModelRegistry
+from models.sources import InputShape, ModelCodeChanged, ModelSource, rebuild, stored_source
 from tasks.data import channel_values, normalise_
 from tasks.evaluate import place_model
 
@@ -105,7 +108,7 @@ def _fsync_file(path: Path) -> None:
 
 
 
-def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], arch: dict) -> torch.Tensor:
+def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], shape: InputShape) -> torch.Tensor:
     """Raw images (uint8 0-255, or float 0-1), (N, H, W) or (N, C, H, W) -> the network's input,
     normalised channel by channel (for one channel the arithmetic it always had)."""
     images = torch.as_tensor(images)
@@ -114,7 +117,7 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     images = images.float()
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    expected = (arch["in_channels"], arch["image_size"], arch["image_size"])
+    expected = (shape.in_channels, shape.image_size, shape.image_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
         raise ExportError(f"sample images of shape {tuple(images.shape)}; expected (N, {', '.join(map(str, expected))})")
     return normalise_(images.clone(), mean, std).contiguous()
@@ -147,16 +150,24 @@ def _constant_code(value: float | list[float]) -> str:
     return f"torch.tensor({value}).view(1, {len(value)}, 1, 1)"
 
 
+def input_shape(metadata: dict) -> InputShape:
+    """The images the model was built for (its source record; the architecture of older CNNs)."""
+    try:
+        return stored_source(metadata)[1]
+    except (KeyError, TypeError) as error:
+        raise ExportError(f"the model's metadata does not say what images it takes ({error}); not exported") from None
+
+
 def sample_batch(metadata: dict, sample_images=None) -> tuple[torch.Tensor, str]:
     """The batch both exports are checked on, and a description of it."""
-    arch = metadata["architecture"]
+    shape = input_shape(metadata)
     mean, std = normalisation(metadata)
     if sample_images is not None:
-        images = normalise(sample_images, mean, std, arch)
+        images = normalise(sample_images, mean, std, shape)
         return images, f"{len(images)} test images"
-    shape = (SAMPLE_BATCH, arch["in_channels"], arch["image_size"], arch["image_size"])
-    pixels = torch.rand(shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-    return normalise(pixels, mean, std, arch), f"{SAMPLE_BATCH} random images (seed {SAMPLE_SEED})"
+    size = (SAMPLE_BATCH, shape.in_channels, shape.image_size, shape.image_size)
+    pixels = torch.rand(size, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    return normalise(pixels, mean, std, shape), f"{SAMPLE_BATCH} random images (seed {SAMPLE_SEED})"
 
 
 def _max_abs_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -165,33 +176,44 @@ def _max_abs_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
     return (reference - other).abs().max().item()
 
 
-def _write_exports(model: torch.nn.Module, batch: torch.Tensor, directory: Path) -> None:
+def _write_exports(model: torch.nn.Module, batch: torch.Tensor, directory: Path) -> dict[str, str]:
+    """Write the exports; returns how each file was made, or for TorchScript why it was not."""
     # torch 2.14 marks TorchScript deprecated (FutureWarning); it still is the one format that
-    # loads without Python, so it stays, next to the torch.export program.
+    # loads without Python, so it stays, next to the torch.export program, where it scripts.
+    made = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(model), str(directory / TORCHSCRIPT_FILE))
-    program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        try:
+            scripted = torch.jit.script(model)
+        except Exception as error:  # a user's network with Python TorchScript does not know
+            made[TORCHSCRIPT_FILE] = f"not written: torch.jit.script failed ({type(error).__name__}: {str(error)[:200]})"
+        else:
+            torch.jit.save(scripted, str(directory / TORCHSCRIPT_FILE))
+            made[TORCHSCRIPT_FILE] = "torch.jit.script"
+    try:
+        program = torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as error:
+        raise ExportError(f"torch.export cannot export this network ({type(error).__name__}: {error}); not exported") from None
     torch.export.save(program, str(directory / EXPORTED_PROGRAM_FILE))
+    made[EXPORTED_PROGRAM_FILE] = "torch.export.export (dynamic batch)"
+    return made
 
 
 @torch.inference_mode()
 def _check_exports(directory: Path, reference: torch.Tensor, batch: torch.Tensor) -> dict:
-    """Load both files back and compare their logits with the eager network's."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.load(str(directory / TORCHSCRIPT_FILE), map_location="cpu").eval()
-        script_logits = scripted(batch)
-    program = torch.export.load(str(directory / EXPORTED_PROGRAM_FILE)).module()
-    program_logits = program(batch)
-    diffs = {TORCHSCRIPT_FILE: _max_abs_diff(reference, script_logits),
-             EXPORTED_PROGRAM_FILE: _max_abs_diff(reference, program_logits)}
+    """Load the exported files back and compare their logits with the eager network's."""
+    logits = {}
+    if (directory / TORCHSCRIPT_FILE).exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            logits[TORCHSCRIPT_FILE] = torch.jit.load(str(directory / TORCHSCRIPT_FILE), map_location="cpu").eval()(batch)
+    logits[EXPORTED_PROGRAM_FILE] = torch.export.load(str(directory / EXPORTED_PROGRAM_FILE)).module()(batch)
+    diffs = {name: _max_abs_diff(reference, values) for name, values in logits.items()}
     bad = {name: diff for name, diff in diffs.items() if not diff <= TOLERANCE}
     if bad:
         raise ExportMismatch(", ".join(f"{name} differs from the stored weights by {diff:g}" for name, diff in bad.items())
                              + f" (tolerance {TOLERANCE:g}); not exported")
-    agree = bool((reference.argmax(1) == script_logits.argmax(1)).all()
-                 and (reference.argmax(1) == program_logits.argmax(1)).all())
+    agree = all(bool((reference.argmax(1) == values.argmax(1)).all()) for values in logits.values())
     return {"max_abs_diff": max(diffs.values()), "max_abs_diff_by_file": diffs, "tolerance": TOLERANCE,
             "predictions_agree": agree}
 
@@ -224,7 +246,10 @@ def model_card(bundle: dict) -> str:
         f"| seed | {_fmt(training.get('seed'))} |",
         f"| epochs | {_fmt(training.get('epochs'))} |",
         f"| batch size / optimizer | {_fmt(training.get('batch_size'))} / {_fmt(training.get('optimizer'))} |",
-        f"| hidden units | {_fmt(bundle['architecture'].get('hidden_units'))} |",
+        f"| model | `{_fmt(bundle.get('model_source', {}).get('spec'))}` "
+        f"{json.dumps(bundle.get('model_source', {}).get('args') or {})}, code `{_fmt(bundle.get('model_source', {}).get('code_digest'))}` |",
+        f"| schedule / precision | {_fmt(training.get('lr_schedule', 'constant'))} / {_fmt(training.get('precision', 'fp32'))} |",
+        f"| hidden units | {_fmt((bundle['architecture'] or {}).get('hidden_units'))} |",
         "",
         "## Metrics (at the last epoch)",
         "",
@@ -235,11 +260,13 @@ def model_card(bundle: dict) -> str:
         "## Data",
         "",
         f"- dataset: `{_fmt(dataset.get('name'))}`, fingerprint `{_fmt(dataset.get('fingerprint'))}`",
+        *([f"- classes (index: name): {', '.join(f'{i}: {n}' for i, n in enumerate(dataset['class_names']))}"]
+          if dataset.get("class_names") else []),
         f"- training / validation images: {_fmt(dataset.get('train_size'))} / {_fmt(dataset.get('val_size'))}"
         f" (split seed {_fmt(dataset.get('split_seed'))})",
         f"- input: float32, shape (N, {', '.join(map(str, shape[1:]))}), pixels scaled to [0, 1] then "
         f"normalised: `(x - {mean}) / {std}`{' channel by channel' if isinstance(mean, list) else ''}; output: "
-        f"{bundle['architecture'].get('num_classes')} logits",
+        f"{bundle['model_source'].get('shape', {}).get('num_classes') or (bundle['architecture'] or {}).get('num_classes')} logits",
         "",
         "## Provenance",
         "",
@@ -257,7 +284,8 @@ def model_card(bundle: dict) -> str:
         "",
         "```python",
         "import torch",
-        f'model = torch.jit.load("{TORCHSCRIPT_FILE}").eval()   # or torch.export.load("{EXPORTED_PROGRAM_FILE}").module()',
+        (f'model = torch.jit.load("{TORCHSCRIPT_FILE}").eval()   # or torch.export.load("{EXPORTED_PROGRAM_FILE}").module()'
+         if TORCHSCRIPT_FILE in bundle["files"] else f'model = torch.export.load("{EXPORTED_PROGRAM_FILE}").module()'),
         f"pixels = torch.rand(8, {', '.join(map(str, shape[1:]))})            # your images, scaled to [0, 1]",
         f"logits = model((pixels - {_constant_code(mean)}) / {_constant_code(std)})",
         "print(logits.argmax(dim=1))                  # class indices",
@@ -269,7 +297,7 @@ def model_card(bundle: dict) -> str:
     return "\n".join(lines)
 
 
-BUNDLE_FILES = frozenset({TORCHSCRIPT_FILE, EXPORTED_PROGRAM_FILE, CARD_FILE})
+REQUIRED_FILES = frozenset({EXPORTED_PROGRAM_FILE, CARD_FILE})  # model.pt too, where the network scripts
 
 
 def _existing_bundle(path: Path, digest: str, alias: str, reference: torch.Tensor, batch: torch.Tensor) -> dict | None:
@@ -280,7 +308,9 @@ def _existing_bundle(path: Path, digest: str, alias: str, reference: torch.Tenso
         bundle = json.loads((path / BUNDLE_FILE).read_text())
         if bundle.get("format") != BUNDLE_FORMAT or bundle.get("digest") != digest or bundle.get("alias") != alias:
             return None
-        if set(bundle["files"]) != BUNDLE_FILES or set(os.listdir(path)) != BUNDLE_FILES | {BUNDLE_FILE}:
+        listed = set(bundle["files"])
+        if not REQUIRED_FILES <= listed <= REQUIRED_FILES | {TORCHSCRIPT_FILE} \
+                or set(os.listdir(path)) != listed | {BUNDLE_FILE}:
             return None
         if any(file_digest(path / name) != sha for name, sha in bundle["files"].items()):
             return None
@@ -293,22 +323,25 @@ def _existing_bundle(path: Path, digest: str, alias: str, reference: torch.Tenso
     return bundle | {"rechecked": recheck}
 
 
-def _rebuild(arch: dict) -> torch.nn.Module:
+def _rebuild(metadata: dict, allowed: ModelSource | None, name: str) -> torch.nn.Module:
     try:
-        return build_model(arch)
+        return rebuild(metadata, allowed, name=name)
+    except ModelCodeChanged as error:
+        raise ExportError(f"{error}; not exported") from None
     except (ValueError, KeyError, TypeError) as error:
-        raise ExportError(f"the model's architecture cannot be rebuilt by this code ({error}); not exported") from None
+        raise ExportError(f"the model's network cannot be rebuilt by this code ({error}); not exported") from None
 
 
 def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: str, expected_digest: str | None,
-                  output_dir: str | Path, sample_images=None) -> dict:
+                  output_dir: str | Path, sample_images=None, allowed: ModelSource | None = None) -> dict:
     """Export the model `alias` names in `collection`; returns bundle.json's content plus `path`.
 
     `expected_digest`: the digest the promotion announced; the model behind the alias must be
     exactly that one (HolderChanged otherwise). None exports whoever holds the alias now.
     `sample_images`: raw test images ((N, H, W) or (N, C, H, W), uint8 or float in [0, 1]) to
     check the exports on; normalised with the dataset's mean and std from the model's metadata.
-    An identical bundle already in place is kept and returned with `reused: True`.
+    An identical bundle already in place is kept and returned with `reused: True`. `allowed`:
+    the model source the export's own configuration names, the only user code it may import.
     """
     check_name("collection", collection)
     check_name("alias", alias)
@@ -332,7 +365,8 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
         raise ExportError(f"registry gave an unexpected reference {ref!r}")
     stored = registry.fetch(ref)  # re-checks every file against ref.digest (DigestMismatch)
     metadata = stored.metadata
-    arch = metadata["architecture"]
+    arch = metadata.get("architecture")
+    shape = input_shape(metadata)
     mean, std = normalisation(metadata)
     batch, description = sample_batch(metadata, sample_images)
 
@@ -346,7 +380,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
     if final.resolve().parent != root:
         raise ExportError(f"bundle path {final} resolves to {final.resolve()}, outside {root}; refusing to write")
     # The eager reference: the stored weights in the layout the project runs them in.
-    eager = _rebuild(arch)
+    eager = _rebuild(metadata, allowed, str(ref))
     eager.load_state_dict(stored.state_dict)
     eager = place_model(eager, "cpu").eval()
     with torch.inference_mode():
@@ -355,7 +389,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
     if existing is not None:
         return existing | {"path": str(final.resolve()), "reused": True}
 
-    plain = _rebuild(arch)  # exported in the default layout: it loads anywhere
+    plain = _rebuild(metadata, allowed, str(ref))  # exported in the default layout: it loads anywhere
     plain.load_state_dict(stored.state_dict)
     plain.eval()
 
@@ -363,7 +397,7 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
     staging = root / f".{final.name}.{uuid.uuid4().hex}.tmp"
     staging.mkdir()
     try:
-        _write_exports(plain, batch, staging)
+        made = _write_exports(plain, batch, staging)
         verification = _check_exports(staging, reference, batch) | {"batch": description, "batch_size": len(batch)}
         bundle = {
             "format": BUNDLE_FORMAT,
@@ -375,20 +409,21 @@ def export_bundle(registry: ModelRegistry | str | Path, collection: str, alias: 
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "sweep_id": metadata.get("sweep_id"),
             "architecture": arch,
+            "model_source": metadata.get("model_source", {"spec": "cnn"}),
             "training": metadata.get("training", {}),
             "metrics": metadata.get("metrics", {}),
             "dataset": dataset,
             "code": metadata.get("code", {}),
             "packages": metadata.get("packages", {}),
-            "input": {"shape": [None, arch["in_channels"], arch["image_size"], arch["image_size"]], "dtype": "float32",
+            "input": {"shape": [None, shape.in_channels, shape.image_size, shape.image_size], "dtype": "float32",
                       "scale": "pixels / 255", "mean": bundle_constant(mean), "std": bundle_constant(std)},
-            "exporter": {"torch": torch.__version__, TORCHSCRIPT_FILE: "torch.jit.script",
-                         EXPORTED_PROGRAM_FILE: "torch.export.export (dynamic batch)"},
+            "exporter": {"torch": torch.__version__, **made},
             "verification": verification,
             "files": {},
         }
         for name in (TORCHSCRIPT_FILE, EXPORTED_PROGRAM_FILE):
-            bundle["files"][name] = file_digest(staging / name)
+            if (staging / name).exists():
+                bundle["files"][name] = file_digest(staging / name)
         (staging / CARD_FILE).write_text(model_card(bundle | {"files": dict(bundle["files"])}))
         bundle["files"][CARD_FILE] = file_digest(staging / CARD_FILE)
         (staging / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, sort_keys=True, allow_nan=False) + "\n")

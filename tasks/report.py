@@ -228,6 +228,10 @@ def header_lines(summary: dict) -> list[str]:
                f"learning rate{warmup}, {config.get('precision', 'fp32')}; selection by "
                f"{config['selection_metric']}; devices {', '.join(summary['devices'])}; "
                f"wall time {summary['wall_seconds']:.1f} s.")
+    if dataset.get("class_names"):
+        names = dataset["class_names"]
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        out += ["", f"Classes: {shown}."]
     return out
 
 

@@ -56,3 +56,28 @@ def trial_spec(**overrides) -> TrialSpec:
     """A small trial with SweepConfig's defaults for everything the test does not set."""
     values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16)
     return base_spec(SweepConfig.model_construct()).model_copy(update=values | overrides)
+
+
+# --- image folders, as a user's data ------------------------------------------------------------
+
+CLASSES = ("cat", "dog", "fish")
+
+
+def class_image(label: int, index: int, channels: int = 3, size: tuple[int, int] = (8, 8)) -> torch.Tensor:
+    """A uint8 (C, H, W) image whose pixels say its class and its index."""
+    generator = torch.Generator().manual_seed(1000 * label + index)
+    image = torch.randint(0, 60, (channels, *size), dtype=torch.uint8, generator=generator)
+    image[:, label % size[0]] = 250
+    return image
+
+
+def write_folder(root: Path, per_class: dict[str, int], channels: int = 3, sizes=((8, 8),)) -> Path:
+    """PATH/<split>/<class>/<i>.png, image i of a split and class of size sizes[i % len(sizes)]."""
+    from torchvision.io import write_png  # torchvision only for the tests that write images
+    for split, count in per_class.items():
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                image = class_image(label, index + 100 * len(split), channels, sizes[index % len(sizes)])
+                write_png(image, str(root / split / name / f"{index:03d}.png"))
+    return root

@@ -4,7 +4,6 @@ training loop and the evaluation read. Small data written by the tests themselve
 
 import math
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,27 +20,7 @@ from tasks.data import (
     train_batches,
 )
 from tests.conftest import make_idx_dataset
-
-CLASSES = ("cat", "dog", "fish")
-
-
-def class_image(label: int, index: int, channels: int = 3, size: tuple[int, int] = (8, 8)) -> torch.Tensor:
-    """A uint8 (C, H, W) image whose pixels say its class and its index."""
-    generator = torch.Generator().manual_seed(1000 * label + index)
-    image = torch.randint(0, 60, (channels, *size), dtype=torch.uint8, generator=generator)
-    image[:, label % size[0]] = 250
-    return image
-
-
-def write_folder(root: Path, per_class: dict[str, int], channels: int = 3, sizes=((8, 8),)) -> Path:
-    """PATH/<split>/<class>/<i>.png, image i of a split and class of size sizes[i % len(sizes)]."""
-    for split, count in per_class.items():
-        for label, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                image = class_image(label, index + 100 * len(split), channels, sizes[index % len(sizes)])
-                write_png(image, str(root / split / name / f"{index:03d}.png"))
-    return root
+from tests.helpers import CLASSES, class_image, write_folder
 
 
 @pytest.fixture

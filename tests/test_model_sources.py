@@ -11,51 +11,108 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.config import SweepConfig
+from flows.plan import collection_name
 from flows.preflight import check_model_code
 from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.sources import GreyToRGB, InputShape, ModelCodeChanged, ModelSource, check_source, rebuild
 from models.user_code import SourceError
 from tasks.data import load_splits, prepare_dataset
+from tasks.export import ExportError, export_bundle
 from tasks.train import train_trial
-from tests.helpers import smoke_config, trial_spec
+from tests.helpers import CLASSES, smoke_config, trial_spec, write_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "resnet_model.py"
 GREY = InputShape(in_channels=1, image_size=28, num_classes=10)
 
 
-def user_sweep_config(tmp_path, data_dir, model_file: Path, **overrides):
-    return smoke_config(tmp_path, data_dir, model=f"{model_file}:small_resnet", model_args={"width": 4},
-                        learning_rates=[0.01, 0.001], train_limit=256, batch_size=32, **overrides)
+DATA_FUNCTION = """
+import torch
+
+
+def pictures():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(72) % 3
+    images = torch.randint(0, 50, (72, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    for index, label in enumerate(labels.tolist()):
+        images[index, :, 4 * label:4 * label + 4] = 240
+    return images[:60], labels[:60], images[60:], labels[60:], ("top", "middle", "bottom")
+"""
+
+
+def sweep(prefect_server, tmp_path, **fields):
+    from flows.sweep import lr_sweep
+
+    config = SweepConfig(learning_rates=[0.01, 0.001], epochs=1, batch_size=16, device="cpu",
+                         data_dir=tmp_path / "data", output_dir=tmp_path / "runs",
+                         registry_dir=tmp_path / "registry", **fields)
+    return config, lr_sweep(config=config)
 
 
 @pytest.fixture(scope="module")
-def user_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
-    """A sweep of the example's small ResNet (BatchNorm) on the synthetic dataset, from a copy of
-    the example inside a folder called `models/`, as a user's project would have it."""
-    from flows.sweep import lr_sweep
-
+def user_sweep(prefect_server, tmp_path_factory):
+    """The example's small ResNet (BatchNorm), copied into a folder called `models/` as a user's
+    project would have it, on a user's RGB image folder."""
     tmp_path = tmp_path_factory.mktemp("user-model")
     model_file = tmp_path / "project" / "models" / "resnet_model.py"
     model_file.parent.mkdir(parents=True)
     shutil.copy(EXAMPLE, model_file)
-    config = user_sweep_config(tmp_path, sweep_data_dir, model_file)
-    return config, lr_sweep(config=config), model_file
+    folder = write_folder(tmp_path / "my-pictures", {"train": 20, "test": 6})
+    config, summary = sweep(prefect_server, tmp_path, model=f"{model_file}:small_resnet", model_args={"width": 4},
+                            dataset=f"imagefolder:{folder}")
+    return config, summary, model_file
 
 
-def test_a_user_model_file_is_swept_evaluated_by_digest_and_promoted(user_sweep):
-    config, summary, _ = user_sweep
+def assert_swept_evaluated_promoted_and_exported(config, summary, collection, allowed):
+    """Every trial trained and was evaluated on the model fetched by its digest; the alias holds
+    the best; the export rebuilds it (from the config's own model source) and its files give the
+    stored weights' logits."""
     assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
-    assert all(t["model"].startswith("mnist-small_resnet:v") for t in summary["trials"])
+    assert all(t["model"].startswith(f"{collection}:v") for t in summary["trials"])
     for trial in summary["trials"]:
         assert trial["evaluation"]["val_accuracy"] == trial["history"][-1]["val_accuracy"]
     registry = LocalRegistry(config.registry_dir)
-    holder = registry.resolve("mnist-small_resnet", "production")
+    holder = registry.resolve(collection, "production")
     assert holder is not None and str(holder) == summary["best"]["model"]
-    record = registry.fetch(holder).metadata["model_source"]
+    bundle = export_bundle(registry, collection, "production", holder.digest, config.output_dir / "exports",
+                           allowed=allowed)
+    assert bundle["digest"] == holder.digest and bundle["verification"]["max_abs_diff"] <= 1e-5
+    assert {"model.pt2", "model_card.md"} <= set(bundle["files"])
+    return registry.fetch(holder)
+
+
+def test_a_user_model_file_on_a_user_image_folder_is_swept_promoted_and_exported(user_sweep):
+    config, summary, _ = user_sweep
+    stored = assert_swept_evaluated_promoted_and_exported(config, summary, "my-pictures-small_resnet",
+                                                          ModelSource(config.model, config.model_args))
+    record = stored.metadata["model_source"]
     assert record["spec"] == config.model and record["args"] == {"width": 4} and record["kind"] == "user"
-    assert record["code_digest"].startswith("sha256:") and record["shape"] == vars(GREY)
+    assert record["code_digest"].startswith("sha256:") and record["shape"] == {"in_channels": 3, "image_size": 8,
+                                                                                "num_classes": 3}
+    assert stored.metadata["dataset"]["class_names"] == list(CLASSES)
+
+
+def test_torchvision_resnet18_on_a_dataset_function_is_swept_promoted_and_exported(prefect_server, tmp_path):
+    functions = tmp_path / "user" / "pictures.py"
+    functions.parent.mkdir()
+    functions.write_text(DATA_FUNCTION)
+    config, summary = sweep(prefect_server, tmp_path, model="torchvision:resnet18", dataset=f"{functions}:pictures",
+                            val_size=12)
+    collection = collection_name(config)
+    assert collection.startswith("pictures") and collection.endswith("-resnet18")
+    stored = assert_swept_evaluated_promoted_and_exported(config, summary, collection, None)
+    assert stored.metadata["model_source"]["code_digest"].startswith("torchvision==")
+
+
+def test_the_export_of_a_user_model_needs_its_own_configuration_to_name_it(user_sweep, tmp_path):
+    config, summary, _ = user_sweep
+    holder = LocalRegistry(config.registry_dir).resolve("my-pictures-small_resnet", "production")
+    with pytest.raises(ExportError, match="imports user code only when the command's own config names it"):
+        export_bundle(LocalRegistry(config.registry_dir), holder.collection, "production", holder.digest,
+                      tmp_path / "exports")
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
 
 
 def test_a_user_file_under_models_does_not_shadow_our_models_package(user_sweep):
