@@ -189,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-images", type=int, default=4096,
                         help="training images of the one-epoch speed runs (the CNN; resnet18 an eighth)")
     parser.add_argument("--json", default=os.environ.get("BENCH_DATA_JSON", "bench-data.json"))
+    parser.add_argument("--write-folder-only", action="store_true",
+                        help="only write DATA_DIR/fashion-mnist-png (examples/imagefolder.md), measure nothing")
     args = parser.parse_args(argv)
 
     data_dir = Path(args.data_dir).resolve()
     folder = data_dir / "fashion-mnist-png"
     written = write_png_folder(data_dir, folder)
+    if args.write_folder_only:
+        print(f"{folder}: Fashion-MNIST as an image folder ({'written in %.1f s' % written if written else 'written before'})")
+        return 0
     device = resolve_devices(args.device)[0]
     threads = configure_cpu_threads([device])
     config = SweepConfig(dataset=f"imagefolder:{folder}", data_dir=data_dir, epochs=args.epochs,

@@ -195,3 +195,16 @@ def test_checking_a_source_leaves_the_seeded_rng_where_it_was():
     torch.manual_seed(0)
     check_source(ModelSource(f"{EXAMPLE}:small_resnet", {"width": 4}), GREY)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, tmp_path):
+    """examples/imagefolder.toml, the recipe's preset, with a small folder of one's own."""
+    from flows.cli import main
+
+    folder = write_folder(tmp_path / "small-folder", {"train": 12, "test": 4}, channels=1)
+    code = main(["run", "--config", str(REPO_ROOT / "examples" / "imagefolder.toml"), "--dataset", f"imagefolder:{folder}",
+                 "--model", f"{EXAMPLE}:small_resnet", "--model-args", '{"width": 4}', "--epochs", "1",
+                 "--learning-rates", "0.01", "--batch-size", "8", "--device", "cpu", "--data-dir", str(tmp_path / "data"),
+                 "--output-dir", str(tmp_path / "runs"), "--registry-dir", str(tmp_path / "registry")])
+    assert code == 0
+    assert LocalRegistry(tmp_path / "registry").resolve("small-folder-small_resnet", "production") is not None
