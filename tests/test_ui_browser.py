@@ -1,6 +1,6 @@
 """What a user sees, in a real browser: a smoke sweep on a real Prefect server (the background
 server `lr-sweep run` starts), then Debian's chromium driven by Playwright opens the report
-artifact (its five chart images loaded), the flow run (progress artifacts at 100, W&B links)
+artifact (its six chart images loaded), the flow run (progress artifacts at 100, W&B links)
 and the deployment's run form (the learning-rate field first). Screenshots are saved under the
 test's temporary folder (printed)."""
 
@@ -70,7 +70,7 @@ def test_the_prefect_ui_shows_the_sweep(fashion_data_dir, tmp_path):
             page.wait_for_function("document.querySelectorAll('img').length >= 5", timeout=60_000)
             page.wait_for_function("[...document.querySelectorAll('img')].every(i => i.complete)", timeout=60_000)
             widths = page.eval_on_selector_all("img", "images => images.map(i => i.naturalWidth)")
-            assert len(widths) == 5 and all(width > 0 for width in widths), widths
+            assert len(widths) == 6 and all(width > 0 for width in widths), widths
             assert page.get_by_text("Smoke run").count() >= 1
             page.screenshot(path=str(tmp_path / "report-artifact.png"), full_page=True)
 
@@ -83,6 +83,8 @@ def test_the_prefect_ui_shows_the_sweep(fashion_data_dir, tmp_path):
             page.get_by_text("1 Experiment · learning rates").first.wait_for(timeout=60_000)
             labels = page.locator("text=/^\\d \\w+ · /").all_inner_texts()
             assert labels and labels[0].startswith("1 Experiment · learning rates"), labels[:3]
+            for field in ("model", "model arguments", "learning-rate schedule", "warmup epochs", "precision"):
+                assert any(label.startswith(f"1 Experiment · {field}") for label in labels), (field, labels)
             page.screenshot(path=str(tmp_path / "run-form.png"))
             browser.close()
         print(f"\nscreenshots: {tmp_path}/report-artifact.png, flow-run.png, run-form.png")
