@@ -185,6 +185,16 @@ class SweepConfig(BaseSettings):
         "(0-10080 minutes); runs not finished by then are cancelled and reported as failed.",
     )
 
+    trial_retries: int = Field(
+        title="3 Infrastructure · trial retries",
+        default=2,
+        ge=0,
+        le=10,
+        description="With dispatch 'deployment': how many times a trial run that crashed or was "
+        "lost (its process, worker or machine died) is submitted again, resuming from its last "
+        "checkpoint (0-10; a trial that failed or diverged on its own is never re-run).",
+    )
+
     # --- tracking and storage -----------------------------------------------------------------
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         title="4 Tracking · W&B mode",

@@ -246,6 +246,8 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
     out += ["", "## Trials", ""] + trials_markdown(summary)
     if summary["aggregates"]:
         out += ["", "## Per learning rate (over seeds)", ""] + aggregates_markdown(summary)
+    if any(t.get("attempts") for t in summary["trials"]):
+        out += ["", "## Trial runs", ""] + attempt_lines(summary)
     out += ["", "## Promotion", ""] + promotion_lines(summary)
     if summary.get("search"):
         out += ["", "## Search", ""] + search_lines(summary["search"])
@@ -281,6 +283,23 @@ def aggregates_markdown(summary: dict) -> list[str]:
             f"{_pct(row['test_accuracy']['mean'])}{_spread(row['test_accuracy'])} | "
             f"{_fmt(row['val_loss']['mean'])}{_spread(row['val_loss'], 1.0, 4)} |")
     return out
+
+
+def attempt_lines(summary: dict) -> list[str]:
+    """Dispatched trials: how many flow runs each took, and why each one before the last ended."""
+    lines = []
+    for trial in summary["trials"]:
+        attempts = trial.get("attempts") or []
+        if not attempts:
+            continue
+        name = f"lr {trial['learning_rate']:g}, seed {trial['seed']}"
+        if len(attempts) == 1:
+            lines.append(f"- {name}: 1 attempt (flow run {attempts[0]['name']}, {attempts[0]['ended']})")
+            continue
+        lines.append(f"- {name}: {len(attempts)} attempts, the last {attempts[-1]['ended']} (flow run "
+                     f"{attempts[-1]['name']}); re-run after:")
+        lines += [f"  {n}. {a['name']}: {a['reason']}" for n, a in enumerate(attempts[:-1], start=1)]
+    return lines
 
 
 def search_lines(search: dict) -> list[str]:
