@@ -45,6 +45,8 @@ TRIAL_POLL_SECONDS = 2.0
 # at submission, so no deployment needs to be changed for it.
 HEARTBEAT_SECONDS = 30
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# The heartbeats are read this often (one query per running run), not at every poll.
+HEARTBEAT_READ_SECONDS = 10.0
 # A Running trial run with no heartbeat for this long, counted only while the server was up, is
 # taken for lost: three heartbeats missed, and one more for a slow event pipeline.
 LOST_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
@@ -109,20 +111,13 @@ def lost_reason(run: FlowRun, last_heartbeat: datetime | None, server_up_since: 
     return f"LOST: no sign of life for {silent:.0f} s ({heard}): its worker or machine is gone"
 
 
-def last_heartbeats(client, runs: list[FlowRun], since: datetime) -> dict[str, datetime]:
-    """The newest heartbeat event of each run (by flow run id) since `since`."""
-    if not runs:
-        return {}
+def last_heartbeat(client, run: FlowRun, since: datetime) -> datetime | None:
+    """The newest heartbeat event of `run` since `since` (events come newest first)."""
     page = client.read_events(filter=EventFilter(
         occurred=EventOccurredFilter(since=since),
         event=EventNameFilter(name=[HEARTBEAT_EVENT]),
-        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}" for run in runs])), limit=200)
-    newest: dict[str, datetime] = {}
-    for event in page.events:
-        run_id = event.resource.id.removeprefix("prefect.flow-run.")
-        if run_id not in newest or event.occurred > newest[run_id]:
-            newest[run_id] = event.occurred
-    return newest
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1)
+    return page.events[0].occurred if page.events else None
 
 
 class TrialRunWatcher:
@@ -139,6 +134,8 @@ class TrialRunWatcher:
         self.server_up_since = datetime.now(timezone.utc)
         self.down_since: datetime | None = None
         self.started = self.server_up_since
+        self.heartbeats: dict[str, datetime] = {}  # flow run id: its newest heartbeat seen
+        self.heartbeats_read = 0.0  # when they were last read (monotonic)
 
     # --- the server may be away -------------------------------------------------------------
     def _server_down(self, error: BaseException) -> None:
@@ -172,13 +169,17 @@ class TrialRunWatcher:
     def poll(self) -> None:
         open_trials = self.open_trials()
         current = {}
-        heartbeats = {}
 
         def read() -> None:
             for trial in open_trials:
                 current[trial.spec.name] = self.client.read_flow_run(trial.current.id)
-            running = [run for run in current.values() if run.state and run.state.type == StateType.RUNNING]
-            heartbeats.update(last_heartbeats(self.client, running, self.started - timedelta(minutes=1)))
+            if time.monotonic() - self.heartbeats_read < HEARTBEAT_READ_SECONDS:
+                return
+            for run in current.values():
+                if run.state is not None and run.state.type == StateType.RUNNING:
+                    if beat := last_heartbeat(self.client, run, self.started - timedelta(minutes=1)):
+                        self.heartbeats[str(run.id)] = beat
+            self.heartbeats_read = time.monotonic()
 
         if not self._calmly(read):
             return
@@ -192,7 +193,7 @@ class TrialRunWatcher:
                     trial.final = run
                 else:
                     self._rerun(trial, run, reason)
-            elif reason := lost_reason(run, heartbeats.get(str(run.id)), self.server_up_since, now):
+            elif reason := lost_reason(run, self.heartbeats.get(str(run.id)), self.server_up_since, now):
                 self._rerun(trial, run, reason, lost=True)
 
     def _rerun(self, trial: TrialRuns, run: FlowRun, reason: str, lost: bool = False) -> None:
