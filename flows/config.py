@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import check_name, rates_sharing_a_name
@@ -280,6 +280,14 @@ class SweepConfig(BaseSettings):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
+
+    @field_serializer("optuna_storage")
+    def _mask_storage(self, url: str | None) -> str | None:
+        # Every dump of the config (summary.json, the trial runs' Prefect parameters, --dry-run)
+        # shows the storage without its password; the object keeps it for the run itself.
+        from tasks.tpe import masked_url
+
+        return None if url is None else masked_url(url)
 
     @field_validator("alias")
     @classmethod

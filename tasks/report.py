@@ -313,6 +313,9 @@ def search_lines(search: dict) -> list[str]:
     if search.get("study"):
         lines.append(f"- Optuna study `{search['study']}` in {search['storage']} ({search['trials_now']} "
                      "trial(s) trained by this run; running the same command again resumes it).")
+    if search.get("n_startup_trials") is not None:
+        lines.append(f"- TPE: the first {search['n_startup_trials']} trial(s) sampled at random, the "
+                     "rest proposed by TPE from the trials before them.")
     return lines
 
 
