@@ -198,6 +198,10 @@ def outcome_of_trial(trial: TrialRuns, queue: str) -> TrialOutcome:
         ended = TrialRunFailed(f"flow run {trial.current.name} {trial.timed_out}; start a worker on "
                                f"{queue} or raise dispatch_timeout_minutes")
         outcome = outcome_of(trial.spec, ended).model_copy(update={"flow_run": str(trial.current.id)})
+    elif trial.gave_up:
+        ended = TrialRunFailed(f"flow run {trial.final.name} {trial.gave_up}; no retries left "
+                               f"({len(trial.runs)} attempt(s), trial_retries {len(trial.runs) - 1})")
+        outcome = outcome_of(trial.spec, ended).model_copy(update={"flow_run": str(trial.final.id)})
     else:
         outcome = outcome_of(trial.spec, trial.final)
     return outcome.model_copy(update={"attempts": trial.attempt_records()})

@@ -39,7 +39,7 @@ from prefect.states import Failed
 
 from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
-from flows.trial_runs import server_unreachable
+from flows.trial_runs import TRIAL_FAILED_STATE, server_unreachable
 from tasks.data import DatasetError, DatasetRef
 from tasks.devices import DeviceSlots
 from tasks.results import TrialSpec
@@ -253,5 +253,6 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
         outcome = failed_outcome(spec, error)
     data = outcome.model_copy(update=placement).model_dump(mode="json")
     if outcome.status != "completed":  # shown as Failed in the UI, its outcome still stored as JSON
-        return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data)
+        return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data,
+                      name=TRIAL_FAILED_STATE)
     return data

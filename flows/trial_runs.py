@@ -2,9 +2,9 @@
 and cancelling for real at the deadline.
 
 A trial run ends in one of three ways for the sweep:
-- it handed back an outcome (Completed, or Failed with its failed/diverged outcome as data): that
+- it handed back an outcome (Completed, or TrialFailed with its failed/diverged outcome): that
   outcome is the trial's, whatever it says; it is never re-run;
-- it ended without one (Crashed: its process or container was killed; Failed with no data), or
+- it ended without one (Crashed: its process or container was killed; any other Failed), or
   it was lost (still Running, but no heartbeat for LOST_AFTER_SECONDS while the server was up:
   its worker or machine is gone): it is re-submitted, up to `trial_retries` more times. The new
   run trains from the trial's last checkpoint (checkpoints are keyed by the trial, not the run),
@@ -39,6 +39,8 @@ from prefect.states import Cancelled, Cancelling, Crashed
 
 from tasks.results import TrialSpec
 
+# The name of the Failed state a trial ends in when it failed or diverged on its own.
+TRIAL_FAILED_STATE = "TrialFailed"
 # How often the sweep asks the server whether its trial runs have finished.
 TRIAL_POLL_SECONDS = 2.0
 # The trial runs send a heartbeat this often (Prefect's minimum: 30 s). Set in their environment
@@ -71,6 +73,7 @@ class TrialRuns:
     attempts: list[dict] = field(default_factory=list)
     final: FlowRun | None = None  # the run whose end is the trial's end
     timed_out: str | None = None  # why it had no end by the deadline
+    gave_up: str | None = None  # why its last run ended without an outcome, with no retry left
 
     @property
     def current(self) -> FlowRun:
@@ -80,17 +83,23 @@ class TrialRuns:
         """Every run of the trial: the ones that were re-run, with why, then the last one."""
         last = self.final or self.current
         state = last.state.type.value if last.state is not None else "PENDING"
+        if self.gave_up:
+            state = self.gave_up.split(":")[0]
         return self.attempts + [{"flow_run": str(last.id), "name": last.name,
                                  "ended": "TIMED_OUT" if self.timed_out else state,
-                                 "reason": self.timed_out}]
+                                 "reason": self.timed_out or self.gave_up}]
 
 
 def ended_without_outcome(run: FlowRun) -> str | None:
-    """Why a final run has no outcome to hand back (so the trial is re-run), or None."""
+    """Why a final run has no outcome to hand back (so the trial is re-run), or None.
+
+    A trial that failed or diverged on its own ends in a Failed state named TRIAL_FAILED_STATE,
+    its outcome as data (flows/trial.py); any other Failed state is the engine's (the trial's
+    process lost the server, say), and its data, if any, is an exception, not an outcome."""
     state = run.state
     if state.type == StateType.CRASHED:
         return f"{state.name}: {state.message or 'its process ended without reporting'}"
-    if state.type == StateType.FAILED and state.data is None:
+    if state.type == StateType.FAILED and (state.name != TRIAL_FAILED_STATE or state.data is None):
         return f"{state.name} without an outcome: {state.message}"
     return None
 
@@ -204,7 +213,7 @@ class TrialRunWatcher:
         if attempt > self.retries:
             self.warn(f"trial {trial.spec.name}: flow run {run.name} {reason}; no retries left "
                       f"(trial_retries {self.retries})")
-            trial.final = run
+            trial.final, trial.gave_up = run, reason
             return
         submitted: list[FlowRun] = []
         if not self._calmly(lambda: submitted.append(self.resubmit(trial.spec, attempt + 1))):

@@ -26,11 +26,13 @@ from flows.trial import (
 )
 from flows.trial_runs import (
     LOST_AFTER_SECONDS,
+    TRIAL_FAILED_STATE,
     TrialRuns,
     TrialRunWatcher,
     ended_without_outcome,
     lost_reason,
 )
+from flows.dispatch import outcome_of_trial
 from models.local_registry import LocalRegistry
 from tasks.report import attempt_lines
 from tests.helpers import COLLECTION, tiny_model, trial_spec
@@ -80,7 +82,11 @@ def run_in(state, started: datetime | None = None, name: str = "s-lr0.01-seed0")
 def test_a_run_that_ended_without_an_outcome_is_run_again_and_one_with_an_outcome_is_not():
     assert ended_without_outcome(run_in(Crashed(message="exited -9"))).startswith("Crashed: exited -9")
     assert "without an outcome" in ended_without_outcome(run_in(Failed(message="ConnectError")))
-    assert ended_without_outcome(run_in(Failed(message="diverged", data={"status": "diverged"}))) is None
+    verdict = Failed(message="diverged", data={"status": "diverged"}, name=TRIAL_FAILED_STATE)
+    assert ended_without_outcome(run_in(verdict)) is None
+    # The engine's Failed, with the exception stored as the run's result: not an outcome either.
+    engine = Failed(message="Flow run encountered an exception: ConnectError", data={"type": "ConnectError"})
+    assert "without an outcome" in ended_without_outcome(run_in(engine))
     assert ended_without_outcome(run_in(Completed(data={}))) is None
 
 
@@ -133,7 +139,10 @@ def test_a_crashed_run_is_resubmitted_up_to_trial_retries_times(monkeypatch):
     watcher.wait()
     assert [run.name for run in trial.runs] == ["r0", "r1", "r2"] and trial.final.name == "r2"
     records = trial.attempt_records()
-    assert [r["ended"] for r in records] == ["Crashed", "Crashed", "CRASHED"]
+    assert [r["ended"] for r in records] == ["Crashed", "Crashed", "Crashed"]
+    assert trial.gave_up.startswith("Crashed: exited -9")
+    outcome = outcome_of_trial(trial, "work pool 'p', queue 'q'")
+    assert outcome.status == "failed" and "no retries left (3 attempt(s), trial_retries 2)" in outcome.error
     assert released == [first, second, third]  # each dead run's device slot given back
 
     completed = run_in(Completed(data={}), name="r1")
