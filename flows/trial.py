@@ -29,11 +29,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun
 from prefect.concurrency._leases import maintain_concurrency_lease
-from prefect.exceptions import (
-    ObjectAlreadyExists,
-    ObjectNotFound,
-    PrefectHTTPStatusError,
-)
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
+from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
@@ -190,11 +187,32 @@ def worker_device(worker: str, devices: list[str], per_device: int,
             with maintain_concurrency_lease(lease, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
                 yield devices[index]
         finally:
-            with get_client(sync_client=True) as client:
-                with contextlib.suppress(ObjectNotFound):
-                    client.delete_variable_by_name(slot_record_name(flow_run_id))
-                client.release_concurrency_slots_with_lease(lease)
+            give_back(flow_run_id, lease)
         return
+
+
+def trial_logger():
+    """The flow run's logger (its lines reach the UI), or Prefect's own outside a flow run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("lr-sweep.trial")
+
+
+def give_back(flow_run_id, lease: UUID) -> None:
+    """Release a slot at the end of a trial. With the server away it is left to its lease, which
+    expires within LEASE_SECONDS (its record is then cleared by the next trial that waits): the
+    trial's result is not lost for it."""
+    try:
+        with get_client(sync_client=True) as client:
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_variable_by_name(slot_record_name(flow_run_id))
+            client.release_concurrency_slots_with_lease(lease)
+    except Exception as error:
+        if not server_unreachable(error):
+            raise
+        trial_logger().warning(f"device slot not released ({type(error).__name__}: {error}); its lease "
+                                 f"expires within {LEASE_SECONDS:.0f} s")
 
 
 def slot_wait_reporter(spec: TrialSpec) -> Callable[[str], None]:

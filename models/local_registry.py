@@ -38,13 +38,7 @@ from models.registry import (
     require_digest,
     split_name,
 )
-from models.serialization import (
-    METADATA_FILE,
-    WEIGHTS_FILE,
-    digest_files,
-    model_files,
-    weights_from_bytes,
-)
+from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, model_files, weights_from_bytes
 
 MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"

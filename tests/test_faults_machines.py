@@ -17,13 +17,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Crashed, Failed, Running
 
 from flows import trial_runs
-from flows.trial import (
-    ensure_device_limits,
-    record_slot,
-    slot_record_name,
-    take_slot,
-    worker_device,
-)
+from flows.dispatch import outcome_of_trial
+from flows.trial import ensure_device_limits, record_slot, slot_record_name, take_slot, worker_device
 from flows.trial_runs import (
     LOST_AFTER_SECONDS,
     TRIAL_FAILED_STATE,
@@ -32,7 +27,6 @@ from flows.trial_runs import (
     ended_without_outcome,
     lost_reason,
 )
-from flows.dispatch import outcome_of_trial
 from models.local_registry import LocalRegistry
 from tasks.report import attempt_lines
 from tests.helpers import COLLECTION, tiny_model, trial_spec
