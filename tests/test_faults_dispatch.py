@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows import trial_runs
-from flows.sweep import lr_sweep
+from flows.sweep import SweepFailed, lr_sweep
 from flows.trial import SLOT_RECORD_PREFIX, device_limit_name
+from flows.trial_runs import last_heartbeat
 from models.local_registry import LocalRegistry
 from tests.conftest import make_idx_dataset
 from tests.helpers import COLLECTION, smoke_config, wait_for
@@ -51,10 +53,9 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def sweep_config(stack, data_dir, name: str, **overrides):
-    root = stack.home / name
-    return smoke_config(root, data_dir, learning_rates=[0.003, 0.001], epochs=3, val_size=500, sweep_id=name,
-                        dispatch="deployment", trial_deployment="lr-sweep-trial/trial-local",
-                        dispatch_timeout_minutes=15, **overrides)
+    values = dict(learning_rates=[0.003, 0.001], epochs=3, val_size=500, sweep_id=name, dispatch="deployment",
+                  trial_deployment="lr-sweep-trial/trial-local", dispatch_timeout_minutes=15)
+    return smoke_config(stack.home / name, data_dir, **(values | overrides))
 
 
 class SweepInThread:
@@ -161,7 +162,11 @@ def test_a_sigkilled_trial_is_run_again_from_its_checkpoint_and_frees_its_slot(s
     assert ended - killed_at < 240, "a trial waited for the killed trial's slot until its lease expired"
     with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(device_limit_name("kill-worker", "cpu"))
+        # The trial runs send heartbeats (what tells a lost run from a live one).
+        survivor = client.read_flow_run(other["attempts"][0]["flow_run"])
+        beat = last_heartbeat(client, survivor, survivor.start_time - timedelta(minutes=1))
     assert limit.active_slots == 0
+    assert beat is not None and survivor.start_time <= beat <= survivor.end_time
     report = (Path(config.output_dir) / config.sweep_id / "report.md").read_text()
     assert "## Trial runs" in report and "2 attempts" in report
 
@@ -204,3 +209,25 @@ def test_a_server_stopped_for_two_minutes_is_ridden_out(stack, data_dir, monkeyp
     finally:
         stack.stop("outage-worker")
     assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
+
+
+def test_at_the_deadline_a_running_trial_is_stopped_by_its_worker(stack, data_dir):
+    """Before: the sweep forced a Cancelled state on the run and its process trained on."""
+    stack.worker("deadline-worker", queue="trials", limit=1)
+    config = sweep_config(stack, data_dir, "faults-deadline", learning_rates=[0.003], epochs=200,
+                          dispatch_timeout_minutes=1.0)
+    sweep = SweepInThread(stack, config)
+    try:
+        run_id, pid = training_run(stack, config, stack.home / "deadline-worker.log")
+        sweep.thread.join(timeout=300)
+        assert isinstance(sweep.error, SweepFailed), f"the sweep ended with {sweep.error!r}"
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "the trial's process to stop",
+                 stack.home / "deadline-worker.log")
+    finally:
+        stack.stop("deadline-worker")
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state.type.value == "CANCELLED" and "no worker stopped it" not in (state.message or ""), state
+    summary = json.loads((Path(config.output_dir) / config.sweep_id / "summary.json").read_text())
+    assert summary["trials"][0]["attempts"][-1]["ended"] == "TIMED_OUT"
+    assert "did not finish within the dispatch timeout: it was still Running" in summary["trials"][0]["error"]
