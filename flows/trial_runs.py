@@ -99,19 +99,21 @@ def ended_without_outcome(run: FlowRun) -> str | None:
     return None
 
 
-def lost_reason(run: FlowRun, last_heartbeat: datetime | None, server_up_since: datetime,
-                now: datetime) -> str | None:
+def lost_reason(run: FlowRun, heard_at: datetime | None, running_since: datetime,
+                server_up_since: datetime, now: datetime) -> str | None:
     """Why a Running run is taken for lost (its worker or machine vanished), or None.
 
-    Its last sign of life is its newest heartbeat, or its start; time the server was
-    unreachable does not count against it (no heartbeat could arrive then)."""
+    Every time is this process's clock, not the trial machine's (a node whose clock is behind
+    would look silent): `heard_at` is when its newest heartbeat was first seen here,
+    `running_since` when it was first seen Running. Time the server was unreachable does not
+    count against it (no heartbeat could arrive then)."""
     if run.state is None or run.state.type != StateType.RUNNING:
         return None
-    signs = [moment for moment in (last_heartbeat, run.start_time, server_up_since) if moment is not None]
+    signs = [moment for moment in (heard_at, running_since, server_up_since) if moment is not None]
     silent = (now - max(signs)).total_seconds()
     if silent < LOST_AFTER_SECONDS:
         return None
-    heard = f"last heartbeat {last_heartbeat:%H:%M:%S} UTC" if last_heartbeat else "no heartbeat since it started"
+    heard = "no new heartbeat" if heard_at else "no heartbeat since it started"
     return f"LOST: no sign of life for {silent:.0f} s ({heard}): its worker or machine is gone"
 
 
@@ -138,7 +140,10 @@ class TrialRunWatcher:
         self.server_up_since = datetime.now(timezone.utc)
         self.down_since: datetime | None = None
         self.started = self.server_up_since
-        self.heartbeats: dict[str, datetime] = {}  # flow run id: its newest heartbeat seen
+        # flow run id: (its newest heartbeat, when this process first saw it), and when this
+        # process first saw it Running: the clocks of the trial machines are not used
+        self.heartbeats: dict[str, tuple[datetime, datetime]] = {}
+        self.running_since: dict[str, datetime] = {}
         self.heartbeats_read = 0.0  # when they were last read (monotonic)
 
     # --- the server may be away -------------------------------------------------------------
@@ -181,8 +186,9 @@ class TrialRunWatcher:
                 return
             for run in current.values():
                 if run.state is not None and run.state.type == StateType.RUNNING:
-                    if beat := last_heartbeat(self.client, run, self.started - timedelta(minutes=1)):
-                        self.heartbeats[str(run.id)] = beat
+                    beat = last_heartbeat(self.client, run, self.started - timedelta(days=1))
+                    if beat is not None and beat != self.heartbeats.get(str(run.id), (None,))[0]:
+                        self.heartbeats[str(run.id)] = (beat, datetime.now(timezone.utc))
             self.heartbeats_read = time.monotonic()
 
         if not self._calmly(read):
@@ -197,7 +203,9 @@ class TrialRunWatcher:
                     trial.final = run
                 else:
                     self._rerun(trial, run, reason)
-            elif reason := lost_reason(run, self.heartbeats.get(str(run.id)), self.server_up_since, now):
+            elif run.state is not None and run.state.type == StateType.RUNNING and (reason := lost_reason(
+                    run, self.heartbeats.get(str(run.id), (None, None))[1],
+                    self.running_since.setdefault(str(run.id), now), self.server_up_since, now)):
                 self._rerun(trial, run, reason, lost=True)
 
     def _rerun(self, trial: TrialRuns, run: FlowRun, reason: str, lost: bool = False) -> None:

@@ -88,12 +88,14 @@ def test_a_running_run_without_heartbeats_is_lost_but_not_while_the_server_was_a
     now = datetime.now(timezone.utc)
     long_ago = now - timedelta(seconds=LOST_AFTER_SECONDS + 5)
     run = run_in(Running(), started=long_ago)
-    assert "no heartbeat since it started" in lost_reason(run, None, long_ago, now)
-    assert "last heartbeat" in lost_reason(run, long_ago + timedelta(seconds=1), long_ago, now)
-    assert lost_reason(run, now - timedelta(seconds=5), long_ago, now) is None
+    assert "no heartbeat since it started" in lost_reason(run, None, long_ago, long_ago, now)
+    assert "no new heartbeat" in lost_reason(run, long_ago + timedelta(seconds=1), long_ago, long_ago, now)
+    assert lost_reason(run, now - timedelta(seconds=5), long_ago, long_ago, now) is None
     # The server was unreachable until a moment ago: no heartbeat could arrive, nothing is lost.
-    assert lost_reason(run, long_ago, now - timedelta(seconds=10), now) is None
-    assert lost_reason(run_in(Completed(), started=long_ago), None, long_ago, now) is None
+    assert lost_reason(run, long_ago, long_ago, now - timedelta(seconds=10), now) is None
+    assert lost_reason(run_in(Completed(), started=long_ago), None, long_ago, long_ago, now) is None
+    # Seen Running only a moment ago (its start time, from another machine's clock, is old).
+    assert lost_reason(run, None, now - timedelta(seconds=10), long_ago, now) is None
 
 
 class FakeClient:
