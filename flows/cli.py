@@ -128,13 +128,14 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def check_study_storage(config: SweepConfig) -> None:
-    """An unreachable Optuna storage is bad input: refused before anything trains."""
-    from tasks.tpe import StudyStorageError, open_study
+    """An unreachable Optuna storage is bad input: refused before anything trains (checked
+    without writing to it: no study is made)."""
+    from tasks.tpe import StudyStorageError, check_storage
 
     if config.optuna_storage is None:
         return  # sqlite in the output directory, made by the sweep
     try:
-        open_study(config.optuna_storage, "lr-sweep-storage-check")
+        check_storage(config.optuna_storage)
     except StudyStorageError as error:
         raise InputError("optuna_storage", str(error)) from None
 

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import check_name, rates_sharing_a_name
@@ -201,6 +201,16 @@ class SweepConfig(BaseSettings):
         "(0-10080 minutes); runs not finished by then are cancelled and reported as failed.",
     )
 
+    trial_retries: int = Field(
+        title="3 Infrastructure · trial retries",
+        default=2,
+        ge=0,
+        le=10,
+        description="With dispatch 'deployment': how many times a trial run that crashed or was "
+        "lost (its process, worker or machine died) is submitted again, resuming from its last "
+        "checkpoint (0-10; a trial that failed or diverged on its own is never re-run).",
+    )
+
     # --- tracking and storage -----------------------------------------------------------------
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         title="4 Tracking · W&B mode",
@@ -292,6 +302,14 @@ class SweepConfig(BaseSettings):
     def _check_dataset(cls, spec: str) -> str:
         parse_dataset_spec(spec)  # the form only: the folder or the module is checked before training
         return spec
+
+    @field_serializer("optuna_storage")
+    def _mask_storage(self, url: str | None) -> str | None:
+        # Every dump of the config (summary.json, the trial runs' Prefect parameters, --dry-run)
+        # shows the storage without its password; the object keeps it for the run itself.
+        from tasks.tpe import masked_url
+
+        return None if url is None else masked_url(url)
 
     @field_validator("alias")
     @classmethod

@@ -4,12 +4,16 @@ With `dispatch="deployment"` the sweep submits each (learning rate, seed) trial 
 the trial deployment (a deployment of flows/trial.py's `lr-sweep-trial`: `trial_deployment`,
 or the one on the sweep's own work pool) with `run_deployment`,
 so every worker that polls that deployment's work pool, on every node, takes trials. The sweep
-waits for the runs until `dispatch_timeout_minutes`, reads each outcome back as JSON and goes
-on to evaluate and compare as a local sweep does.
+waits for the runs until `dispatch_timeout_minutes` (re-running what a machine lost, riding out a
+server outage: flows/trial_runs.py), reads each outcome back as JSON and goes on to evaluate and
+compare as a local sweep does.
 
 Trust: outcomes are read as plain JSON from the result file the trial wrote (its declared
 serializer must be JSON; no Prefect deserializer, so nothing written to the shared result folder
-can make the sweep unpickle or import anything). Models are then fetched by reference and
+can make the sweep unpickle or import anything), and only from under the configured result
+storage (a state naming another path or block is refused). An outcome is accepted only for the
+trial that was submitted: its learning rate and seed, and a model whose metadata says it was
+trained with the submitted spec. Models are then fetched by reference and
 digest from the sweep's registry: in a multi-node setup that registry must be one every node
 reaches (`registry="wandb"`, or `registry_dir` on shared storage at the same path everywhere);
 a trial whose model (by digest) is not there stops the sweep before anything is promoted.
@@ -29,23 +33,29 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment as current_deployment
-from prefect.settings import PREFECT_API_URL
-from prefect.states import Cancelled
+from prefect.settings import PREFECT_API_URL, get_current_settings
 
 from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME
+from flows.trial import release_slot_of
+from flows.trial_runs import HEARTBEAT_SECONDS, TrialRuns, TrialRunWatcher
 from models.registry import ModelRegistry
 from tasks.data import DatasetRef
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.train import failed_outcome
 from tasks.workspace import Workspace
 
-# How often the sweep asks the server whether its trial runs have finished.
-TRIAL_POLL_SECONDS = 2.0
+# The setting that makes a flow run send heartbeats, in seconds (Prefect's flow engine reads it).
+HEARTBEAT_VARIABLE = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
 
 class TrialRunFailed(RuntimeError):
-    """A trial's flow run ended without an outcome (crashed, cancelled, late, result unreadable)."""
+    """A trial's flow run ended without an acceptable outcome (crashed, cancelled, late, result
+    unreadable, or an outcome of another trial)."""
+
+
+class OutcomeRefused(TrialRunFailed):
+    """A trial run's state names a result outside the result storage, or another trial's outcome."""
 
 
 class RegistryNotShared(RuntimeError):
@@ -81,21 +91,24 @@ def trial_deployment_of(config: SweepConfig) -> str:
     return f"{TRIAL_FLOW_NAME}/{candidates[0].name}"
 
 
-def submit_trials(config: SweepConfig, deployment: str, workspace: Workspace, specs: list[TrialSpec],
-                  dataset: DatasetRef) -> list[FlowRun]:
-    runs = []
-    for spec in specs:
-        try:
-            runs.append(run_deployment(
-                deployment, timeout=0, flow_run_name=f"{workspace.sweep_id}-{spec.name}",
-                parameters=trial_parameters(config, workspace, spec, dataset),
-                tags=[f"sweep:{workspace.sweep_id}"]))
-        except ObjectNotFound:
-            raise ValueError(
-                f"trial_deployment {deployment!r} does not exist on the Prefect "
-                f"server at {PREFECT_API_URL.value()}: deploy it from prefect.yaml first "
-                f"(`prefect --no-prompt deploy --name {deployment}`)") from None
-    return runs
+def submit_trial(config: SweepConfig, deployment: str, workspace: Workspace, spec: TrialSpec,
+                 dataset: DatasetRef, attempt: int = 1) -> FlowRun:
+    """One flow run of the trial deployment for `spec`; attempts after the first are named so.
+
+    The run sends Prefect heartbeats (its environment says how often): a run that stops sending
+    them while Running is taken for lost (flows/trial_runs.py)."""
+    suffix = "" if attempt == 1 else f"-attempt{attempt}"
+    try:
+        return run_deployment(
+            deployment, timeout=0, flow_run_name=f"{workspace.sweep_id}-{spec.name}{suffix}",
+            parameters=trial_parameters(config, workspace, spec, dataset),
+            job_variables={"env": {HEARTBEAT_VARIABLE: str(HEARTBEAT_SECONDS)}},
+            tags=[f"sweep:{workspace.sweep_id}"])
+    except ObjectNotFound:
+        raise ValueError(
+            f"trial_deployment {deployment!r} does not exist on the Prefect "
+            f"server at {PREFECT_API_URL.value()}: deploy it from prefect.yaml first "
+            f"(`prefect --no-prompt deploy --name {deployment}`)") from None
 
 
 def queue_of(deployment_name: str) -> str:
@@ -105,33 +118,30 @@ def queue_of(deployment_name: str) -> str:
     return f"work pool {deployment.work_pool_name!r}, queue {deployment.work_queue_name!r}"
 
 
-def wait_until_final(runs: list[FlowRun], deadline: float, queue: str) -> dict:
-    """Each run's final FlowRun, or the reason it has none by the deadline (it is then cancelled,
-    so a worker that turns up later does not start it)."""
-    finished: dict = {}
+def result_path(metadata) -> Path:
+    """The local result file a trial run's state names, if it lies under this process's result
+    storage (PREFECT_RESULTS_LOCAL_STORAGE_PATH, shared by the sweep and its trials); anywhere
+    else, the state is not trusted: nothing else may be read on the say-so of a run's state."""
+    root = Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+    path = Path(metadata.storage_key)
+    path = (path if path.is_absolute() else root / path).resolve()
+    if not path.is_relative_to(root):
+        raise OutcomeRefused(f"its result is stored at {path}, outside the result storage {root}; "
+                             "it is not read")
+    return path
+
+
+def remote_result(metadata) -> bytes:
+    """A result in remote storage (e.g. S3), read only from the configured default result
+    storage block (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK), not from any block a state names."""
+    configured = get_current_settings().results.default_storage_block
     with get_client(sync_client=True) as client:
-        while True:
-            for run in runs:
-                if run.id not in finished:
-                    current = client.read_flow_run(run.id)
-                    if current.state is not None and current.state.is_final():
-                        finished[run.id] = current
-            if len(finished) == len(runs):
-                return finished
-            if time.monotonic() > deadline:
-                break
-            time.sleep(TRIAL_POLL_SECONDS)
-        for run in runs:
-            if run.id not in finished:
-                current = client.read_flow_run(run.id)
-                state = current.state
-                waited = ("no worker took it (it is Late)" if state is not None and state.is_scheduled()
-                          else f"it was still {state.name if state else 'pending'}")
-                finished[run.id] = TrialRunFailed(
-                    f"flow run {current.name} did not finish within the dispatch timeout: {waited}; "
-                    f"start a worker on {queue} or raise dispatch_timeout_minutes")
-                client.set_flow_run_state(run.id, Cancelled(message="the sweep stopped waiting"), force=True)
-    return finished
+        document = client.read_block_document(metadata.storage_block_id)
+    named = f"{document.block_type.slug}/{document.name}"
+    if named != configured:
+        raise OutcomeRefused(f"its result is stored in block {named!r}, not in the configured result "
+                             f"storage {configured!r}; it is not read")
+    return Block._from_block_document(document).read_path(metadata.storage_key)
 
 
 def read_outcome_json(flow_run: FlowRun) -> dict:
@@ -143,12 +153,19 @@ def read_outcome_json(flow_run: FlowRun) -> dict:
         raise TrialRunFailed(f"flow run {flow_run.name}: its result is stored with serializer "
                              f"{serializer!r}, not JSON; it is not read")
     if metadata.storage_block_id is None:
-        data = Path(metadata.storage_key).read_bytes()
-    else:  # remote result storage (e.g. S3): a block both the trial and the sweep reach
-        with get_client(sync_client=True) as client:
-            document = client.read_block_document(metadata.storage_block_id)
-        data = Block._from_block_document(document).read_path(metadata.storage_key)
+        data = result_path(metadata).read_bytes()
+    else:
+        data = remote_result(metadata)
     return json.loads(data)
+
+
+def submitted_outcome(spec: TrialSpec, data: dict) -> TrialOutcome:
+    """The outcome a trial run handed back, if it is the outcome of the trial that was submitted."""
+    outcome = TrialOutcome.model_validate(data)
+    if (outcome.learning_rate, outcome.seed) != (spec.learning_rate, spec.seed):
+        raise OutcomeRefused(f"it names learning rate {outcome.learning_rate:g}, seed {outcome.seed}, not "
+                             f"the submitted {spec.learning_rate:g}, seed {spec.seed}; it is not accepted")
+    return outcome
 
 
 def outcome_of(spec: TrialSpec, flow_run: FlowRun | TrialRunFailed) -> TrialOutcome:
@@ -158,7 +175,9 @@ def outcome_of(spec: TrialSpec, flow_run: FlowRun | TrialRunFailed) -> TrialOutc
     state = flow_run.state
     if state.is_completed() or (state.is_failed() and state.data is not None):
         try:
-            return TrialOutcome.model_validate(read_outcome_json(flow_run))
+            return submitted_outcome(spec, read_outcome_json(flow_run))
+        except OutcomeRefused as error:
+            reason = f"flow run {flow_run.name} ended but its outcome was refused: {error}"
         except Exception as error:  # unreadable, not shared between the nodes, not an outcome
             reason = (f"flow run {flow_run.name} completed but its outcome could not be read "
                       f"({type(error).__name__}: {error}): result storage must be shared by the "
@@ -168,9 +187,26 @@ def outcome_of(spec: TrialSpec, flow_run: FlowRun | TrialRunFailed) -> TrialOutc
     return failed_outcome(spec, TrialRunFailed(reason)).model_copy(update={"flow_run": str(flow_run.id)})
 
 
-def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry, where: str) -> None:
-    """Every completed trial's model must be in the sweep's registry with the trial's digest."""
-    for trial in trials:
+def outcome_of_trial(trial: TrialRuns, queue: str) -> TrialOutcome:
+    """The trial's outcome from its last run, with every attempt it took."""
+    if trial.timed_out:
+        ended = TrialRunFailed(f"flow run {trial.current.name} {trial.timed_out}; start a worker on "
+                               f"{queue} or raise dispatch_timeout_minutes")
+        outcome = outcome_of(trial.spec, ended).model_copy(update={"flow_run": str(trial.current.id)})
+    elif trial.gave_up:
+        ended = TrialRunFailed(f"flow run {trial.final.name} {trial.gave_up}; no retries left "
+                               f"({len(trial.runs)} attempt(s), trial_retries {len(trial.runs) - 1})")
+        outcome = outcome_of(trial.spec, ended).model_copy(update={"flow_run": str(trial.final.id)})
+    else:
+        outcome = outcome_of(trial.spec, trial.final)
+    return outcome.model_copy(update={"attempts": trial.attempt_records()})
+
+
+def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry, where: str,
+                            specs: list[TrialSpec] | None = None) -> None:
+    """Every completed trial's model must be in the sweep's registry with the trial's digest, and
+    (given the specs submitted) be a model trained with that trial's spec."""
+    for index, trial in enumerate(trials):
         if trial.status != "completed":
             continue
         found = registry.resolve(trial.model.collection, trial.model.version)
@@ -181,6 +217,25 @@ def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry,
                 f"sweep's registry {where} holds {holder} under that name: the registry is not "
                 "shared between the nodes. Put registry_dir on storage every node mounts at the "
                 "same path, or use registry='wandb'. Nothing was promoted.")
+        if specs is not None:
+            require_trained_as(specs[index], trial, registry)
+
+
+def require_trained_as(spec: TrialSpec, trial: TrialOutcome, registry: ModelRegistry) -> None:
+    """The model a dispatched trial names was trained with the submitted spec (its metadata says
+    so): another model of the registry cannot stand in for it."""
+    infos = [info for info in registry.versions(trial.model.collection) if info.ref == trial.model]
+    training = infos[0].metadata.get("training") if infos else None
+    if training != spec.model_dump():
+        raise OutcomeRefused(f"trial {spec.name} handed back {trial.model.short}, a model trained with "
+                             f"{training}, not with the submitted {spec.model_dump()}: refused, nothing "
+                             "was promoted")
+
+
+def release_run_slot(run: FlowRun) -> None:
+    """A dead run's device slot, back to its worker's other trials (flows/trial.py records it)."""
+    if (released := release_slot_of(run.id)) is not None:
+        get_run_logger().info(f"released the device slot {released} held by flow run {run.name}")
 
 
 def dispatch_trials(config: SweepConfig, workspace: Workspace, specs: list[TrialSpec],
@@ -193,15 +248,23 @@ def dispatch_trials(config: SweepConfig, workspace: Workspace, specs: list[Trial
             "(e.g. `make server`, then PREFECT_API_URL=http://127.0.0.1:4200/api), or use "
             "dispatch='local'")
     deployment = trial_deployment_of(config)
-    runs = submit_trials(config, deployment, workspace, specs, dataset)
-    logger.info(f"dispatched {len(runs)} trial(s) to deployment {deployment!r}; "
-                f"waiting for the workers of its pool: {', '.join(run.name for run in runs)}")
+    queue = queue_of(deployment)
+
+    def submit(spec: TrialSpec, attempt: int = 1) -> FlowRun:
+        return submit_trial(config, deployment, workspace, spec, dataset, attempt)
+
+    trials = [TrialRuns(spec, [submit(spec)]) for spec in specs]
+    logger.info(f"dispatched {len(trials)} trial(s) to deployment {deployment!r}; waiting for the "
+                f"workers of its pool: {', '.join(trial.current.name for trial in trials)}")
     deadline = time.monotonic() + 60 * config.dispatch_timeout_minutes
-    finished = wait_until_final(runs, deadline, queue_of(deployment))
+    with get_client(sync_client=True) as client:
+        TrialRunWatcher(client, trials, config.trial_retries, deadline, resubmit=submit,
+                        release=release_run_slot, log=logger.info, warn=logger.warning).wait()
     outcomes = []
-    for spec, run in zip(specs, runs):
-        outcome = outcome_of(spec, finished[run.id])
-        logger.info(f"trial {spec.name}: {outcome.status} on worker {outcome.worker!r}")
+    for trial in trials:
+        outcome = outcome_of_trial(trial, queue)
+        tries = f" after {len(outcome.attempts)} attempts" if len(outcome.attempts) > 1 else ""
+        logger.info(f"trial {trial.spec.name}: {outcome.status}{tries} on worker {outcome.worker!r}")
         outcomes.append(outcome)
-    require_shared_registry(outcomes, workspace.registry.open(), str(workspace.registry.directory))
+    require_shared_registry(outcomes, workspace.registry.open(), str(workspace.registry.directory), specs)
     return outcomes

@@ -20,6 +20,10 @@ LOCAL_DEFAULTS = {
     # Idle OpenMP threads sleep instead of spinning: processes sharing cores (a server, a worker,
     # a second trial) do not slow each other 3-5x.
     "OMP_WAIT_POLICY": "PASSIVE",
+    # A server started here keeps the device slots' leases in files, not in memory: a restarted
+    # server still knows which trial holds which slot (in memory, a restart leaked every slot
+    # held at that moment until the trials on that worker waited forever).
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
 }
 
 

@@ -56,7 +56,8 @@ def validated(config: SweepConfig) -> SweepConfig:
     flow module reads no LR_SWEEP_* variable and refuses nothing, while the run form still shows
     every field with its default. Here, at run time, the fields the caller set are validated
     together with the environment and the defaults, as the CLI does."""
-    return SweepConfig(**config.model_dump(exclude_unset=True))
+    # The values themselves, not a dump: a dump masks the storage's password (flows/config.py).
+    return SweepConfig(**{name: getattr(config, name) for name in config.model_fields_set})
 
 
 def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:

@@ -26,7 +26,7 @@ from tasks.halving import epoch_accounting, rung_epochs, successive_halving
 from tasks.range_test import RangeTestResult, auto_grid, find_learning_rate
 from tasks.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.tpe import default_storage_url, open_study, study_name, tpe_search
+from tasks.tpe import default_storage_url, masked_url, open_study, startup_trials, study_name, tpe_search
 from tasks.train import failed_outcome, record_stopped_task, train_model, train_until_task
 from tasks.workspace import Workspace
 
@@ -89,6 +89,15 @@ class RungTrainer:
         return [future.result() for future in futures]
 
 
+def study_identity(config: SweepConfig, dataset: DatasetRef, base: TrialSpec, rungs: list[int]) -> dict:
+    """What names a TPE study: everything that changes a trial's result (the data and its split:
+    val_size, split_seed, train_limit; the trial's spec) and the search's settings, so two
+    searches share a study only when their trials are interchangeable."""
+    return {"dataset": dataset.as_metadata(), "spec": base.model_dump(exclude={"learning_rate"}),
+            "lr_range": config.lr_range, "rungs": rungs, "eta": config.reduction_factor,
+            "metric": config.selection_metric}
+
+
 def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
                rates: list[float] | None) -> tuple[list[TrialOutcome], dict]:
     """The trials of an asha or tpe search (outcomes in learning-rate order) and what the search
@@ -103,10 +112,9 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
         extra = {}
     else:
         storage = config.optuna_storage or default_storage_url(workspace.sweep_dir.parent)
-        name = study_name({"dataset": dataset.fingerprint, "train_limit": dataset.train_limit,
-                           "spec": trainer.base.model_dump(exclude={"learning_rate"}), "lr_range": config.lr_range,
-                           "rungs": rungs, "eta": config.reduction_factor, "metric": metric})
-        study = open_study(storage, name, seed=config.seeds[0],
+        name = study_name(study_identity(config, dataset, trainer.base, rungs))
+        startup = startup_trials(config.trials)
+        study = open_study(storage, name, seed=config.seeds[0], n_startup_trials=startup,
                            direction="maximize" if higher_is_better(metric) else "minimize")
         parallel = len(slots.devices) * slots.per_device
         result = tpe_search(study, config.trials, parallel, tuple(config.lr_range), rungs, trainer, metric,
@@ -117,8 +125,8 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
                 trainer([trial.learning_rate], config.epochs)
         stopped_at = {t.learning_rate: t.stopped_at for t in result.trials if t.state == "pruned"}
         epochs, grid_trials = {t.number: t.epochs_trained for t in result.trials}, len(result.trials)
-        extra = {"study": name, "storage": storage.split("@")[-1], "trials_now": len(result.trained_now),
-                 "recovered": result.recovered}
+        extra = {"study": name, "storage": masked_url(storage), "trials_now": len(result.trained_now),
+                 "recovered": result.recovered, "n_startup_trials": startup}
     outcomes = [*trainer.finished.values(), *trainer.failed.values(), *trainer.stopped(stopped_at)]
     outcomes.sort(key=lambda t: t.learning_rate)
     summary = {"method": config.search, "rungs": rungs, "reduction_factor": config.reduction_factor,

@@ -9,8 +9,9 @@ only); a trial that fails or diverges returns a failed outcome too, as data.
 On its worker, a trial takes one device through a Prefect global concurrency limit per worker
 and device, `lr-sweep-device:<worker>:<device>` (the per-worker pattern of PrefectHQ/prefect
 examples/per_worker_task_concurrency.py), created on first use with `trials_per_device` slots:
-trials that land on one GPU node spread over its GPUs, and a crashed trial's slot comes back
-when its lease expires. Inside the trial the work is `train_model`, the same task a local sweep
+trials that land on one GPU node spread over its GPUs. A crashed trial's slot comes back as soon
+as the sweep or a waiting trial sees that its run ended (its lease is recorded in a variable),
+not only when the lease expires. Inside the trial the work is `train_model`, the same task a local sweep
 runs.
 """
 
@@ -19,31 +20,36 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
+from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
 
 from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
+from flows.trial_runs import TRIAL_FAILED_STATE, server_unreachable
 from tasks.data import DatasetError, DatasetRef
 from tasks.devices import DeviceSlots
 from tasks.results import TrialSpec
-from tasks.train import failed_outcome, train_model
+from tasks.train import artifact_key, failed_outcome, train_model
 
 DEVICE_LIMIT_PREFIX = "lr-sweep-device"
 # Set by every Prefect worker in the environment of the flow runs it starts.
 WORKER_NAME_VARIABLE = "PREFECT__WORKER_NAME"
-# A trial asks for a device that looked free for this long (another trial may have taken it in
-# between); with every device busy it looks again after DEVICE_RETRY_SECONDS. Trials last
-# minutes, so a few seconds of waiting is cheap.
-DEVICE_ACQUIRE_SECONDS = 5.0
+# With every device busy a trial looks again after DEVICE_RETRY_SECONDS. Trials last minutes,
+# so a few seconds of waiting is cheap.
 DEVICE_RETRY_SECONDS = 2.0
+# A device slot's lease, renewed every 3/4 of it while the trial trains (Prefect's default).
+LEASE_SECONDS = 300.0
 
 def device_limit_name(worker: str, device: str) -> str:
     return f"{DEVICE_LIMIT_PREFIX}:{worker}:{device}"
@@ -74,27 +80,159 @@ def first_free_device(names: list[str]) -> int | None:
     return None
 
 
+# --- who holds which slot ---------------------------------------------------------------------
+# A trial that takes a slot records its lease in a Prefect variable named after its flow run, so
+# that the slot of a run that dies holding it (SIGKILL, a lost container) is given back as soon
+# as that is known (by the sweep, or by a trial waiting for the device), not when the lease
+# expires minutes later. Prefect's API does not list a limit's leases or their holders.
+SLOT_RECORD_PREFIX = "lr-sweep-slot-"
+
+
+def slot_record_name(flow_run_id) -> str:
+    return f"{SLOT_RECORD_PREFIX}{flow_run_id}"
+
+
+def take_slot(client, name: str, flow_run_id) -> UUID | None:
+    """A lease on one slot of limit `name`, or None when every slot is taken."""
+    holder = None if flow_run_id is None else ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id)
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder)
+    except PrefectHTTPStatusError as error:
+        if error.response.status_code == 423:  # locked: another trial was quicker
+            return None
+        raise
+    return UUID(response.json()["lease_id"])
+
+
+def record_slot(client, flow_run_id, name: str, lease: UUID) -> None:
+    if flow_run_id is not None:
+        client.create_variable(VariableCreate(name=slot_record_name(flow_run_id),
+                                              value={"limit": name, "lease": str(lease)}))
+
+
+def release_slot_of(flow_run_id) -> str | None:
+    """Give back the device slot flow run `flow_run_id` holds; the limit's name, or None if it
+    holds none. Whoever deletes the record releases the slot, so it is released once."""
+    name = slot_record_name(flow_run_id)
+    with get_client(sync_client=True) as client:
+        record = client.read_variable_by_name(name)
+        if record is None:
+            return None
+        try:
+            client.delete_variable_by_name(name)
+        except ObjectNotFound:  # released meanwhile by someone else
+            return None
+        client.release_concurrency_slots_with_lease(UUID(record.value["lease"]))
+    return record.value["limit"]
+
+
+def holders_of(names: list[str]) -> list[tuple[FlowRun | None, str]]:
+    """(flow run, limit) of every recorded slot holder of these limits; None: the run is gone."""
+    holders = []
+    with get_client(sync_client=True) as client:
+        for record in client.read_variables():
+            if record.name.startswith(SLOT_RECORD_PREFIX) and isinstance(record.value, dict) \
+                    and record.value.get("limit") in names:
+                flow_run_id = record.name.removeprefix(SLOT_RECORD_PREFIX)
+                try:
+                    holders.append((client.read_flow_run(UUID(flow_run_id)), record.value["limit"]))
+                except (ObjectNotFound, ValueError):
+                    holders.append((None, record.value["limit"]))
+    return holders
+
+
+def reclaim_dead_slots(names: list[str], say: Callable[[str], None]) -> bool:
+    """Release the slots of these limits held by runs that have ended (crashed, cancelled by
+    hand): True when one came free. Says what the trial is waiting for meanwhile."""
+    reclaimed = False
+    holders = holders_of(names)
+    for run, limit in holders:
+        if run is None or (run.state is not None and run.state.is_final()):
+            ended = run.state.name if run is not None and run.state is not None else "deleted"
+            say(f"waiting for a device slot held by a crashed run ({run.name if run else 'gone'}, {ended}): "
+                "reclaiming it")
+            if run is not None and release_slot_of(run.id) is not None:
+                reclaimed = True
+    if not reclaimed and holders:
+        say(f"waiting for a device slot held by {', '.join(run.name for run, _ in holders if run)}")
+    return reclaimed
+
+
 @contextlib.contextmanager
-def worker_device(worker: str, devices: list[str], per_device: int) -> Iterator[str]:
+def worker_device(worker: str, devices: list[str], per_device: int,
+                  say: Callable[[str], None] = lambda status: None) -> Iterator[str]:
     """Hold one slot of one of this worker's devices for the duration of the block.
 
-    Free slots are looked up first and only a free one is asked for: a refused acquisition is
-    logged as an error by Prefect, and should happen only when another trial wins a race."""
+    Free slots are looked up first and only a free one is asked for; with every slot taken, the
+    slots of runs that died holding them are reclaimed. A lease that cannot be renewed (the
+    server is away) does not stop the trial: Prefect logs it and the trial trains on (a slot it
+    held that long may then go to another trial: two share a device for a while)."""
     names = ensure_device_limits(worker, devices, per_device)
+    flow_run_id = current_flow_run.id
     while True:
         index = first_free_device(names)
+        if index is None and reclaim_dead_slots(names, say):
+            index = first_free_device(names)
+        lease = None
         if index is not None:
-            entered = False
-            try:
-                with concurrency(names[index], occupy=1, timeout_seconds=DEVICE_ACQUIRE_SECONDS,
-                                 strict=True):
-                    entered = True
-                    yield devices[index]
-                return
-            except TimeoutError:
-                if entered:  # raised by the trial itself, not by a busy device
-                    raise
-        time.sleep(DEVICE_RETRY_SECONDS)
+            with get_client(sync_client=True) as client:
+                lease = take_slot(client, names[index], flow_run_id)
+                if lease is not None:
+                    record_slot(client, flow_run_id, names[index], lease)
+        if lease is None:
+            time.sleep(DEVICE_RETRY_SECONDS)
+            continue
+        try:
+            with maintain_concurrency_lease(lease, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+                yield devices[index]
+        finally:
+            give_back(flow_run_id, lease)
+        return
+
+
+def trial_logger():
+    """The flow run's logger (its lines reach the UI), or Prefect's own outside a flow run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("lr-sweep.trial")
+
+
+def give_back(flow_run_id, lease: UUID) -> None:
+    """Release a slot at the end of a trial. With the server away it is left to its lease, which
+    expires within LEASE_SECONDS (its record is then cleared by the next trial that waits): the
+    trial's result is not lost for it."""
+    try:
+        with get_client(sync_client=True) as client:
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_variable_by_name(slot_record_name(flow_run_id))
+            client.release_concurrency_slots_with_lease(lease)
+    except Exception as error:
+        if not server_unreachable(error):
+            raise
+        trial_logger().warning(f"device slot not released ({type(error).__name__}: {error}); its lease "
+                                 f"expires within {LEASE_SECONDS:.0f} s")
+
+
+def slot_wait_reporter(spec: TrialSpec) -> Callable[[str], None]:
+    """What the trial waits for before it gets a device, as a progress artifact of its run (made
+    at the first wait) and a log line each time it changes."""
+    shown: dict = {}
+
+    def say(status: str) -> None:
+        if shown.get("status") == status:
+            return
+        get_run_logger().info(f"trial {spec.name}: {status}")
+        description = f"{spec.name}: {status}"
+        if "artifact" not in shown:
+            shown["artifact"] = create_progress_artifact(0.0, key=f"slot-{artifact_key(spec.name)}",
+                                                         description=description)
+        else:
+            update_progress_artifact(shown["artifact"], 0.0, description=description)
+        shown["status"] = status
+
+    return say
 
 
 def check_fingerprint(dataset: DatasetRef, expected: str | None) -> None:
@@ -118,7 +256,7 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
         context = SweepContext.from_config(config, sweep_id)
         check_fingerprint(context.dataset, dataset_fingerprint)
         devices, per_device = context.devices, context.slots.per_device
-        taken = (worker_device(worker, devices, per_device) if worker
+        taken = (worker_device(worker, devices, per_device, slot_wait_reporter(spec)) if worker
                  else contextlib.nullcontext(None))  # run by hand: the process's own device slots
         with taken as device:
             dataset, workspace = context.dataset, context.workspace
@@ -127,9 +265,12 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
                         f"device {device or ', '.join(devices)}")
             outcome = train_model(spec, dataset, workspace, slots)
     except Exception as error:
+        if server_unreachable(error):  # no verdict on the trial: the run ends without an outcome
+            raise                      # and the sweep runs it again, from its checkpoint
         logger.error(f"trial {spec.name} did not finish: {type(error).__name__}: {error}")
         outcome = failed_outcome(spec, error)
     data = outcome.model_copy(update=placement).model_dump(mode="json")
     if outcome.status != "completed":  # shown as Failed in the UI, its outcome still stored as JSON
-        return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data)
+        return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data,
+                      name=TRIAL_FAILED_STATE)
     return data

@@ -9,7 +9,9 @@ Crash safety, change by change (every change happens under the collection's file
 - an alias move is first appended to `promotions.jsonl` (fsynced), then written to
   `aliases.json`. A crash in between leaves a move that was decided and logged but not applied;
   the next locked operation applies it (the log is the write-ahead log), so the log never lacks
-  a move that happened and the table never lacks one that was logged.
+  a move that happened and the table never lacks one that was logged. A torn line anywhere in
+  the log (a full disk, a crash mid-append) is skipped, never read as the end of the log, and
+  the next locked operation rewrites the log without it.
 """
 
 from __future__ import annotations
@@ -82,22 +84,42 @@ class LocalRegistry:
     def _write_aliases(self, directory: Path, table: dict[str, str]) -> None:
         atomic_write(directory / ALIASES_FILE, json.dumps(table, indent=2, sort_keys=True))
 
-    def _promotions(self, directory: Path) -> list[dict]:
+    def _promotion_lines(self, directory: Path) -> tuple[list[dict], bool]:
+        """The log's records, and whether it holds a torn line (a write cut short: a full disk, a
+        crash mid-append). A torn line is skipped wherever it is: what comes after it was
+        appended later and is as valid as what comes before."""
         path = directory / PROMOTIONS_FILE
         if not path.exists():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
+            return [], False
+        text = path.read_text(errors="replace")
+        records, torn = [], bool(text) and not text.endswith("\n")
+        for line in text.splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line: that append never finished, nothing after it exists
-        return records
+                torn = True
+                continue
+            if isinstance(record, dict) and {"alias", "version", "previous"} <= record.keys():
+                records.append(record)
+            else:
+                torn = True
+        return records, torn
+
+    def _promotions(self, directory: Path) -> list[dict]:
+        return self._promotion_lines(directory)[0]
+
+    def _repair_promotions(self, directory: Path) -> None:
+        """Under the lock: rewrite the log without its torn lines, so that the next append starts
+        on a line of its own (after a torn last line it would have been glued to it)."""
+        records, torn = self._promotion_lines(directory)
+        if torn:
+            atomic_write(directory / PROMOTIONS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
     def _recover(self, directory: Path) -> None:
         """Under the lock: remove dead staging folders, apply logged moves the table lacks."""
         for leftover in directory.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        self._repair_promotions(directory)
         last_move: dict[str, dict] = {}
         for record in self._promotions(directory):
             last_move[record["alias"]] = record

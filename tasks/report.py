@@ -250,6 +250,8 @@ def render_markdown(summary: dict, charts: dict[str, str]) -> str:
     out += ["", "## Trials", ""] + trials_markdown(summary)
     if summary["aggregates"]:
         out += ["", "## Per learning rate (over seeds)", ""] + aggregates_markdown(summary)
+    if any(t.get("attempts") for t in summary["trials"]):
+        out += ["", "## Trial runs", ""] + attempt_lines(summary)
     out += ["", "## Promotion", ""] + promotion_lines(summary)
     if summary.get("search"):
         out += ["", "## Search", ""] + search_lines(summary["search"])
@@ -287,6 +289,23 @@ def aggregates_markdown(summary: dict) -> list[str]:
     return out
 
 
+def attempt_lines(summary: dict) -> list[str]:
+    """Dispatched trials: how many flow runs each took, and why each one before the last ended."""
+    lines = []
+    for trial in summary["trials"]:
+        attempts = trial.get("attempts") or []
+        if not attempts:
+            continue
+        name = f"lr {trial['learning_rate']:g}, seed {trial['seed']}"
+        if len(attempts) == 1:
+            lines.append(f"- {name}: 1 attempt (flow run {attempts[0]['name']}, {attempts[0]['ended']})")
+            continue
+        lines.append(f"- {name}: {len(attempts)} attempts, the last {attempts[-1]['ended']} (flow run "
+                     f"{attempts[-1]['name']}); re-run after:")
+        lines += [f"  {n}. {a['name']}: {a['reason']}" for n, a in enumerate(attempts[:-1], start=1)]
+    return lines
+
+
 def search_lines(search: dict) -> list[str]:
     """What a search did: its rungs, which trials it stopped where, the compute it spent."""
     name = {"asha": "successive halving", "tpe": "TPE (Optuna)"}.get(search["method"], search["method"])
@@ -298,6 +317,9 @@ def search_lines(search: dict) -> list[str]:
     if search.get("study"):
         lines.append(f"- Optuna study `{search['study']}` in {search['storage']} ({search['trials_now']} "
                      "trial(s) trained by this run; running the same command again resumes it).")
+    if search.get("n_startup_trials") is not None:
+        lines.append(f"- TPE: the first {search['n_startup_trials']} trial(s) sampled at random, the "
+                     "rest proposed by TPE from the trials before them.")
     return lines
 
 

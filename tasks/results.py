@@ -79,6 +79,8 @@ class TrialOutcome(Frozen):
     wandb_start_seconds: float | None = None  # of which the W&B run's start
     worker: str | None = None  # dispatched trials: the worker and flow run that trained it
     flow_run: str | None = None
+    # dispatched trials: every flow run it took, {flow_run, name, ended, reason}, the last one last
+    attempts: list[dict] = []
 
     @property
     def name(self) -> str:

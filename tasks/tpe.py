@@ -8,9 +8,11 @@ boot id) and asked again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +28,11 @@ if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module
     import optuna
 
 PARAM = "learning_rate"  # the one Optuna parameter
+# While a batch trains, its trials' heartbeat attribute is refreshed this often...
+TRIAL_HEARTBEAT_SECONDS = 60.0
+# ...so a RUNNING trial of another host (another container) silent for this long has lost its
+# driver: the next search on the study takes it over.
+STALE_AFTER_SECONDS = 600.0
 
 class StudyStorageError(RuntimeError):
     """The Optuna storage cannot be opened (bad URL, unreachable server, driver missing)."""
@@ -36,14 +43,59 @@ def default_storage_url(output_dir: str | Path) -> str:
     return f"sqlite:///{(Path(output_dir) / 'optuna.db').resolve()}"
 
 
-def _masked(url: str) -> str:
-    """The URL without its password, for messages."""
+def masked_url(url: str) -> str:
+    """The URL with its password replaced by ***: what is shown and stored of a storage URL (the
+    password itself lives in the URL given at run time, or in the environment: PGPASSWORD)."""
     try:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1] if "@" in url else url
+
+
+
+def check_storage(url: str, connect_timeout_s: int = 10) -> None:
+    """Whether the study storage `url` can be used, found without writing to it: a database
+    server is connected to and asked `SELECT 1`; an SQLite file's folder must be creatable and
+    writable (the file itself is made by the sweep). Raises StudyStorageError."""
+    import sqlalchemy
+
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        probe = Path(path).parent if path and path != ":memory:" else Path(".")
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise StudyStorageError(f"cannot create the folder of the study storage {url}: {probe} "
+                                    "is not a writable directory")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": connect_timeout_s},
+                                          poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, TypeError) as error:
+        kind = "its database driver is not installed" if isinstance(error, ImportError) else "it cannot be reached or opened"
+        raise StudyStorageError(
+            f"cannot open the Optuna study storage {masked_url(url)} ({kind}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def startup_trials(n_trials: int) -> int:
+    """Trials sampled at random before TPE models the rest: a third of the budget, between 1 and
+    Optuna's default of 10 (with its default, a 9-trial search never got past random sampling)."""
+    return max(1, min(10, n_trials // 3))
+
+
+def sampler_seed(seed: int, trials_so_far: int) -> int:
+    """The sampler's seed for a search that resumes a study of `trials_so_far` trials: a fresh
+    sampler with the first run's seed would propose that run's rates again (a killed search,
+    resumed, tried the same rates twice and fewer distinct ones in all)."""
+    return seed if trials_so_far == 0 else int(identity_digest({"seed": seed, "resume_at": trials_so_far})[:8], 16)
 
 
 def _import_optuna():
@@ -62,7 +114,8 @@ def open_study(storage: str, study_name: str = "lr-search", seed: int = 0, *,
 
     `storage`: an SQLAlchemy URL, `sqlite:///path/optuna.db` (the default of the flow,
     `default_storage_url(OUTPUT_DIR)`; its folder is created) or `postgresql://user@host/db`
-    for several workers. TPE is seeded with `seed`, uses the constant liar (the trials of a batch
+    for several workers. TPE is seeded with `seed` (in a study that has trials already, with a
+    seed derived from it and their number: `sampler_seed`), uses the constant liar (the trials of a batch
     that are still running count as if they had a poor value, so one batch does not propose the
     same rate `parallel` times) and samples at random for its first `n_startup_trials`. No Optuna
     pruner: `tpe_search` decides the stops itself (see there). A server that does not answer
@@ -87,20 +140,23 @@ def open_study(storage: str, study_name: str = "lr-search", seed: int = 0, *,
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"connect_timeout": connect_timeout_s}, "pool_pre_ping": True}
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
     try:
         rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=sampler,
+        study = optuna.create_study(storage=rdb, study_name=study_name, sampler=optuna.samplers.RandomSampler(),
                                     pruner=optuna.pruners.NopPruner(), direction=direction,
                                     load_if_exists=True)
+        # Seeded from the study's state: a resumed search goes on with new rates.
+        study.sampler = optuna.samplers.TPESampler(
+            seed=sampler_seed(seed, len(study.get_trials(deepcopy=False))),
+            n_startup_trials=n_startup_trials, constant_liar=True)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as error:
         kind = "its database driver is not installed" if isinstance(error, ImportError) else "it cannot be reached or opened"
         raise StudyStorageError(
-            f"cannot open the Optuna study storage {_masked(url)} ({kind}): "
+            f"cannot open the Optuna study storage {masked_url(url)} ({kind}): "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Give a reachable "
             "storage URL (sqlite:///path/optuna.db, postgresql://user@host/db with psycopg2 installed)") from None
     if study.direction.name.lower() != direction:
-        raise ValueError(f"study {study_name!r} in {_masked(url)} was created to {study.direction.name.lower()}, "
+        raise ValueError(f"study {study_name!r} in {masked_url(url)} was created to {study.direction.name.lower()}, "
                          f"not {direction}: use another study_name")
     return study
 
@@ -163,13 +219,13 @@ def _is_stale(trial, stale_after_s: float | None, now: float) -> bool:
     return owner is None and now - started > 60
 
 
-def recover_stale_trials(study: "optuna.Study", stale_after_s: float | None = None) -> list[int]:
+def recover_stale_trials(study: "optuna.Study", stale_after_s: float | None = STALE_AFTER_SECONDS) -> list[int]:
     """Fail the RUNNING trials whose driver is gone, and enqueue their learning rates again.
 
     A trial is gone when its owner (recorded at ask) ran on this host and that process no longer
     exists (pid and start time, so a reused pid does not count), or, for a trial of another host,
-    when its heartbeat is older than `stale_after_s` (None: never; set it above the longest
-    rung's training time when several hosts share a postgresql study). The rate is enqueued
+    when its heartbeat is older than `stale_after_s` (default STALE_AFTER_SECONDS; a live driver
+    refreshes it every TRIAL_HEARTBEAT_SECONDS while it trains; None: never). The rate is enqueued
     (`study.enqueue_trial`) before the trial is failed, and only when no WAITING trial already
     has it, so a crash in between does not enqueue it twice; the re-asked trial trains the same
     rate, whose checkpoints the caller's `train_to` finds again. Returns the failed trial numbers.
@@ -249,7 +305,8 @@ def _summarise(study, higher: bool) -> tuple[list[SearchTrial], SearchTrial | No
 def tpe_search(study: "optuna.Study", n_trials: int, parallel: int, lr_range: tuple[float, float],
                rungs: Sequence[int], train_to: TrainTo, metric: str = "val_accuracy", *,
                reduction_factor: int = 3, epoch_budget: int | None = None,
-               stale_after_s: float | None = None, log: Callable[[str], None] | None = None) -> TPEResult:
+               stale_after_s: float | None = STALE_AFTER_SECONDS,
+               log: Callable[[str], None] | None = None) -> TPEResult:
     """TPE over a log-uniform learning rate in `lr_range`, `parallel` trials at a time, each
     trained through `rungs` with early stopping; resumable on the same study.
 
@@ -330,13 +387,35 @@ def tpe_search(study: "optuna.Study", n_trials: int, parallel: int, lr_range: tu
             trained_now.extend(t.number for t in batch)
             say(f"trials {[t.number for t in batch]}: learning rates "
                 f"{', '.join(f'{t.params[PARAM]:.4g}' for t in batch)}")
-            _run_batch(study, batch, rungs, train_to, metric, higher, reduction_factor, say)
+            with heartbeats(batch):
+                _run_batch(study, batch, rungs, train_to, metric, higher, reduction_factor, say)
         except BaseException:
             _abandon(study, batch)
             raise
     trials, best = _summarise(study, higher)
     return TPEResult(trials=trials, best=best, epochs_trained=sum(t.epochs_trained for t in trials),
                      trained_now=trained_now, recovered=recovered, stopped_by=stopped_by)
+
+
+@contextlib.contextmanager
+def heartbeats(batch, every: float | None = None):
+    """Refresh the heartbeat of the batch's trials while the block runs (a rung may train for
+    longer than STALE_AFTER_SECONDS); a trial told meanwhile is skipped."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every or TRIAL_HEARTBEAT_SECONDS):
+            for trial in batch:
+                with contextlib.suppress(Exception):  # finished meanwhile, storage busy: next time
+                    trial.set_user_attr("heartbeat", time.time())
+
+    thread = threading.Thread(target=beat, name="tpe-heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _rung_pool(study, rung: int, exclude: set[int]) -> tuple[dict, dict, dict]:

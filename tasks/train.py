@@ -440,7 +440,10 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
                                            description=f"{spec.name}: starting")
 
     def progress(percent: float, status: str) -> None:
-        update_progress_artifact(progress_id, percent, description=f"{spec.name}: {status}")
+        try:
+            update_progress_artifact(progress_id, percent, description=f"{spec.name}: {status}")
+        except Exception as error:  # the server is away: the trial trains on, unseen for a while
+            get_run_logger().warning(f"[{spec.name}] progress not shown ({type(error).__name__}: {error})")
         trial_progress.notify(spec.name, percent, status)
 
     outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)

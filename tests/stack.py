@@ -1,6 +1,7 @@
 """A real Prefect server with workers, for the end-to-end tests: processes started in sessions
 of their own (stopping one stops its children) and stopped by id at the end, pass or fail."""
 
+import contextlib
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ class Stack:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         """A long-running process in its own session, so that stopping it stops its children."""
-        log = open(self.home / f"{name}.log", "w")
+        log = open(self.home / f"{name}.log", "a")
         process = subprocess.Popen(args, env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         self.processes.append((name, process))
@@ -67,6 +68,22 @@ class Stack:
     def worker(self, name: str, queue: str, limit: int) -> None:
         self.start(name, str(BIN / "prefect"), "worker", "start", "--pool", "lr-sweep-process",
                    "--work-queue", queue, "--name", name, "--limit", str(limit))
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one process (its whole session) by the name it was started under."""
+        for started, process in self.processes:
+            if started == name and process.poll() is None:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=60)
+
+    def start_server(self) -> subprocess.Popen:
+        """`prefect server start` on the stack's port and database (again, after a stop)."""
+        port = self.api_url.rsplit(":", 1)[1].split("/")[0]
+        self.processes = [(name, process) for name, process in self.processes if name != "server"]
+        server = self.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                            "--port", port)
+        wait_until_healthy(self, server)
+        return server
 
     def log(self, name: str) -> str:
         return (self.home / f"{name}.log").read_text()
@@ -108,3 +125,30 @@ def wait_until_healthy(stack: Stack, server: subprocess.Popen) -> float:
     pytest.fail(f"prefect server not healthy after {SERVER_START_SECONDS} s:\n{stack.log('server')}")
 
 
+
+
+@contextlib.contextmanager
+def deployed_stack(home: Path):
+    """A Prefect server on a free port with its own SQLite database in `home`, the pools and the
+    local deployments (`make pools`, `make deploy-local`) and a worker for sweeps on the default
+    queue; every process stopped at the end, pass or fail."""
+    api_url = f"http://127.0.0.1:{free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LR_SWEEP_")}
+    env.update({
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'server.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers notice new runs quickly
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    })
+    stack = Stack(env=env, api_url=api_url, home=home, processes=[])
+    try:
+        stack.start_server()
+        stack.make("pools")
+        stack.make("deploy-local")
+        stack.worker("sweep-worker", queue="default", limit=2)
+        yield stack
+    finally:
+        stack.stop_all()

@@ -10,7 +10,6 @@ process started here is stopped by its id at the end.
 """
 
 import json
-import os
 import re
 import threading
 import time
@@ -25,7 +24,7 @@ from prefect_docker.worker import DockerWorkerJobConfiguration
 
 from flows.trial import device_limit_name, worker_device
 from models.local_registry import LocalRegistry
-from tests.stack import BIN, Stack, free_port, wait_until_healthy
+from tests.stack import BIN, Stack, deployed_stack
 
 pytestmark = pytest.mark.slow
 
@@ -36,30 +35,8 @@ SMOKE = {"epochs": 1, "train_limit": 1000, "val_size": 2000, "device": "cpu"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-e2e")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LR_SWEEP_")}
-    env.update({
-        "PREFECT_HOME": str(home / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'server.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers notice new runs quickly
-        "PREFECT_LOGGING_LEVEL": "INFO",
-    })
-    stack = Stack(env=env, api_url=api_url, home=home, processes=[])
-    try:
-        server = stack.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port))
-        wait_until_healthy(stack, server)
-        stack.make("pools")
-        stack.make("deploy-local")
-        stack.worker("sweep-worker", queue="default", limit=2)
+    with deployed_stack(tmp_path_factory.mktemp("prefect-e2e")) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def run_deployment_cli(stack: Stack, name: str, config: dict) -> str:
