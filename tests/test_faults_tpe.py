@@ -118,7 +118,7 @@ def test_a_flow_run_gets_the_storage_password_and_prefect_stores_it_masked(prefe
 
 def dataset(**changes) -> DatasetRef:
     values = dict(name="mnist", root="/data", fingerprint="f" * 64, val_size=200, split_seed=0, train_limit=None,
-                  train_size=1200, test_size=300, mean=0.1, std=0.3)
+                  train_size=1200, test_size=300, mean=(0.1,), std=(0.3,))
     return DatasetRef(**(values | changes))
 
 
