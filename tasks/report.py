@@ -223,7 +223,7 @@ def header_lines(summary: dict) -> list[str]:
     decay = "" if config.get("weight_decay") is None else f", weight decay {config['weight_decay']:g}"
     warmup = f" with {config['warmup_epochs']:g} warmup epoch(s)" if config.get("warmup_epochs") else ""
     out.append(f"Model `{model}`{arguments} on dataset `{dataset['name']}` (fingerprint "
-               f"`{dataset['fingerprint'][:12]}`{classes}); {config['epochs']} epochs, batch "
+               f"`{dataset['fingerprint'][:12]}`{classes}); {config['epochs']} epoch{'s' if config['epochs'] != 1 else ''}, batch "
                f"{config['batch_size']}, {config['optimizer']}{decay}, {config.get('lr_schedule', 'constant')} "
                f"learning rate{warmup}, {config.get('precision', 'fp32')}; selection by "
                f"{config['selection_metric']}; devices {', '.join(summary['devices'])}; "
@@ -375,7 +375,7 @@ def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
                                 color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylabel("learning rate" if key == "lr" else key.replace("_", " "))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:
