@@ -153,9 +153,17 @@ def wait_for_run(stack: Stack, digest: str) -> object:
                 f"worker log:\n{stack.log('worker')[-4000:]}\nserver log:\n{stack.log('server')[-4000:]}")
 
 
+LOGS_SECONDS = 60  # the server stores a run's logs in batches, after the run ended; slower under load
+
+
 def describe(stack: Stack, run, emitted_at: float) -> tuple[list[str], list]:
+    deadline = time.monotonic() + LOGS_SECONDS
     with temporary_settings({PREFECT_API_URL: stack.api_url}), stack.client() as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        while True:  # until the flow's own lines (its last one says what was exported) have arrived
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            if any("Finished in state" in entry.message for entry in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     print(f"flow run {run.name} ({run.id}) of {DEPLOYMENT}: {run.state_type.value}, "
           f"{(run.end_time - run.created).total_seconds():.1f} s from creation to end, "
