@@ -155,10 +155,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-    if _session_server is not None:
-        from flows import local_server
+    from flows import local_server
 
+    if _session_server is not None:
         local_server.stop(_session_server)  # also when the session ends before the fixture ran
+    # `lr-sweep run` starts the background server before its pre-flight, so a test of a refused
+    # input may have started one in the session's PREFECT_HOME: it ends with the session too.
+    local_server.stop_recorded(Path(os.environ["PREFECT_HOME"]))
 
 
 @pytest.fixture(autouse=True)
