@@ -38,9 +38,10 @@ def check_writable(field: str, path: Path) -> None:
         raise InputError(field, f"{str(path)!r} is not writable ({str(probe)!r} refuses writes)")
 
 
-def check_machine(config) -> None:
-    """The device and the directories (no data read, nothing written)."""
-    check_device(config.device)
+def check_machine(config, probe_device: bool = True) -> None:
+    """The device (unless not asked to) and the directories (no data read, nothing written)."""
+    if probe_device:
+        check_device(config.device)
     for field in ("registry_dir", "data_dir", "output_dir"):
         check_writable(field, getattr(config, field))
 
@@ -52,10 +53,7 @@ def check_run(config, dry_run: bool = False):
     from flows.plan import dataset_arguments
     from tasks.data import DatasetInputError, prepare_dataset
 
-    if not dry_run:
-        check_device(config.device)
-    for field in ("registry_dir", "data_dir", "output_dir"):
-        check_writable(field, getattr(config, field))
+    check_machine(config, probe_device=not dry_run)
     check_model_code(config)
     try:
         dataset = prepare_dataset(**dataset_arguments(config), allow_download=not dry_run)
