@@ -11,8 +11,10 @@ starts them. Every process started here is stopped by its id at the end.
 import json
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -78,9 +80,15 @@ class SweepInThread:
 
     def summary(self, timeout: float) -> dict:
         self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the sweep did not end"
+        assert not self.thread.is_alive(), f"the sweep did not end; it is at:\n{self.stack()}"
         assert self.error is None, f"the sweep failed: {self.error!r}"
         return self.result
+
+    def stack(self) -> str:
+        """Where the sweep's thread is now, and every other thread of this process (where it waits)."""
+        return "\n".join(f"--- thread {thread.name}{' (the sweep)' if thread is self.thread else ''}:\n"
+                         + "".join(traceback.format_stack(sys._current_frames()[thread.ident]))
+                         for thread in threading.enumerate() if thread.ident in sys._current_frames())
 
 
 def flow_run_processes(flow_run_ids: set[str]) -> dict[str, int]:
