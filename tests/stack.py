@@ -69,12 +69,19 @@ class Stack:
         self.start(name, str(BIN / "prefect"), "worker", "start", "--pool", "lr-sweep-process",
                    "--work-queue", queue, "--name", name, "--limit", str(limit))
 
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop one process (its whole session) by the name it was started under."""
+    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 60) -> None:
+        """Stop one process (its whole session) by the name it was started under; one that has
+        not exited `grace` seconds after `sig` is killed. It never raises: it runs in `finally`
+        blocks, where an error of its own would hide the test's."""
         for started, process in self.processes:
             if started == name and process.poll() is None:
                 os.killpg(process.pid, sig)
-                process.wait(timeout=60)
+                try:
+                    process.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    print(f"{name} (pid {process.pid}) did not stop {grace:.0f} s after signal {sig}; killed")
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
 
     def start_server(self) -> subprocess.Popen:
         """`prefect server start` on the stack's port and database (again, after a stop)."""
