@@ -207,10 +207,6 @@ def test_a_trial_whose_worker_vanished_is_run_again_elsewhere(stack, data_dir, m
     assert {t["worker"] for t in summary["trials"]} == {"rescue-worker"}
 
 
-# It passed in CI and in the helper's runs, and once hung: its trials completed after the
-# restart and the sweep's thread had not returned 12 minutes later (under investigation: issue 20
-# stays open for it). Non-strict, so CI reports it either way without failing on it.
-@pytest.mark.xfail(strict=False, reason="hung once after the server came back; issue 20 is open for it")
 def test_a_server_stopped_for_two_minutes_is_ridden_out(stack, data_dir, monkeypatch):
     """Before: read_flow_run raised once the client's retries were spent (about a minute), and
     the sweep died with its trials still running."""
