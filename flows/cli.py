@@ -101,12 +101,13 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     with collector_paused("flows.sweep"):
         from flows.dispatch import RegistryNotShared
+        from flows.plan import checked_dataset
         from flows.sweep import SweepFailed, lr_sweep
         from tasks.tracking import WandbUnavailable
 
     try:
         wait_for_server(server)
-        with terminal_progress(sys.stdout.isatty()):
+        with terminal_progress(sys.stdout.isatty()), checked_dataset(config, dataset):
             summary = lr_sweep(config=config)
     except local_server.ServerError as error:
         print(f"lr-sweep: {error}\n(or run with --temporary-server)", file=sys.stderr)

@@ -6,7 +6,9 @@ The flows import this module and nothing of each other, so there is no import ci
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,9 +88,32 @@ def dataset_arguments(config: SweepConfig) -> dict:
             "num_workers": config.num_workers}
 
 
+# The DatasetRef `lr-sweep run`'s pre-flight prepared, for the flow it runs next in this process.
+# Set around that one call only: a long-lived process (`lr-sweep serve`) reads its data afresh
+# for every run, so a folder that changed between runs is fingerprinted again.
+_checked_dataset: ContextVar[tuple[dict, DatasetRef] | None] = ContextVar("checked_dataset", default=None)
+
+
+@contextlib.contextmanager
+def checked_dataset(config: SweepConfig, dataset: DatasetRef):
+    """Within this block a flow of `config` takes `dataset`, prepared by the pre-flight moments
+    ago, instead of reading and fingerprinting every file again (or, for ImageFolders, loading
+    every cached image twice)."""
+    token = _checked_dataset.set((dataset_arguments(config), dataset))
+    try:
+        yield
+    finally:
+        _checked_dataset.reset(token)
+
+
 def dataset_of(config: SweepConfig) -> DatasetRef:
-    """The sweep's data, located, verified and decoded once (the prepare_data task)."""
-    return prepare_data(**dataset_arguments(config))
+    """The sweep's data, located, verified and decoded once (the prepare_data task), unless the
+    pre-flight of this very run just did it for the same arguments."""
+    arguments = dataset_arguments(config)
+    checked = _checked_dataset.get()
+    if checked is not None and checked[0] == arguments:
+        return checked[1]
+    return prepare_data(**arguments)
 
 
 @dataclass

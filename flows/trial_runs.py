@@ -210,7 +210,7 @@ class TrialRunWatcher:
 
     def _rerun(self, trial: TrialRuns, run: FlowRun, reason: str, lost: bool = False) -> None:
         attempt = len(trial.runs)
-        if lost:  # so its worker, should it come back, stops it, and the UI says what happened
+        if lost:  # the UI says what happened, and Prefect starts no new task of it should it come back
             self._set_state(run, Crashed(message=reason))
         self._calmly(lambda: self.release(run))
         if attempt > self.retries:

@@ -98,6 +98,15 @@ def fashion_data_dir(tmp_path_factory) -> Path:
 _session_server = None
 
 
+def session_server():
+    """The session's server, launched and recorded in its PREFECT_HOME as `lr-sweep run` records
+    its own: the tests that call `lr-sweep run` reuse it rather than start a second server on
+    the same SQLite database (two servers migrating one database at once fail to start)."""
+    from flows import local_server
+
+    return local_server.ensure_started(Path(os.environ["PREFECT_HOME"]))[0]
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server (`prefect server start`, SQLite in the session's PREFECT_HOME),
@@ -107,7 +116,7 @@ def prefect_server():
     from flows import local_server
     from tests.stack import flush_prefect_workers
 
-    server = _session_server or local_server.launch(Path(os.environ["PREFECT_HOME"]))
+    server = _session_server or session_server()
     local_server.wait_until_healthy(server)
     flush_prefect_workers()  # none left bound to a server an earlier test used
     with temporary_settings({PREFECT_API_URL: server.api_url}):
@@ -149,19 +158,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
     items.sort(key=lambda item: "prefect_server" in item.fixturenames)  # stable: file order otherwise
     if not config.option.collectonly and any("prefect_server" in item.fixturenames for item in items):
-        from flows import local_server
-
-        _session_server = local_server.launch(Path(os.environ["PREFECT_HOME"]))
+        _session_server = session_server()
 
 
 def pytest_unconfigure(config):
     from flows import local_server
 
-    if _session_server is not None:
-        local_server.stop(_session_server)  # also when the session ends before the fixture ran
-    # `lr-sweep run` starts the background server before its pre-flight, so a test of a refused
-    # input may have started one in the session's PREFECT_HOME: it ends with the session too.
+    # The recorded server is the session's (also when the session ends before the fixture ran),
+    # or one `lr-sweep run` started (before its pre-flight) in a session without prefect_server.
     local_server.stop_recorded(Path(os.environ["PREFECT_HOME"]))
+    if _session_server is not None:
+        local_server.stop(_session_server)  # should its record have been replaced meanwhile
 
 
 @pytest.fixture(autouse=True)

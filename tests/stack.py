@@ -69,10 +69,12 @@ class Stack:
         self.start(name, str(BIN / "prefect"), "worker", "start", "--pool", "lr-sweep-process",
                    "--work-queue", queue, "--name", name, "--limit", str(limit))
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 60) -> None:
+    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 10) -> None:
         """Stop one process (its whole session) by the name it was started under; one that has
         not exited `grace` seconds after `sig` is killed. It never raises: it runs in `finally`
-        blocks, where an error of its own would hide the test's."""
+        blocks, where an error of its own would hide the test's. (Prefect's process worker
+        often takes over a minute to honour SIGTERM, its event loop idle and no flow run left:
+        the tests stop workers once their trials are over, and lose nothing by killing them.)"""
         for started, process in self.processes:
             if started == name and process.poll() is None:
                 os.killpg(process.pid, sig)

@@ -8,6 +8,7 @@ shortened); its trials run on process workers started with `prefect worker start
 starts them. Every process started here is stopped by its id at the end.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -137,6 +138,20 @@ def training_run(stack, config, log: Path) -> tuple[str, int]:
     return training[0], processes[training[0]]
 
 
+@contextlib.contextmanager
+def sweep_training_on(stack, data_dir, worker: str, name: str, limit: int = 2, **overrides):
+    """A process worker `worker` on the trials' queue and sweep `name` in a thread, yielded as
+    (config, sweep, (flow run id, pid) of the trial training now) once a trial trains; the worker
+    is stopped at the end, pass or fail."""
+    stack.worker(worker, queue="trials", limit=limit)
+    config = sweep_config(stack, data_dir, name, **overrides)
+    sweep = SweepInThread(stack, config)
+    try:
+        yield config, sweep, training_run(stack, config, stack.home / f"{worker}.log")
+    finally:
+        stack.stop(worker)
+
+
 def assert_every_trial_completed_and_the_alias_on_the_best(config, summary: dict) -> None:
     assert [t["status"] for t in summary["trials"]] == ["completed", "completed"], summary["trials"]
     best = max(summary["trials"], key=lambda t: t["evaluation"]["val_accuracy"])
@@ -149,17 +164,12 @@ def assert_every_trial_completed_and_the_alias_on_the_best(config, summary: dict
 def test_a_sigkilled_trial_is_run_again_from_its_checkpoint_and_frees_its_slot(stack, data_dir):
     """Before: the killed trial was recorded as failed, and the other trial of that worker waited
     for the dead trial's device slot until its lease expired (300 s)."""
-    stack.worker("kill-worker", queue="trials", limit=2)  # both trials start; one CPU slot
-    config = sweep_config(stack, data_dir, "faults-kill")
-    sweep = SweepInThread(stack, config)
-    try:
-        victim, pid = training_run(stack, config, stack.home / "kill-worker.log")
+    # Both trials start on the worker (limit 2); one holds its one CPU slot.
+    with sweep_training_on(stack, data_dir, "kill-worker", "faults-kill") as (config, sweep, (victim, pid)):
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         summary = sweep.summary(timeout=600)
-    finally:
-        stack.stop("kill-worker")
-    ended = time.monotonic()
+        ended = time.monotonic()
     assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
     by_run = {t["attempts"][0]["flow_run"]: t for t in summary["trials"]}
     killed = by_run[victim]
@@ -182,61 +192,42 @@ def test_a_sigkilled_trial_is_run_again_from_its_checkpoint_and_frees_its_slot(s
 def test_a_trial_whose_worker_vanished_is_run_again_elsewhere(stack, data_dir, monkeypatch):
     """Before: its run stayed Running until the dispatch timeout, and the trial was failed."""
     monkeypatch.setattr(trial_runs, "LOST_AFTER_SECONDS", LOST_AFTER_SECONDS)
-    stack.worker("doomed-worker", queue="trials", limit=2)
-    config = sweep_config(stack, data_dir, "faults-worker")
-    sweep = SweepInThread(stack, config)
-    try:
-        training_run(stack, config, stack.home / "doomed-worker.log")
+    with sweep_training_on(stack, data_dir, "doomed-worker", "faults-worker") as (config, sweep, _):
         stack.stop("doomed-worker", signal.SIGKILL)  # the machine is gone: worker and trials
         for pid in flow_run_processes({str(run.id) for run in sweep_runs(stack, config.sweep_id)}).values():
             os.kill(pid, signal.SIGKILL)
         stack.worker("rescue-worker", queue="trials", limit=2)
-        summary = sweep.summary(timeout=900)
-    finally:
-        stack.stop("rescue-worker")
+        try:
+            summary = sweep.summary(timeout=900)
+        finally:
+            stack.stop("rescue-worker")
     assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
     lost = [t for t in summary["trials"] if len(t["attempts"]) > 1]
     assert lost and all(t["attempts"][0]["ended"] == "LOST" for t in lost), summary["trials"]
     assert {t["worker"] for t in summary["trials"]} == {"rescue-worker"}
 
 
-# It passed in CI and in the helper's runs, and once hung: its trials completed after the
-# restart and the sweep's thread had not returned 12 minutes later (under investigation: issue 20
-# stays open for it). Non-strict, so CI reports it either way without failing on it.
-@pytest.mark.xfail(strict=False, reason="hung once after the server came back; issue 20 is open for it")
 def test_a_server_stopped_for_two_minutes_is_ridden_out(stack, data_dir, monkeypatch):
     """Before: read_flow_run raised once the client's retries were spent (about a minute), and
     the sweep died with its trials still running."""
     monkeypatch.setattr(trial_runs, "LOST_AFTER_SECONDS", LOST_AFTER_SECONDS)
-    stack.worker("outage-worker", queue="trials", limit=2)
-    config = sweep_config(stack, data_dir, "faults-outage")
-    sweep = SweepInThread(stack, config)
-    try:
-        training_run(stack, config, stack.home / "outage-worker.log")
+    with sweep_training_on(stack, data_dir, "outage-worker", "faults-outage") as (config, sweep, _):
         stack.stop("server")
         time.sleep(OUTAGE_SECONDS)
         assert sweep.thread.is_alive() and sweep.error is None, f"the sweep died: {sweep.error!r}"
         stack.start_server()
         summary = sweep.summary(timeout=900)
-    finally:
-        stack.stop("outage-worker")
     assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
 
 
 def test_at_the_deadline_a_running_trial_is_stopped_by_its_worker(stack, data_dir):
     """Before: the sweep forced a Cancelled state on the run and its process trained on."""
-    stack.worker("deadline-worker", queue="trials", limit=1)
-    config = sweep_config(stack, data_dir, "faults-deadline", learning_rates=[0.003], epochs=200,
-                          dispatch_timeout_minutes=1.0)
-    sweep = SweepInThread(stack, config)
-    try:
-        run_id, pid = training_run(stack, config, stack.home / "deadline-worker.log")
+    with sweep_training_on(stack, data_dir, "deadline-worker", "faults-deadline", limit=1, learning_rates=[0.003],
+                           epochs=200, dispatch_timeout_minutes=1.0) as (config, sweep, (run_id, pid)):
         sweep.thread.join(timeout=300)
         assert isinstance(sweep.error, SweepFailed), f"the sweep ended with {sweep.error!r}"
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "the trial's process to stop",
                  stack.home / "deadline-worker.log")
-    finally:
-        stack.stop("deadline-worker")
     with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
         state = client.read_flow_run(run_id).state
     assert state.type.value == "CANCELLED" and "no worker stopped it" not in (state.message or ""), state

@@ -1,12 +1,14 @@
 """Bad input: a clear error before anything runs, naming the field; the registry is untouched."""
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from flows import local_server
 from flows.cli import main
 from models.local_registry import LocalRegistry
 from tests.helpers import FASHION_COLLECTION, tiny_model
@@ -124,6 +126,17 @@ def test_bad_input_fails_early_and_changes_nothing(arguments, environment, field
     assert_refused(code, capsys.readouterr().err, field, allowed)
     assert snapshot(tmp_path) == before  # nothing written anywhere
     assert not output.exists()  # nothing ran
+
+
+def test_a_run_in_a_test_reuses_the_sessions_server(prefect_server, tmp_path, registry_with_production, capsys):
+    """The test session's server is recorded in its PREFECT_HOME as `lr-sweep run` records its
+    own, so the runs of these tests reuse it. Before, the first of them started a second server
+    on the same SQLite database while the session's was starting, both migrating it (once:
+    "Application startup failed")."""
+    code = main(["run", "--registry-dir", str(registry_with_production), "--output-dir", str(tmp_path / "runs"),
+                 "--device", "cuda:99"])  # refused by the pre-flight, after the server's start
+    assert_refused(code, capsys.readouterr().err, "device", "not available")
+    assert local_server.recorded(Path(os.environ["PREFECT_HOME"])).pid == prefect_server.pid
 
 
 def assert_refused(code: int, err: str, field: str, allowed: str) -> None:

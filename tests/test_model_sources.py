@@ -197,10 +197,14 @@ def test_checking_a_source_leaves_the_seeded_rng_where_it_was():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, tmp_path):
-    """examples/imagefolder.toml, the recipe's preset, with a small folder of one's own."""
+def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, tmp_path, monkeypatch):
+    """examples/imagefolder.toml, the recipe's preset, with a small folder of one's own; the
+    folder is located and fingerprinted once, by the pre-flight, not again by the flow."""
     from flows.cli import main
+    from tasks import data
 
+    located = []
+    monkeypatch.setattr(data, "locate", lambda *args, real=data.locate: located.append(args) or real(*args))
     folder = write_folder(tmp_path / "small-folder", {"train": 12, "test": 4}, channels=1)
     code = main(["run", "--config", str(REPO_ROOT / "examples" / "imagefolder.toml"), "--dataset", f"imagefolder:{folder}",
                  "--model", f"{EXAMPLE}:small_resnet", "--model-args", '{"width": 4}', "--epochs", "1",
@@ -208,3 +212,4 @@ def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, t
                  "--output-dir", str(tmp_path / "runs"), "--registry-dir", str(tmp_path / "registry")])
     assert code == 0
     assert LocalRegistry(tmp_path / "registry").resolve("small-folder-small_resnet", "production") is not None
+    assert len(located) == 1
