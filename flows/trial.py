@@ -13,12 +13,19 @@ trials that land on one GPU node spread over its GPUs. A crashed trial's slot co
 as the sweep or a waiting trial sees that its run ended (its lease is recorded in a variable),
 not only when the lease expires. Inside the trial the work is `train_model`, the same task a local sweep
 runs.
+
+A run the sweep gave up on while it trained (taken for lost in a network split, then re-run
+elsewhere) may come back. It reads its own state every STILL_WANTED_SECONDS while it trains and,
+once that state is final, stops at the end of its next epoch and ends as SUPERSEDED_STATE: its
+re-run owns the trial and its checkpoint from then on, and two runs never train one trial for long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import threading
 import time
 from typing import Callable, Iterator
 from uuid import UUID
@@ -50,6 +57,11 @@ WORKER_NAME_VARIABLE = "PREFECT__WORKER_NAME"
 DEVICE_RETRY_SECONDS = 2.0
 # A device slot's lease, renewed every 3/4 of it while the trial trains (Prefect's default).
 LEASE_SECONDS = 300.0
+# A training trial reads its own run's state this often: one small request, against epochs of
+# seconds to minutes.
+STILL_WANTED_SECONDS = 10.0
+# The name of the Failed state of a run that stopped because it had been given up on.
+SUPERSEDED_STATE = "Superseded"
 
 def device_limit_name(worker: str, device: str) -> str:
     return f"{DEVICE_LIMIT_PREFIX}:{worker}:{device}"
@@ -191,6 +203,49 @@ def worker_device(worker: str, devices: list[str], per_device: int,
         return
 
 
+class TrialSuperseded(Exception):
+    """The trial's run was ended by someone else (the sweep, an operator) while it trained."""
+
+
+@contextlib.contextmanager
+def still_wanted(flow_run_id) -> Iterator[Callable[[], None]]:
+    """A check to call between epochs: it raises TrialSuperseded once this run's state was set
+    final from outside. The state is read by a thread every STILL_WANTED_SECONDS, so the check
+    itself costs nothing; an unreachable server is no verdict (the trial trains on)."""
+    ended: dict = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(STILL_WANTED_SECONDS):
+            try:
+                with get_client(sync_client=True) as client:
+                    state = client.read_flow_run(flow_run_id).state
+            except Exception as error:
+                if server_unreachable(error):
+                    continue
+                trial_logger().warning(f"no longer watching this run's state ({type(error).__name__}: {error})")
+                return
+            if state is not None and state.is_final():
+                ended["state"] = state
+                return
+
+    def check() -> None:
+        if (state := ended.get("state")) is not None:
+            raise TrialSuperseded(f"set {state.name} while it trained: {state.message}")
+
+    if flow_run_id is None:  # not a flow run: nobody can give it up
+        yield lambda: None
+        return
+    # The thread runs in a copy of this context, so it talks to this run's server and logs to it.
+    watcher = threading.Thread(target=contextvars.copy_context().run, args=(watch,), daemon=True,
+                               name=f"still-wanted-{flow_run_id}")
+    watcher.start()
+    try:
+        yield check
+    finally:
+        stop.set()
+
+
 def trial_logger():
     """The flow run's logger (its lines reach the UI), or Prefect's own outside a flow run."""
     try:
@@ -258,12 +313,15 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
         devices, per_device = context.devices, context.slots.per_device
         taken = (worker_device(worker, devices, per_device, slot_wait_reporter(spec)) if worker
                  else contextlib.nullcontext(None))  # run by hand: the process's own device slots
-        with taken as device:
+        with taken as device, still_wanted(current_flow_run.id) as check:
             dataset, workspace = context.dataset, context.workspace
             slots = DeviceSlots([device], per_device) if device else context.slots
             logger.info(f"trial {spec.name} of sweep {sweep_id} on worker {worker!r}, "
                         f"device {device or ', '.join(devices)}")
-            outcome = train_model(spec, dataset, workspace, slots)
+            outcome = train_model(spec, dataset, workspace, slots, still_wanted=check)
+    except TrialSuperseded as given_up:  # its re-run has the trial: no outcome of this run counts
+        logger.warning(f"trial {spec.name} stopped: this run was {given_up}")
+        return Failed(name=SUPERSEDED_STATE, message=f"trial {spec.name} stopped: this run was {given_up}")
     except Exception as error:
         if server_unreachable(error):  # no verdict on the trial: the run ends without an outcome
             raise                      # and the sweep runs it again, from its checkpoint

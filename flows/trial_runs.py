@@ -210,7 +210,7 @@ class TrialRunWatcher:
 
     def _rerun(self, trial: TrialRuns, run: FlowRun, reason: str, lost: bool = False) -> None:
         attempt = len(trial.runs)
-        if lost:  # the UI says what happened, and Prefect starts no new task of it should it come back
+        if lost:  # the UI says what happened, and the run, should it come back, stops (flows/trial.py)
             self._set_state(run, Crashed(message=reason))
         self._calmly(lambda: self.release(run))
         if attempt > self.retries:

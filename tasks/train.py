@@ -431,11 +431,13 @@ def failed_outcome(spec: TrialSpec, error: BaseException) -> TrialOutcome:
 
 @task(name="train_model", task_run_name="train lr={spec.learning_rate} seed={spec.seed}",
       cache_policy=NO_CACHE)
-def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> TrialOutcome:
+def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+                still_wanted: Callable[[], None] | None = None) -> TrialOutcome:
     """One trial. Reuse of finished trials goes through the registry, not Prefect's cache.
 
     In the UI: a progress artifact (waiting for a device slot, then each epoch) and, once the
-    trial ran, a link to its W&B run."""
+    trial ran, a link to its W&B run. `still_wanted`, called after every epoch, raises to stop a
+    trial whose run was given up on (a dispatched trial's run, flows/trial.py)."""
     progress_id = create_progress_artifact(0.0, key=f"progress-{artifact_key(spec.name)}",
                                            description=f"{spec.name}: starting")
 
@@ -445,6 +447,8 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
         except Exception as error:  # the server is away: the trial trains on, unseen for a while
             get_run_logger().warning(f"[{spec.name}] progress not shown ({type(error).__name__}: {error})")
         trial_progress.notify(spec.name, percent, status)
+        if still_wanted is not None and percent < 100:
+            still_wanted()
 
     outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)
     publish_wandb_link(outcome, workspace)

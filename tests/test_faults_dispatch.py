@@ -1,7 +1,8 @@
 """Dispatched trials that survive their machines, on a real Prefect server with real process
 workers: a trial's flow-run process SIGKILLed while training, a worker SIGKILLed with its trial
-(a machine that is gone), and the server stopped for two minutes and started again. Each sweep
-must end with every trial completed and the alias on the best model.
+(a machine that is gone), a worker and its trial frozen and thawed (a network split), and the
+server stopped for two minutes and started again. Each sweep must end with every trial completed
+and the alias on the best model.
 
 The sweep runs in this process (so the time after which a silent run counts as lost can be
 shortened); its trials run on process workers started with `prefect worker start`, as a user
@@ -114,6 +115,14 @@ def flow_run_processes(flow_run_ids: set[str]) -> dict[str, int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (exited, not yet reaped by its worker) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def sweep_runs(stack, sweep_id: str) -> list:
     with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"sweep:{sweep_id}"])))
@@ -153,7 +162,7 @@ def sweep_training_on(stack, data_dir, worker: str, name: str, limit: int = 2, *
 
 
 def assert_every_trial_completed_and_the_alias_on_the_best(config, summary: dict) -> None:
-    assert [t["status"] for t in summary["trials"]] == ["completed", "completed"], summary["trials"]
+    assert [t["status"] for t in summary["trials"]] == ["completed"] * len(config.learning_rates), summary["trials"]
     best = max(summary["trials"], key=lambda t: t["evaluation"]["val_accuracy"])
     holder = LocalRegistry(config.registry_dir).resolve(COLLECTION, "production")
     assert str(holder) == summary["best"]["model"] == best["model"]
@@ -218,6 +227,52 @@ def test_a_server_stopped_for_two_minutes_is_ridden_out(stack, data_dir, monkeyp
         stack.start_server()
         summary = sweep.summary(timeout=900)
     assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
+
+
+def test_a_lost_run_that_comes_back_stops_at_its_next_epoch(stack, data_dir, monkeypatch):
+    """A network split, played by freezing a worker and its trial's process (SIGSTOP): the sweep
+    takes the run for lost and re-runs it on another worker; then the split heals (SIGCONT).
+    Before: the run that came back trained on to its last epoch beside its re-run, and the re-run
+    reused the model it stored."""
+    monkeypatch.setattr(trial_runs, "LOST_AFTER_SECONDS", LOST_AFTER_SECONDS)
+    # Epochs enough that training on to the last one takes far longer than the watch's 10 s.
+    with sweep_training_on(stack, data_dir, "split-worker", "faults-split", limit=1, learning_rates=[0.003],
+                           epochs=30) as (config, sweep, (old_run, pid)):
+        worker = next(process.pid for name, process in stack.processes if name == "split-worker")
+
+        def signal_split(sig: int) -> None:
+            os.killpg(worker, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+        def re_run_running() -> bool:
+            time.sleep(1)  # one query a second
+            return any(str(run.id) != old_run and run.state_type.value == "RUNNING"
+                       for run in sweep_runs(stack, config.sweep_id))
+
+        signal_split(signal.SIGSTOP)
+        stack.worker("split-rescue", queue="trials", limit=1)
+        try:
+            wait_for(re_run_running, 300, "the re-run of the lost trial", stack.home / "split-rescue.log")
+            signal_split(signal.SIGCONT)
+            back = time.monotonic()
+            wait_for(lambda: not running(pid), 120, "the run that came back to stop", stack.home / "split-worker.log")
+            stopped_after = time.monotonic() - back
+            summary = sweep.summary(timeout=600)
+        finally:
+            signal_split(signal.SIGCONT)
+            stack.stop("split-rescue")
+    print(f"the run that came back stopped {stopped_after:.1f} s after SIGCONT")
+    assert stopped_after < 20, f"the run that came back trained on for {stopped_after:.0f} s"
+    assert_every_trial_completed_and_the_alias_on_the_best(config, summary)
+    attempts = summary["trials"][0]["attempts"]
+    assert len(attempts) == 2 and attempts[0]["ended"] == "LOST", attempts
+    resumed_from = summary["trials"][0]["resumed_from"]
+    assert resumed_from is not None and 1 <= resumed_from < config.epochs, \
+        f"the re-run did not resume from the checkpoint (resumed_from {resumed_from})"
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
+        state = client.read_flow_run(old_run).state
+    assert state.name == "Superseded" and "set Crashed while it trained: LOST" in state.message, state
 
 
 def test_at_the_deadline_a_running_trial_is_stopped_by_its_worker(stack, data_dir):

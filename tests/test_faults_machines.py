@@ -10,15 +10,24 @@ from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
 import httpx
+import pytest
 from prefect import flow
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Crashed, Failed, Running
 
-from flows import trial_runs
+from flows import trial, trial_runs
 from flows.dispatch import outcome_of_trial
-from flows.trial import ensure_device_limits, record_slot, slot_record_name, take_slot, worker_device
+from flows.trial import (
+    TrialSuperseded,
+    ensure_device_limits,
+    record_slot,
+    slot_record_name,
+    still_wanted,
+    take_slot,
+    worker_device,
+)
 from flows.trial_runs import (
     LOST_AFTER_SECONDS,
     TRIAL_FAILED_STATE,
@@ -238,3 +247,60 @@ def test_the_slot_of_a_crashed_run_is_reclaimed_by_the_next_trial(prefect_server
 def _take_device(api_url: str, worker: str, devices: list[str], said: list[str]) -> list[str]:
     with temporary_settings({PREFECT_API_URL: api_url}), worker_device(worker, devices, 1, said.append) as device:
         return [device]
+
+
+# --- a run that was given up on, against the session's real server -------------------------------
+
+def _running_run():
+    @flow(name="given-up")
+    def given_up():
+        pass
+
+    with get_client(sync_client=True) as client:
+        return client.create_flow_run(given_up, state=Running())
+
+
+def _set_crashed(run_id) -> None:
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Crashed(message="LOST: no sign of life for 130 s"), force=True)
+
+
+def _stopped_within(check, seconds: float) -> TrialSuperseded | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            check()
+        except TrialSuperseded as stopped:
+            return stopped
+        time.sleep(0.05)
+    return None
+
+
+def test_a_run_set_crashed_while_it_trains_is_told_to_stop(prefect_server, monkeypatch):
+    """Before: a run the sweep had taken for lost (a network split) and re-run trained on to its
+    last epoch when it came back, beside its re-run, on the same trial."""
+    monkeypatch.setattr(trial, "STILL_WANTED_SECONDS", 0.2)
+    run = _running_run()
+    with still_wanted(run.id) as check:
+        assert _stopped_within(check, 1.0) is None, "a run still wanted was stopped"
+        _set_crashed(run.id)
+        stopped = _stopped_within(check, 10.0)
+    assert stopped is not None, "the run never heard that it was given up"
+    assert "set Crashed while it trained: LOST" in str(stopped)
+
+
+def test_an_unreachable_server_does_not_stop_a_training_trial(prefect_server, monkeypatch):
+    """The server away is no verdict: the trial trains on, and hears once the server is back."""
+    monkeypatch.setattr(trial, "STILL_WANTED_SECONDS", 0.2)
+    run = _running_run()
+
+    def server_away(self, flow_run_id):
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.MonkeyPatch.context() as outage:
+        outage.setattr(SyncPrefectClient, "read_flow_run", server_away)
+        with still_wanted(run.id) as check:
+            assert _stopped_within(check, 1.5) is None, "an outage stopped the trial"
+            outage.undo()
+            _set_crashed(run.id)
+            assert _stopped_within(check, 10.0) is not None, "the watch gave up during the outage"
