@@ -233,9 +233,6 @@ def still_wanted(flow_run_id) -> Iterator[Callable[[], None]]:
         if (state := ended.get("state")) is not None:
             raise TrialSuperseded(f"set {state.name} while it trained: {state.message}")
 
-    if flow_run_id is None:  # not a flow run: nobody can give it up
-        yield lambda: None
-        return
     # The thread runs in a copy of this context, so it talks to this run's server and logs to it.
     watcher = threading.Thread(target=contextvars.copy_context().run, args=(watch,), daemon=True,
                                name=f"still-wanted-{flow_run_id}")
@@ -320,8 +317,9 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
                         f"device {device or ', '.join(devices)}")
             outcome = train_model(spec, dataset, workspace, slots, still_wanted=check)
     except TrialSuperseded as given_up:  # its re-run has the trial: no outcome of this run counts
-        logger.warning(f"trial {spec.name} stopped: this run was {given_up}")
-        return Failed(name=SUPERSEDED_STATE, message=f"trial {spec.name} stopped: this run was {given_up}")
+        message = f"trial {spec.name} stopped: this run was {given_up}"
+        logger.warning(message)
+        return Failed(name=SUPERSEDED_STATE, message=message)
     except Exception as error:
         if server_unreachable(error):  # no verdict on the trial: the run ends without an outcome
             raise                      # and the sweep runs it again, from its checkpoint

@@ -436,8 +436,9 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     """One trial. Reuse of finished trials goes through the registry, not Prefect's cache.
 
     In the UI: a progress artifact (waiting for a device slot, then each epoch) and, once the
-    trial ran, a link to its W&B run. `still_wanted`, called after every epoch, raises to stop a
-    trial whose run was given up on (a dispatched trial's run, flows/trial.py)."""
+    trial ran, a link to its W&B run. `still_wanted`, called before training and after every
+    epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
+    run, flows/trial.py)."""
     progress_id = create_progress_artifact(0.0, key=f"progress-{artifact_key(spec.name)}",
                                            description=f"{spec.name}: starting")
 
