@@ -3,12 +3,12 @@
 One run, on the same data (Fashion-MNIST, the sweep's own train/validation split) and the same
 network (models/cnn.py, the same seeded initial weights), measures:
 
-1. training images/s of our engine (`tasks.train.train_trial`: dataset resident on the device,
+1. training images/s of our engine (`tasks.training.train.train_trial`: dataset resident on the device,
    batches sliced from a seeded permutation) against a plain loop written like pytorch/examples
    mnist/main.py (a torchvision Dataset with ToTensor + Normalize, a DataLoader of batch 64,
    `num_workers=0`), one epoch each, the same thread count; and the validation accuracy of both
    after that epoch, so speed is not bought with accuracy;
-2. evaluation images/s (`tasks.evaluate.measure` over the test set);
+2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set);
 3. a whole sweep through the real Prefect flow (`flows.sweep.lr_sweep`, W&B offline, local
    registry, evaluation, report) under Prefect's temporary server, in a fresh process: its wall
    time against the sum of its trials' `train_seconds` (the orchestration overhead), and the peak
@@ -48,11 +48,11 @@ from torchvision import transforms
 from flows.config import SweepConfig
 from flows.plan import base_spec
 from models.cnn import architecture, build_model
-from tasks.data import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches, torchvision_class
-from tasks.devices import configure_cpu_threads, resolve_devices
-from tasks.evaluate import eval_batch_size, measure, place_model
+from tasks.data.prepare import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches, torchvision_class
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
-from tasks.train import make_optimizer, train_trial
+from tasks.training.devices import configure_cpu_threads, resolve_devices
+from tasks.training.train import make_optimizer, train_trial
 
 # The targets, checked and reported (a miss is printed, the exit code stays 0: a
 # benchmark on a shared machine informs, it does not gate).

@@ -39,10 +39,10 @@ from torch import nn
 from flows.config import SweepConfig
 from flows.plan import trial_specs
 from models.cnn import architecture, build_model
-from tasks import imagefolder
-from tasks.data import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices, train_batches
-from tasks.devices import configure_cpu_threads, resolve_devices
-from tasks.train import train_trial
+from tasks.data import imagefolder
+from tasks.data.prepare import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices, train_batches
+from tasks.training.devices import configure_cpu_threads, resolve_devices
+from tasks.training.train import train_trial
 
 FASHION_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle_boot")

@@ -41,12 +41,12 @@ import torch
 from benchmarks.bench import cpu_model
 from flows.config import SweepConfig
 from flows.plan import base_spec
-from tasks.data import load_splits, prepare_dataset
-from tasks.halving import epoch_accounting, rung_epochs, successive_halving
-from tasks.range_test import lr_range_test, plot_range_test
-from tasks.ranking import rank
-from tasks.sequential import CheckpointedTrainer
-from tasks.tpe import open_study, tpe_search
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.evaluation.ranking import rank
+from tasks.search.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.search.range_test import lr_range_test, plot_range_test
+from tasks.search.tpe import open_study, tpe_search
+from tasks.training.sequential import CheckpointedTrainer
 
 MAX_GAP_POINTS = 0.3  # successive halving's best val accuracy vs the grid's, in points
 MAX_EPOCH_FRACTION = 0.40  # of the grid's epochs

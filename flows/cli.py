@@ -45,7 +45,7 @@ TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this
 
 
 def print_table(summary: dict) -> None:
-    from tasks.report import trial_table
+    from tasks.reporting.report import trial_table
 
     print(f"{'lr':>9} {'seed':>4} {'status':>9} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
           f"{'val loss':>8} {'sec':>7}  model")
@@ -87,8 +87,8 @@ def command_run(args: argparse.Namespace) -> int:
     # import it), and the server starts while they run. A refused input leaves it running for the
     # next sweep; nothing of the sweep is written.
     server = None if args.dry_run else launch_server(args)
-    with collector_paused("tasks.data"):  # torch and Prefect behind it
-        from tasks.data import DatasetError
+    with collector_paused("tasks.data.prepare"):  # torch and Prefect behind it
+        from tasks.data.prepare import DatasetError
     try:
         dataset = check_run(config, dry_run=args.dry_run)
     except DatasetError as error:  # missing or corrupt files: not the config's fault
@@ -103,7 +103,7 @@ def command_run(args: argparse.Namespace) -> int:
         from flows.dispatch import RegistryNotShared
         from flows.plan import checked_dataset
         from flows.sweep import SweepFailed, lr_sweep
-        from tasks.tracking import WandbUnavailable
+        from tasks.reporting.tracking import WandbUnavailable
 
     try:
         wait_for_server(server)
@@ -131,7 +131,7 @@ def command_run(args: argparse.Namespace) -> int:
 def check_study_storage(config: SweepConfig) -> None:
     """An unreachable Optuna storage is bad input: refused before anything trains (checked
     without writing to it: no study is made)."""
-    from tasks.tpe import StudyStorageError, check_storage
+    from tasks.search.tpe import StudyStorageError, check_storage
 
     if config.optuna_storage is None:
         return  # sqlite in the output directory, made by the sweep
@@ -169,7 +169,7 @@ def terminal_progress(enabled: bool):
         return
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-    from tasks import progress as trial_progress
+    from tasks.reporting import progress as trial_progress
 
     bars = Progress(TextColumn("{task.fields[trial]:>16}"), BarColumn(), TaskProgressColumn(),
                     TextColumn("{task.description}"), transient=False)
@@ -255,7 +255,7 @@ def command_server(args: argparse.Namespace) -> int:
 def command_data(args: argparse.Namespace) -> int:
     """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
     from flows.plan import dataset_arguments
-    from tasks.data import DatasetError, DatasetInputError, prepare_dataset
+    from tasks.data.prepare import DatasetError, DatasetInputError, prepare_dataset
 
     config = parse_config(args)
     try:

@@ -53,8 +53,8 @@ def command_promote(args: argparse.Namespace) -> int:
     from models.local_registry import LocalRegistry
     from models.registry import split_name
     from models.sources import ModelSource
-    from tasks.data import DatasetError, DatasetInputError
-    from tasks.manual_promotion import decide_against_holder
+    from tasks.data.prepare import DatasetError, DatasetInputError
+    from tasks.evaluation.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
     config = parse_config(args)
@@ -110,7 +110,7 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.compare import emit_promoted
+    from tasks.evaluation.compare import emit_promoted
 
     limited = (metadata.get("dataset") or {}).get("train_limit") is not None
     with temporary_settings({PREFECT_API_URL: events_url}):
@@ -122,8 +122,8 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
-    from tasks.data import DatasetError
-    from tasks.tracking import WandbUnavailable
+    from tasks.data.prepare import DatasetError
+    from tasks.reporting.tracking import WandbUnavailable
 
     try:
         plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,

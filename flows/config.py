@@ -20,8 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import check_name, rates_sharing_a_name
 from models.source_spec import source_kind
-from tasks.checks import check_lr_range
-from tasks.dataset_spec import parse_dataset_spec
+from tasks.data.spec import parse_dataset_spec
+from tasks.search.checks import check_lr_range
 
 MAX_LEARNING_RATES = 64
 MAX_SEEDS = 32
@@ -307,7 +307,7 @@ class SweepConfig(BaseSettings):
     def _mask_storage(self, url: str | None) -> str | None:
         # Every dump of the config (summary.json, the trial runs' Prefect parameters, --dry-run)
         # shows the storage without its password; the object keeps it for the run itself.
-        from tasks.tpe import masked_url
+        from tasks.search.tpe import masked_url
 
         return None if url is None else masked_url(url)
 

@@ -18,11 +18,11 @@ from flows.preflight import check_machine, check_model
 from models.names import inside
 from models.source_spec import short_name
 from models.sources import ModelSource
-from tasks import tracking
-from tasks.data import DatasetRef, prepare_data
-from tasks.dataset_spec import dataset_label
-from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
+from tasks.data.prepare import DatasetRef, prepare_data
+from tasks.data.spec import dataset_label
+from tasks.reporting import tracking
 from tasks.results import TrialSpec
+from tasks.training.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 CHECKPOINTS_FOLDER = "checkpoints"

@@ -51,7 +51,7 @@ def check_run(config, dry_run: bool = False):
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
     from flows.plan import dataset_arguments
-    from tasks.data import DatasetInputError, prepare_dataset
+    from tasks.data.prepare import DatasetInputError, prepare_dataset
 
     check_machine(config, probe_device=not dry_run)
     check_model_code(config)
@@ -80,7 +80,7 @@ def check_model(config, dataset) -> None:
     """The model source builds a network that maps the dataset's images to its classes."""
     from flows.plan import base_spec
     from models.sources import check_source
-    from tasks.train import input_shape, model_source
+    from tasks.training.train import input_shape, model_source
 
     try:
         check_source(model_source(base_spec(config)), input_shape(dataset))

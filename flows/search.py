@@ -1,8 +1,8 @@
 """Searches beyond the grid, orchestrated: the LR range test before a sweep (`learning_rates:
 auto`), successive halving (`search: asha`) and TPE (`search: tpe`) as waves of Prefect tasks.
 
-The decisions are plain functions, one module per algorithm (tasks/range_test.py,
-tasks/halving.py, tasks/tpe.py); this module gives them a `train_to` that
+The decisions are plain functions, one module per algorithm (tasks/search/range_test.py,
+tasks/search/halving.py, tasks/search/tpe.py); this module gives them a `train_to` that
 trains a rung's trials in parallel, one Prefect task each, on the sweep's device slots: a rung
 below the last trains to that epoch and checkpoints (`train_until`), the last rung is the
 ordinary trial (`train_model`: it resumes from that checkpoint with the weights of an
@@ -20,14 +20,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from flows.plan import SweepContext, base_spec, validated
-from tasks.data import DatasetRef
-from tasks.devices import DeviceSlots
-from tasks.halving import epoch_accounting, rung_epochs, successive_halving
-from tasks.range_test import RangeTestResult, auto_grid, find_learning_rate
-from tasks.ranking import higher_is_better
+from tasks.data.prepare import DatasetRef
+from tasks.evaluation.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.tpe import default_storage_url, masked_url, open_study, startup_trials, study_name, tpe_search
-from tasks.train import failed_outcome, record_stopped_task, train_model, train_until_task
+from tasks.search.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.search.range_test import RangeTestResult, auto_grid, find_learning_rate
+from tasks.search.tpe import default_storage_url, masked_url, open_study, startup_trials, study_name, tpe_search
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import failed_outcome, record_stopped_task, train_model, train_until_task
 from tasks.workspace import Workspace
 
 

@@ -22,15 +22,15 @@ from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
 from flows.plan import SweepContext, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
-from tasks import tracking
-from tasks.compare import compare_and_promote_task
-from tasks.data import DatasetRef
-from tasks.devices import DeviceSlots
-from tasks.evaluate import evaluate_model
-from tasks.report import build_summary, ui_table, write_report_task
+from tasks.data.prepare import DatasetRef
+from tasks.evaluation.compare import compare_and_promote_task
+from tasks.evaluation.evaluate import evaluate_model
+from tasks.reporting import tracking
+from tasks.reporting.report import build_summary, ui_table, write_report_task
+from tasks.reporting.wandb_report import save_wandb_report_task
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.train import failed_outcome, train_model
-from tasks.wandb_report import save_wandb_report_task
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import failed_outcome, train_model
 from tasks.workspace import Workspace
 
 # Threads of the flow's task runner: enough for every trial to wait for a device slot; the slots,

@@ -44,10 +44,10 @@ from prefect.states import Failed
 from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
 from flows.trial_runs import TRIAL_FAILED_STATE, server_unreachable
-from tasks.data import DatasetError, DatasetRef
-from tasks.devices import DeviceSlots
+from tasks.data.prepare import DatasetError, DatasetRef
 from tasks.results import TrialSpec
-from tasks.train import artifact_key, failed_outcome, train_model
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import artifact_key, failed_outcome, train_model
 
 DEVICE_LIMIT_PREFIX = "lr-sweep-device"
 # Set by every Prefect worker in the environment of the flow runs it starts.

@@ -4,7 +4,7 @@ A trial is described by a `TrialSpec`, comes back as a `TrialOutcome` holding a 
 (collection, version, digest), gains an `Evaluation` measured on the model fetched by that
 reference, and the compare step returns a `Promotion`. They are frozen pydantic models: they
 cross threads, Prefect parameters and (for dispatched trials) process and node boundaries as
-JSON, never as pickles. They become dicts only where summary.json is written (tasks/report.py).
+JSON, never as pickles. They become dicts only where summary.json is written (tasks/reporting/report.py).
 """
 
 from __future__ import annotations

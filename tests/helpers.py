@@ -10,8 +10,8 @@ import torch
 from flows.config import SweepConfig
 from flows.plan import base_spec
 from models.cnn import architecture, build_model
+from tasks.reporting.tracking import run_records
 from tasks.results import TrialSpec
-from tasks.tracking import run_records
 
 # The flow tests train on the synthetic IDX files of tests/conftest.py, stored as dataset
 # "mnist": models go to this collection.

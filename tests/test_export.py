@@ -19,7 +19,7 @@ from flows.export import artifact_key, lr_sweep_export
 from models.cnn import architecture, build_model
 from models.local_registry import LocalRegistry
 from models.registry import DigestMismatch
-from tasks.evaluate import place_model
+from tasks.evaluation.evaluate import place_model
 from tasks.export import (
     AliasNotFound,
     ExportError,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from models.cnn import architecture, build_model
-from tasks.data import load_splits, prepare_dataset, tensor_batches
-from tasks.devices import DeviceSlots, resolve_devices, trial_stream
-from tasks.evaluate import eval_batch_size, measure, place_model
-from tasks.train import train_trial
+from tasks.data.prepare import load_splits, prepare_dataset, tensor_batches
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
+from tasks.training.devices import DeviceSlots, resolve_devices, trial_stream
+from tasks.training.train import train_trial
 from tests.helpers import trial_spec
 
 pytestmark = pytest.mark.gpu

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from tasks.checkpoints import CheckpointRefused
-from tasks.data import load_splits, prepare_dataset
-from tasks.schedule import Schedule
-from tasks.train import make_optimizer, train_trial
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.training.checkpoints import CheckpointRefused
+from tasks.training.schedule import Schedule
+from tasks.training.train import make_optimizer, train_trial
 from tests.helpers import trial_spec
 
 

@@ -11,8 +11,8 @@ import torch
 from flows.plan import base_spec
 from flows.sweep import lr_sweep
 from models.local_registry import LocalRegistry
-from tasks.data import load_splits, prepare_dataset
-from tasks.train import train_trial
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.training.train import train_trial
 from tests.helpers import COLLECTION, smoke_config
 
 

@@ -7,8 +7,8 @@ so they do not depend on which trial finished first).
 Training goes through a `train_to(trial_ids, epoch) -> {trial_id: history}` callable that the
 caller provides: "train each of these trials up to `epoch`, continuing from wherever it stopped,
 and return its per-epoch history". The flow passes one that trains the trials as parallel tasks
-(flows/search.py); `tasks.sequential.SequentialTrainer` is the one-by-one version the benchmark
-and the tests use. Because `tasks.train.train_trial` resumes bit-identically from its checkpoint,
+(flows/search.py); `tasks.training.sequential.SequentialTrainer` is the one-by-one version the benchmark
+and the tests use. Because `tasks.training.train.train_trial` resumes bit-identically from its checkpoint,
 a trial promoted to the next rung ends with the same weights as if it had been trained to that
 rung in one go. Trial ids are learning rates (floats) by default; any hashable ids work with a
 mapping id -> learning rate.
@@ -21,8 +21,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.checks import check_int
-from tasks.ranking import higher_is_better, rank
+from tasks.evaluation.ranking import higher_is_better, rank
+from tasks.search.checks import check_int
 
 # `train_to(trial_ids, epoch)`: train those trials up to `epoch` (resuming), return their histories
 # (lists of per-epoch dicts with epoch/train_loss/train_accuracy/val_loss/val_accuracy). A trial

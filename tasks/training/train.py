@@ -30,15 +30,15 @@ from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import identity_digest, model_files, write_files
 from models.sources import InputShape, ModelSource
-from tasks import progress as trial_progress
-from tasks import tracking
-from tasks.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
-from tasks.data import DatasetRef, Splits, eval_batches, load_splits, train_batches
-from tasks.devices import DeviceSlots, trial_stream
-from tasks.evaluate import eval_batch_size, measure, place_model
+from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits, train_batches
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.provenance import code_version, package_versions
+from tasks.reporting import progress as trial_progress
+from tasks.reporting import tracking
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.schedule import Schedule
+from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
+from tasks.training.devices import DeviceSlots, trial_stream
+from tasks.training.schedule import Schedule
 from tasks.workspace import Workspace
 
 # Divergence is checked every this many steps (and at every epoch's end): often enough to stop a

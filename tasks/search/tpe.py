@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.serialization import identity_digest
-from tasks.checks import check_int, check_lr_range
-from tasks.halving import TrainTo, _check_rungs, _record_at, survivors
-from tasks.ranking import higher_is_better, rank
+from tasks.evaluation.ranking import higher_is_better, rank
+from tasks.search.checks import check_int, check_lr_range
+from tasks.search.halving import TrainTo, _check_rungs, _record_at, survivors
 
 if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module does not need it
     import optuna

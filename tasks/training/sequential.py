@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoints import checkpointed_history
-from tasks.data import Splits
+from tasks.data.prepare import Splits
 from tasks.results import TrialSpec
-from tasks.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
+from tasks.training.checkpoints import checkpointed_history
+from tasks.training.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
 
 
 class CheckpointedTrainer:
     """A sequential `train_to` over learning rates: each rate trains `base_spec` (with that
     learning rate) up to the asked epoch, resuming from its own checkpoint directory under
-    `checkpoint_root`, so rung after rung continues bit-identically (tasks.train checkpoints
+    `checkpoint_root`, so rung after rung continues bit-identically (tasks.training.train checkpoints
     model and optimizer after every epoch). A rate that diverges is left out of the answer.
 
     A rate's checkpoint folder is named as a sweep's trial would name it (`checkpoint_folder`:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from models.errors import InputError
-from tasks import tracking
-from tasks.checks import check_int, check_lr_range
-from tasks.data import Splits, load_splits, train_batches
+from tasks.data.prepare import Splits, load_splits, train_batches
+from tasks.reporting import tracking
 from tasks.results import TrialSpec
-from tasks.train import epoch_order, init_model, input_shape, make_optimizer
+from tasks.search.checks import check_int, check_lr_range
+from tasks.training.train import epoch_order, init_model, input_shape, make_optimizer
 
 
 @dataclass
