@@ -46,7 +46,6 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from flows.config import SweepConfig
-from flows.plan import base_spec
 from models.cnn import architecture, build_model
 from tasks.data.prepare import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches, torchvision_class
 from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
@@ -136,7 +135,7 @@ def synchronize(device: str) -> None:
 
 def one_epoch_spec(config: SweepConfig) -> TrialSpec:
     """The sweep's first trial, for one epoch."""
-    return base_spec(config).model_copy(update={"learning_rate": config.learning_rates[0], "epochs": 1})
+    return TrialSpec.shared(config).but(learning_rate=config.learning_rates[0], epochs=1)
 
 
 def warm_up(spec: TrialSpec, splits: Splits, device: str) -> None:
@@ -166,14 +165,14 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ref.mean, ref.std)])
     dataset = torchvision_class(ref.name)(ref.root, train=True, download=False, transform=transform)
     train_idx, _ = split_indices(len(dataset), ref.val_size, ref.split_seed, ref.train_limit)
-    loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
+    loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.training.batch_size, shuffle=True,
                         num_workers=0, pin_memory=device.startswith("cuda"),
                         generator=torch.Generator().manual_seed(spec.seed))
     torch.manual_seed(spec.seed)
-    model = build_model(architecture(spec.hidden_units))
+    model = build_model(architecture(spec.network.hidden_units))
     model = place_model(model, device) if engine_model else model.to(device)
     # fused=None: PyTorch's default optimizer implementation, as the example gets.
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate,
+    optimizer = make_optimizer(spec.training.optimizer, model.parameters(), spec.learning_rate,
                                fused=True if engine_model else None)
     model.train()
     synchronize(device)
@@ -199,7 +198,7 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
 # --- 2. evaluation ---------------------------------------------------------------------------------
 
 def evaluation_speed(spec: TrialSpec, state_dict: dict, splits: Splits, device: str) -> float:
-    model = place_model(build_model(architecture(spec.hidden_units)), device)
+    model = place_model(build_model(architecture(spec.network.hidden_units)), device)
     model.load_state_dict(state_dict)
     measure(model, tensor_batches(splits.test_x[:1000], splits.test_y[:1000], eval_batch_size(splits.device)))  # warm-up
     times = []
@@ -376,7 +375,7 @@ def main(argv=None) -> int:
     ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, None)
     splits = load_splits(ref, device)
     spec = one_epoch_spec(config)
-    print(f"one epoch of {ref.train_size:,} {ref.name} images, batch {spec.batch_size}, {spec.optimizer} "
+    print(f"one epoch of {ref.train_size:,} {ref.name} images, batch {spec.training.batch_size}, {spec.training.optimizer} "
           f"lr {spec.learning_rate:g}, seed {spec.seed}, on {device} ...", flush=True)
     warm_up(spec, splits, device)
     engine = engine_epoch(spec, splits, device)

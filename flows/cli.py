@@ -254,12 +254,12 @@ def command_server(args: argparse.Namespace) -> int:
 
 def command_data(args: argparse.Namespace) -> int:
     """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
-    from flows.plan import dataset_arguments
-    from tasks.data.prepare import DatasetError, DatasetInputError, prepare_dataset
+    from tasks.data.config import DataConfig
+    from tasks.data.prepare import DatasetError, DatasetInputError, prepare_configured
 
     config = parse_config(args)
     try:
-        ref = prepare_dataset(**dataset_arguments(config))
+        ref = prepare_configured(DataConfig.of(config))
     except DatasetInputError as error:
         raise InputError(error.field, str(error)) from None
     except DatasetError as error:

@@ -50,9 +50,9 @@ def command_promote(args: argparse.Namespace) -> int:
     the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
     automation exports what a rollback rolled back to."""
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
+    from models.config import ModelConfig
     from models.local_registry import LocalRegistry
     from models.registry import split_name
-    from models.sources import ModelSource
     from tasks.data.prepare import DatasetError, DatasetInputError
     from tasks.evaluation.manual_promotion import decide_against_holder
     from tasks.results import Promotion
@@ -73,7 +73,7 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelSource(spec=config.model, args=config.model_args),  # the only user code it may import
+                allowed=ModelConfig.of(config).source(),  # the only user code it may import
                 dataset_spec=config.dataset)
         except DatasetInputError:
             raise  # bad input (exit 2, the field named), not missing files

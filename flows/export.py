@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from models.backends import open_registry
-from models.sources import ModelSource
+from models.config import ModelConfig
 from tasks.export import CARD_FILE, NotInThisRegistry, export_bundle
 
 # Bundles go beside the sweeps, in the output directory's folder kept for them (models/names.py
@@ -62,7 +62,7 @@ def export_model(collection: str, alias: str, digest: str | None, config: SweepC
                              entity=config.wandb_entity, registry_collection=None)
     try:
         bundle = export_bundle(registry, collection, alias, digest, output_dir,
-                               allowed=ModelSource(spec=config.model, args=config.model_args))
+                               allowed=ModelConfig.of(config).source())
     except NotInThisRegistry as error:
         logger.info("not exported: %s", error)
         return {"exported": False, "reason": str(error)}

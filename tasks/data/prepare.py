@@ -38,6 +38,7 @@ from tasks.data.builtin import (  # noqa: F401  (re-exported: the built-ins' nam
     read_raw,
     torchvision_class,
 )
+from tasks.data.config import DataConfig
 from tasks.data.spec import (  # noqa: F401
     DatasetError,
     DatasetInputError,
@@ -402,9 +403,13 @@ def prepare_recorded(recorded: dict, spec: str | None, data_dir: Path) -> Datase
                            recorded["train_limit"], image_size=recorded.get("resize"))
 
 
-@task(name="prepare_data", task_run_name="prepare {name}", cache_policy=NO_CACHE)
-def prepare_data(name: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-                 *, image_size: int | None = None, num_workers: int = 2) -> DatasetRef:
+def prepare_configured(data: DataConfig, allow_download: bool = True) -> DatasetRef:
+    """The DatasetRef of a config's data group: the one place its fields become arguments."""
+    return prepare_dataset(data.dataset, data.data_dir, data.val_size, data.split_seed, data.train_limit,
+                           allow_download, image_size=data.image_size, num_workers=data.num_workers)
+
+
+@task(name="prepare_data", task_run_name="prepare {data.dataset}", cache_policy=NO_CACHE)
+def prepare_data(data: DataConfig) -> DatasetRef:
     """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
-    return prepare_dataset(name, data_dir, val_size, split_seed, train_limit, image_size=image_size,
-                           num_workers=num_workers)
+    return prepare_configured(data)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from models.serialization import identity_digest
 from tasks.evaluation.ranking import higher_is_better, rank
 from tasks.search.checks import check_int, check_lr_range
+from tasks.search.config import masked_url
 from tasks.search.halving import TrainTo, _check_rungs, _record_at, survivors
 
 if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module does not need it
@@ -41,18 +42,6 @@ class StudyStorageError(RuntimeError):
 def default_storage_url(output_dir: str | Path) -> str:
     """sqlite:///OUTPUT_DIR/optuna.db (absolute), the storage when none is given."""
     return f"sqlite:///{(Path(output_dir) / 'optuna.db').resolve()}"
-
-
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ***: what is shown and stored of a storage URL (the
-    password itself lives in the URL given at run time, or in the environment: PGPASSWORD)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
 
 
 def check_storage(url: str, connect_timeout_s: int = 10) -> None:
