@@ -41,7 +41,8 @@ from flows.plan import trial_specs
 from models.cnn import architecture, build_model
 from models.config import ModelConfig
 from tasks.data import imagefolder
-from tasks.data.prepare import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices, train_batches
+from tasks.data.builtin import locate_dataset, read_raw
+from tasks.data.prepare import load_splits, locate, prepare_dataset, split_indices, train_batches
 from tasks.training.devices import configure_cpu_threads, resolve_devices
 from tasks.training.train import train_trial
 

@@ -53,7 +53,7 @@ def command_promote(args: argparse.Namespace) -> int:
     from models.config import ModelConfig
     from models.local_registry import LocalRegistry
     from models.registry import split_name
-    from tasks.data.prepare import DatasetError, DatasetInputError
+    from tasks.data.spec import DatasetError, DatasetInputError
     from tasks.evaluation.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
@@ -122,7 +122,7 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
-    from tasks.data.prepare import DatasetError
+    from tasks.data.spec import DatasetError
     from tasks.reporting.tracking import WandbUnavailable
 
     try:

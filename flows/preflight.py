@@ -52,7 +52,8 @@ def check_run(config, dry_run: bool = False):
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
     from tasks.data.config import DataConfig
-    from tasks.data.prepare import DatasetInputError, prepare_configured
+    from tasks.data.prepare import prepare_configured
+    from tasks.data.spec import DatasetInputError
 
     check_machine(config, probe_device=not dry_run)
     check_model_code(config)

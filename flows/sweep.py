@@ -147,10 +147,7 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
         sweep_id=sweep_id, config=config.model_dump(mode="json") | {  # paths as used, whatever the cwd later
             "registry_dir": str(workspace.registry.directory), "output_dir": str(workspace.sweep_dir.parent),
             "data_dir": str(Path(config.data_dir).resolve())},
-        dataset={"name": dataset.name, "fingerprint": dataset.fingerprint, "train_size": dataset.train_size,
-                 "val_size": dataset.val_size, "test_size": dataset.test_size, "channels": dataset.channels,
-                 "image_size": dataset.image_size, "num_classes": dataset.num_classes,
-                 "class_names": list(dataset.class_names) if dataset.class_names else None},
+        dataset=dataset.as_metadata() | {"image_size": dataset.image_size},
         trials=trials, decision=decision, wall_seconds=time.perf_counter() - started, devices=devices,
         wandb={"mode": config.wandb_mode, "project": config.wandb_project, "entity": config.wandb_entity,
                "output_dir": str(workspace.sweep_dir.parent)},

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from tasks.data.prepare import CHECKSUM_FILE, DatasetError, load_splits, locate_dataset, prepare_dataset, raw_dir, split_indices
+from tasks.data.builtin import CHECKSUM_FILE, locate_dataset, raw_dir
+from tasks.data.prepare import load_splits, prepare_dataset, split_indices
+from tasks.data.spec import DatasetError
 from tests.conftest import make_idx_dataset
 
 

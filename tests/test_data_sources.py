@@ -11,15 +11,8 @@ from torchvision.io import write_png
 
 from tasks.data import function as user_data
 from tasks.data import imagefolder
-from tasks.data.prepare import (
-    DatasetRef,
-    eval_batches,
-    load_splits,
-    prepare_dataset,
-    read_raw,
-    rescaling,
-    train_batches,
-)
+from tasks.data.builtin import read_raw
+from tasks.data.prepare import DatasetRef, eval_batches, load_splits, prepare_dataset, rescaling, train_batches
 from tests.conftest import make_idx_dataset
 from tests.helpers import CLASSES, class_image, write_folder
 
@@ -298,7 +291,8 @@ def test_a_trial_trains_on_an_image_folder(tmp_path):
 
 
 def test_a_stored_models_data_is_prepared_again_only_as_the_command_names_it(tmp_path, synthetic_data_dir):
-    from tasks.data.prepare import DatasetInputError, prepare_recorded
+    from tasks.data.prepare import prepare_recorded
+    from tasks.data.spec import DatasetInputError
 
     builtin = prepare_dataset("mnist", synthetic_data_dir, 50, 3, 200, allow_download=False)
     assert prepare_recorded(builtin.as_metadata(), "fashion-mnist", synthetic_data_dir) == builtin  # by its name

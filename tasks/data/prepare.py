@@ -25,26 +25,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.data.builtin import (  # noqa: F401  (re-exported: the built-ins' names as they always were)
-    CHECKSUM_FILE,
-    DATASET_FILES,
-    KNOWN_RAW_SHA256,
-    SYSTEM_DIRS,
-    TRAIN_SET_SIZE,
-    locate_dataset,
-    raw_dir,
-    raw_file_names,
-    read_idx,
-    read_raw,
-    torchvision_class,
-)
+from tasks.data.builtin import locate_dataset, read_raw
 from tasks.data.config import DataConfig
-from tasks.data.spec import (  # noqa: F401
-    DatasetError,
-    DatasetInputError,
-    dataset_label,
-    parse_dataset_spec,
-)
+from tasks.data.spec import DatasetInputError, dataset_label, parse_dataset_spec
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from models.serialization import identity_digest
 from tasks.evaluation.ranking import higher_is_better, rank
 from tasks.search.checks import check_int, check_lr_range
 from tasks.search.config import masked_url
-from tasks.search.halving import TrainTo, _check_rungs, _record_at, survivors
+from tasks.search.halving import TrainTo, check_rungs, record_at, survivors
 
 if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module does not need it
     import optuna
@@ -333,7 +333,7 @@ def tpe_search(study: "optuna.Study", n_trials: int, parallel: int, lr_range: tu
     if not (isinstance(lr_range, (tuple, list)) and len(lr_range) == 2):
         raise ValueError(f"lr_range must be (min, max), got {lr_range!r}")
     check_lr_range(lr_range[0], lr_range[1], ("lr_range min", "lr_range max"))
-    rungs = _check_rungs(rungs)
+    rungs = check_rungs(rungs)
     higher = higher_is_better(metric)
     wanted = "maximize" if higher else "minimize"
     if study.direction.name.lower() != wanted:
@@ -433,7 +433,7 @@ def _run_batch(study, batch, rungs, train_to, metric, higher, reduction_factor, 
         histories = train_to(sorted({rate[n] for n in open_trials}), rung)
         scores, losses = {}, {}
         for number, trial in list(open_trials.items()):
-            record = _record_at(histories.get(rate[number]), rung)
+            record = record_at(histories.get(rate[number]), rung)
             trial.set_user_attr("epochs_trained", rung)
             trial.set_user_attr("heartbeat", time.time())
             if record is None or not math.isfinite(record.get(metric, math.nan)):

@@ -35,6 +35,7 @@ from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.provenance import code_version, package_versions
 from tasks.reporting import progress as trial_progress
 from tasks.reporting import tracking
+from tasks.reporting.artifact_keys import artifact_key
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
 from tasks.training.devices import DeviceSlots, trial_stream
@@ -436,7 +437,7 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     trial ran, a link to its W&B run. `still_wanted`, called before training and after every
     epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
     run, flows/trial.py)."""
-    progress_id = create_progress_artifact(0.0, key=f"progress-{artifact_key(spec.name)}",
+    progress_id = create_progress_artifact(0.0, key=artifact_key("progress", spec.name),
                                            description=f"{spec.name}: starting")
 
     def progress(percent: float, status: str) -> None:
@@ -453,21 +454,16 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     return outcome
 
 
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys take lowercase letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
-
-
 def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
     """A link artifact to the trial's W&B run: its page online; offline, its folder and the
     command that uploads it."""
     if outcome.wandb_url:
-        create_link_artifact(outcome.wandb_url, link_text=f"W&B run {outcome.name}", key=f"wandb-{artifact_key(outcome.name)}",
+        create_link_artifact(outcome.wandb_url, link_text=f"W&B run {outcome.name}", key=artifact_key("wandb", outcome.name),
                              description=f"W&B run of trial {outcome.name}")
     elif outcome.wandb_run_dir:
         create_link_artifact(
             f"file://{outcome.wandb_run_dir}", link_text=f"offline W&B run {outcome.name}",
-            key=f"wandb-{artifact_key(outcome.name)}",
+            key=artifact_key("wandb", outcome.name),
             description=f"Offline W&B run of trial {outcome.name} in `{outcome.wandb_run_dir}`; upload the "
                         f"sweep with `lr-sweep publish {workspace.sweep_id} --output-dir {workspace.sweep_dir.parent}`")
 
