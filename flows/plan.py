@@ -19,7 +19,8 @@ from models.config import ModelConfig
 from models.names import inside
 from models.source_spec import short_name
 from tasks.data.config import DataConfig
-from tasks.data.prepare import DatasetRef, prepare_data
+from tasks.data.dataset import DatasetRef
+from tasks.data.prepare import prepare_data
 from tasks.data.spec import dataset_label
 from tasks.reporting import tracking
 from tasks.results import TrialSpec

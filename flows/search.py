@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from flows.plan import SweepContext, validated
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.evaluation.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.search.config import masked_url

@@ -22,7 +22,7 @@ from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
 from flows.plan import SweepContext, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.evaluation.compare import compare_and_promote_task
 from tasks.evaluation.evaluate import evaluate_model
 from tasks.reporting import tracking

@@ -30,7 +30,8 @@ from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import identity_digest, model_files, write_files
 from models.sources import InputShape
-from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits, train_batches
+from tasks.data.dataset import DatasetRef, Splits
+from tasks.data.prepare import eval_batches, load_splits, train_batches
 from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.provenance import code_version, package_versions
 from tasks.reporting import progress as trial_progress
