@@ -74,3 +74,10 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_the_circle_finder_finds_a_circle_through_a_function_level_import(tmp_path):
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_search_the_config_offers_has_its_run():
+    from flows.config import SweepConfig
+    from flows.search import SEARCHES
+
+    assert {"grid", *SEARCHES} == set(SweepConfig.model_fields["search"].annotation.__args__)
