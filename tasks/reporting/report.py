@@ -356,58 +356,70 @@ def _curves_by_rate(trials: list[dict], key: str) -> dict[tuple[float, bool], li
     return curves
 
 
-def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
-    """One PNG per curve (one line per learning rate: mean over seeds, band = min..max), plus
-    the final validation accuracy against the learning rate on a log axis."""
-    files = {}
-    for key, title in CURVES:
-        fig = Figure(figsize=(6, 4), dpi=100)
-        ax = fig.subplots()
-        for (rate, stopped), runs in sorted(_curves_by_rate(trials, key).items()):
-            length = min(len(run) for run in runs)
-            epochs = list(range(1, length + 1))
-            columns = list(zip(*(run[:length] for run in runs)))
-            centre = [sum(c) / len(c) for c in columns]
-            line, = ax.plot(epochs, centre, marker="o", linestyle="--" if stopped else "-",
-                            label=f"lr {rate:g} (n={len(runs)}{', stopped' if stopped else ''})")
-            if len(runs) > 1:
-                ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
-                                color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("learning rate" if key == "lr" else key.replace("_", " "))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        fig.tight_layout()
-        name = f"{key}.png"
-        fig.savefig(directory / name)
-        files[key] = name
-    finals = [(t["learning_rate"], t["evaluation"]["val_accuracy"]) for t in trials if t.get("evaluation")]
-    if finals:
-        fig = Figure(figsize=(6, 4), dpi=100)
-        ax = fig.subplots()
-        ax.scatter([r for r, _ in finals], [v for _, v in finals], alpha=0.6, label="seed")
-        by_rate: dict[float, list[float]] = {}
-        for rate, value in finals:
-            by_rate.setdefault(rate, []).append(value)
-        rates = sorted(by_rate)
-        ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], marker="s", label="mean")
-        stopped = [(t["learning_rate"], t["history"][-1]["val_accuracy"]) for t in trials
-                   if t["status"] == "stopped" and t["history"]]
-        if stopped:  # where the search stopped them (at their rung, not after every epoch)
-            ax.scatter([r for r, _ in stopped], [v for _, v in stopped], marker="x", color="0.4",
-                       label="stopped (at its rung)")
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("final validation accuracy")
-        ax.set_title("Final validation accuracy vs learning rate")
-        ax.grid(alpha=0.3)
+def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
+    """One curve over the epochs: a line per learning rate (the mean over its seeds, a band from
+    their min to max)."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    for (rate, stopped), runs in sorted(_curves_by_rate(trials, key).items()):
+        length = min(len(run) for run in runs)
+        epochs = list(range(1, length + 1))
+        columns = list(zip(*(run[:length] for run in runs)))
+        centre = [sum(c) / len(c) for c in columns]
+        line, = ax.plot(epochs, centre, marker="o", linestyle="--" if stopped else "-",
+                        label=f"lr {rate:g} (n={len(runs)}{', stopped' if stopped else ''})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
+                            color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("learning rate" if key == "lr" else key.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(directory / "val_accuracy_vs_lr.png")
-        files["val_accuracy_vs_lr"] = "val_accuracy_vs_lr.png"
+    fig.tight_layout()
+    return fig
+
+
+def final_accuracy_chart(trials: list[dict]) -> Figure | None:
+    """The final validation accuracy against the learning rate on a log axis; None when no trial
+    was evaluated."""
+    finals = [(t["learning_rate"], t["evaluation"]["val_accuracy"]) for t in trials if t.get("evaluation")]
+    if not finals:
+        return None
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    ax.scatter([r for r, _ in finals], [v for _, v in finals], alpha=0.6, label="seed")
+    by_rate: dict[float, list[float]] = {}
+    for rate, value in finals:
+        by_rate.setdefault(rate, []).append(value)
+    rates = sorted(by_rate)
+    ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], marker="s", label="mean")
+    stopped = [(t["learning_rate"], t["history"][-1]["val_accuracy"]) for t in trials
+               if t["status"] == "stopped" and t["history"]]
+    if stopped:  # where the search stopped them (at their rung, not after every epoch)
+        ax.scatter([r for r, _ in stopped], [v for _, v in stopped], marker="x", color="0.4",
+                   label="stopped (at its rung)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation accuracy")
+    ax.set_title("Final validation accuracy vs learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def draw_charts(trials: list[dict], directory: Path) -> dict[str, str]:
+    """The charts as PNG files in `directory`: chart name -> file name."""
+    figures = {key: curve_chart(trials, key, title) for key, title in CURVES}
+    figures["val_accuracy_vs_lr"] = final_accuracy_chart(trials)
+    files = {}
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(directory / f"{name}.png")
+            files[name] = f"{name}.png"
     return files
 
 

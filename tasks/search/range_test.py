@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from tasks.reporting import tracking
 from tasks.results import TrialSpec
 from tasks.search.checks import check_int, check_lr_range
 from tasks.training.train import epoch_order, init_model, input_shape, make_optimizer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -156,10 +160,10 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
                            beta=beta, divergence_factor=divergence_factor)
 
 
-def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
-    """The range test as a chart (raw and smoothed loss against the rate, log x axis, the
-    suggestion marked); conventionally `lr_find.png`. Uses the Agg canvas directly, so it sets
-    no global matplotlib backend and works on servers without a display."""
+def range_test_figure(result: RangeTestResult) -> Figure:
+    """The range test as a chart: raw and smoothed loss against the rate, log x axis, the
+    suggestion marked. Uses the Agg canvas directly, so it sets no global matplotlib backend and
+    works on servers without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -183,6 +187,12 @@ def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
+    return figure
+
+
+def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
+    """The range test's chart as a PNG file, conventionally `lr_find.png`."""
+    figure = range_test_figure(result)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
