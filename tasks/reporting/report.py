@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from models.files import atomic_write
 from tasks.evaluation.compare import Decision
 from tasks.evaluation.ranking import higher_is_better
+from tasks.reporting.legends import legend_beside
 from tasks.results import Promotion, TrialOutcome
 
 matplotlib.use("Agg")  # files only: no display on servers and workers
@@ -359,7 +360,8 @@ def _curves_by_rate(trials: list[dict], key: str) -> dict[tuple[float, bool], li
 def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
     """One curve over the epochs: a line per learning rate (the mean over its seeds, a band from
     their min to max)."""
-    fig = Figure(figsize=(6, 4), dpi=100)
+    # Wider than the other charts by the legend beside the axes.
+    fig = Figure(figsize=(7.5, 4), dpi=100, layout="constrained")
     ax = fig.subplots()
     for (rate, stopped), runs in sorted(_curves_by_rate(trials, key).items()):
         length = min(len(run) for run in runs)
@@ -377,8 +379,7 @@ def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend()
-    fig.tight_layout()
+        legend_beside(ax)
     return fig
 
 
@@ -388,14 +389,21 @@ def final_accuracy_chart(trials: list[dict]) -> Figure | None:
     finals = [(t["learning_rate"], t["evaluation"]["val_accuracy"]) for t in trials if t.get("evaluation")]
     if not finals:
         return None
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(7.5, 4), dpi=100, layout="constrained")
     ax = fig.subplots()
-    ax.scatter([r for r, _ in finals], [v for _, v in finals], alpha=0.6, label="seed")
     by_rate: dict[float, list[float]] = {}
     for rate, value in finals:
         by_rate.setdefault(rate, []).append(value)
     rates = sorted(by_rate)
-    ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], marker="s", label="mean")
+    if max(len(values) for values in by_rate.values()) == 1:
+        # A mean of one value is that value: one series, or its marker would hide the seed's.
+        ax.plot(rates, [by_rate[r][0] for r in rates], marker="o", label="one seed per rate (no mean)")
+    else:
+        # The means as hollow squares under the seeds' dots: where a rate has one seed left (the
+        # others failed), its mean lies on that seed and both stay visible.
+        ax.plot(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], color="C0", marker="s",
+                markersize=9, markerfacecolor="none", label="mean over seeds", zorder=2)
+        ax.scatter([r for r, _ in finals], [v for _, v in finals], color="C1", s=20, label="seed", zorder=3)
     stopped = [(t["learning_rate"], t["history"][-1]["val_accuracy"]) for t in trials
                if t["status"] == "stopped" and t["history"]]
     if stopped:  # where the search stopped them (at their rung, not after every epoch)
@@ -406,8 +414,7 @@ def final_accuracy_chart(trials: list[dict]) -> Figure | None:
     ax.set_ylabel("final validation accuracy")
     ax.set_title("Final validation accuracy vs learning rate")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    legend_beside(ax)
     return fig
 
 
