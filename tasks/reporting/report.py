@@ -26,8 +26,9 @@ from tasks.results import Promotion, TrialOutcome
 matplotlib.use("Agg")  # files only: no display on servers and workers
 
 CURVES = (
-    ("train_loss", "Training loss"),
-    ("train_accuracy", "Training accuracy"),
+    # The training figures are averages over each epoch's batches, taken while the model learned.
+    ("train_loss", "Training loss (running average over each epoch)"),
+    ("train_accuracy", "Training accuracy (running average over each epoch)"),
     ("val_loss", "Validation loss"),
     ("val_accuracy", "Validation accuracy"),
     ("lr", "Learning rate (at each epoch's end)"),
@@ -149,6 +150,24 @@ def trial_table(trials: list[dict]) -> list[dict]:
     return rows
 
 
+def lead_sentence(winner: dict, runner: dict, significance: dict | None, metric: str) -> str:
+    """The winner's lead over the runner-up, against the seed-to-seed standard deviations and then
+    Welch's t-test, each saying what it measures: a lead larger than both deviations can still
+    fail the test on two seeds, and the sentence joins them with 'but' when they disagree."""
+    lead = abs(winner[metric]["mean"] - runner[metric]["mean"])
+    sentence = (f"The runner-up, {runner['learning_rate']:g}, reached {_fmt(runner[metric]['mean'])}: "
+                f"a lead of {lead:.4f}" + (f" ({lead * 100:.2f} points)" if higher_is_better(metric) else ""))
+    if min(winner[metric]["n"], runner[metric]["n"]) > 1:
+        spreads = (winner[metric]["std"], runner[metric]["std"])
+        above = lead > max(spreads)
+        sentence += (f", larger than either rate's seed-to-seed standard deviation ({spreads[0]:.4f}, "
+                     f"{spreads[1]:.4f})" if above else
+                     f", within the larger seed-to-seed standard deviation of the two ({max(spreads):.4f})")
+        if significance and significance["p_value"] is not None:
+            sentence += f"; {'and' if above == significance['significant'] else 'but'} {significance['note']}"
+    return sentence + "."
+
+
 def verdict(summary: dict, metric: str) -> list[str]:
     """The written verdict: which rate won, by how much, how sure we are, what else stands out."""
     lines = []
@@ -163,16 +182,8 @@ def verdict(summary: dict, metric: str) -> list[str]:
             f"{_fmt(winner[metric]['mean'])} over {winner[metric]['n']} seed(s)."
         )
         if len(ranking) > 1:
-            runner = ranking[1]
-            lead = abs(winner[metric]["mean"] - runner[metric]["mean"])
-            sentence = (f"The runner-up, {runner['learning_rate']:g}, reached {_fmt(runner[metric]['mean'])}: "
-                        f"a lead of {lead:.4f}" + (f" ({lead * 100:.2f} points)" if higher_is_better(metric) else ""))
-            if min(winner[metric]["n"], runner[metric]["n"]) > 1:
-                spread = max(winner[metric]["std"], runner[metric]["std"])
-                sentence += (f", {'more' if lead > spread else 'less'} than the larger seed-to-seed "
-                             f"standard deviation of the two ({spread:.4f})")
-            lines.append(sentence + ".")
-        if summary.get("significance"):
+            lines.append(lead_sentence(winner, ranking[1], summary.get("significance"), metric))
+        if summary.get("significance") and summary["significance"]["p_value"] is None:
             lines.append(summary["significance"]["note"][0].upper() + summary["significance"]["note"][1:] + ".")
         lines.append(
             f"The promoted candidate is seed {best['seed']} of that rate ({best['model']}), its best seed "
@@ -194,7 +205,10 @@ def verdict(summary: dict, metric: str) -> list[str]:
         parts = [f"reached {CONVERGENCE_SHARE:.0%} of its final validation accuracy at epoch "
                  f"{obs['convergence_epoch']}",
                  f"train-val accuracy gap {obs['train_val_gap'] * 100:+.2f} points"
-                 + (" (overfitting)" if obs["overfitting"] else "")]
+                 + (" (overfitting)" if obs["overfitting"] else "")
+                 # Why a short run's gap is negative: the weights changed under the average.
+                 + f" (train accuracy is the running average over epoch {trial['history'][-1]['epoch']} while the "
+                   "model learned; validation accuracy is measured after it)"]
         if obs["undertrained"]:
             parts.append(f"still improving at the last epoch (+{obs['last_epoch_gain'] * 100:.2f} points): "
                          "likely under-trained, more epochs would help")
