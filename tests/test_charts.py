@@ -111,3 +111,11 @@ def test_the_range_test_chart_shows_the_raw_loss_and_a_sparse_grid():
                  for tick in axis.get_major_ticks() + axis.get_minor_ticks()
                  if tick.gridline.get_visible() and min(axis.get_view_interval()) <= tick.get_loc() <= max(axis.get_view_interval())]
     assert len(gridlines) <= 24, f"{len(gridlines)} grid lines"
+
+
+def test_a_one_epoch_chart_marks_whole_epochs_only():
+    figure, _ = rendered(curve_chart([summary_trial(0.001, 0, 0.7, epochs=1)], "val_accuracy", "v"))
+    axis = figure.axes[0].xaxis
+    low, high = axis.get_view_interval()
+    shown = [float(loc) for loc in axis.get_majorticklocs() if low <= loc <= high]
+    assert shown == [1.0], f"ticks at {shown}"
