@@ -138,7 +138,7 @@ def test_verdict_tie_says_the_rates_are_indistinguishable():
               for rate, seed, accuracy in ((0.001, 0, 0.873), (0.001, 1, 0.861), (0.0005, 0, 0.870), (0.0005, 1, 0.862))]
     text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
     assert "within the larger seed-to-seed standard deviation of the two (0.0085); and Welch's t-test" in text
-    assert "not significant at 0.05: these seeds cannot tell the two rates apart" in text
+    assert "not significant at 0.05, so these seeds cannot tell the two rates apart" in text
 
 
 def test_verdict_says_which_test_says_what_when_they_disagree():

@@ -110,7 +110,7 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
              else f"{len(winner)} and {len(runner_up)} seeds")
     note = (f"Welch's t-test on {seeds} gives p = {p_value:.3g}: " +
             (f"significant at {ALPHA}" if significant
-             else f"not significant at {ALPHA}: these seeds cannot tell the two rates apart"))
+             else f"not significant at {ALPHA}, so these seeds cannot tell the two rates apart"))
     return {"test": "welch_t", "p_value": p_value, "significant": significant, "note": note}
 
 
