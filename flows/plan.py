@@ -55,13 +55,18 @@ def validated(config: SweepConfig) -> SweepConfig:
     return SweepConfig(**{name: getattr(config, name) for name in config.model_fields_set})
 
 
+def sweep_folder(config: SweepConfig, sweep_id: str | None = None) -> Path:
+    """OUTPUT_DIR/SWEEP_ID, checked to lie inside the output directory whatever the id."""
+    return inside(Path(config.output_dir).resolve(), sweep_id or config.sweep_id)
+
+
 def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
     """The workspace of a sweep (or of one trial of it), with its folder made and W&B's folders
     pointed into the output directory, ready for tasks to write. The sweep's folder is checked
     to lie inside the output directory, whatever the id."""
     output = Path(config.output_dir).resolve()
     workspace = Workspace(
-        sweep_id=sweep_id, sweep_dir=inside(output, sweep_id), checkpoint_root=inside(output, CHECKPOINTS_FOLDER),
+        sweep_id=sweep_id, sweep_dir=sweep_folder(config, sweep_id), checkpoint_root=inside(output, CHECKPOINTS_FOLDER),
         collection=collection_name(config),
         tracking=TrackingSettings(mode=config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity),
         registry=RegistrySettings(backend=config.registry, directory=Path(config.registry_dir).resolve(),
