@@ -119,3 +119,10 @@ def test_a_one_epoch_chart_marks_whole_epochs_only():
     low, high = axis.get_view_interval()
     shown = [float(loc) for loc in axis.get_majorticklocs() if low <= loc <= high]
     assert shown == [1.0], f"ticks at {shown}"
+
+
+def test_every_rate_of_a_wide_grid_has_a_colour_of_its_own():
+    rates = [float(f"{r:.3g}") for r in np.logspace(-5, -1, 16)]
+    figure, _ = rendered(curve_chart([summary_trial(rate, 0, 0.9) for rate in rates], "val_accuracy", "v"))
+    colours = {to_rgb(line.get_color()) for line in figure.axes[0].lines}
+    assert len(colours) == len(rates), "two rates share a colour: the legend cannot tell them apart"

@@ -33,6 +33,8 @@ CURVES = (
     ("val_accuracy", "Validation accuracy"),
     ("lr", "Learning rate (at each epoch's end)"),
 )
+# Colours in matplotlib's default cycle (C0 to C9).
+CYCLE_COLOURS = 10
 # A run "converged" at the first epoch whose validation accuracy reached this share of its final.
 CONVERGENCE_SHARE = 0.95
 # Still improving by more than this at the last epoch: more epochs would likely help.
@@ -371,17 +373,27 @@ def _curves_by_rate(trials: list[dict], key: str) -> dict[tuple[float, bool], li
     return curves
 
 
+def series_colours(count: int) -> list:
+    """A colour per line: matplotlib's ten-colour cycle while it lasts; past ten, evenly spaced
+    colours of one map, in the order of the rates (the cycle would repeat, and two rates would
+    share a colour in the legend)."""
+    if count <= CYCLE_COLOURS:
+        return [f"C{n}" for n in range(count)]
+    return [matplotlib.colormaps["turbo"](n / (count - 1)) for n in range(count)]
+
+
 def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
     """One curve over the epochs: a line per learning rate (the mean over its seeds, a band from
     their min to max)."""
     fig = Figure(figsize=(7.5, 4), dpi=100, layout="constrained")  # 1.5 inches of it for the legend
     ax = fig.subplots()
-    for (rate, stopped), runs in sorted(_curves_by_rate(trials, key).items()):
+    series = sorted(_curves_by_rate(trials, key).items())
+    for ((rate, stopped), runs), colour in zip(series, series_colours(len(series))):
         length = min(len(run) for run in runs)
         epochs = list(range(1, length + 1))
         columns = list(zip(*(run[:length] for run in runs)))
         centre = [sum(c) / len(c) for c in columns]
-        line, = ax.plot(epochs, centre, marker="o", linestyle="--" if stopped else "-",
+        line, = ax.plot(epochs, centre, marker="o", linestyle="--" if stopped else "-", color=colour,
                         label=f"lr {rate:g} (n={len(runs)}{', stopped' if stopped else ''})")
         if len(runs) > 1:
             ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns],
