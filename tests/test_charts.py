@@ -126,3 +126,15 @@ def test_every_rate_of_a_wide_grid_has_a_colour_of_its_own():
     figure, _ = rendered(curve_chart([summary_trial(rate, 0, 0.9) for rate in rates], "val_accuracy", "v"))
     colours = {to_rgb(line.get_color()) for line in figure.axes[0].lines}
     assert len(colours) == len(rates), "two rates share a colour: the legend cannot tell them apart"
+
+
+def test_the_rate_chart_spreads_rates_of_several_decades_on_a_log_axis():
+    rates = [float(f"{r:.3g}") for r in np.logspace(-5, -1, 16)]
+    figure, _ = rendered(curve_chart([summary_trial(rate, 0, 0.9) for rate in rates], "lr", "lr"))
+    assert figure.axes[0].get_yscale() == "log", "rates of 1e-05 to 1e-04 lie on top of each other at 0"
+    # A schedule that ends at rate 0 (cosine) has no place on a log axis: it stays linear.
+    cosine = summary_trial(0.001, 0, 0.9, epochs=3)
+    for record, rate in zip(cosine["history"], (0.001, 0.0005, 0.0)):
+        record["lr"] = rate
+    figure, _ = rendered(curve_chart([cosine], "lr", "lr"))
+    assert figure.axes[0].get_yscale() == "linear"

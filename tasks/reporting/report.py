@@ -35,6 +35,8 @@ CURVES = (
 )
 # Colours in matplotlib's default cycle (C0 to C9).
 CYCLE_COLOURS = 10
+# Rates drawn on a log axis once the largest is this many times the smallest.
+LOG_RATE_SPAN = 10
 # A run "converged" at the first epoch whose validation accuracy reached this share of its final.
 CONVERGENCE_SHARE = 0.95
 # Still improving by more than this at the last epoch: more epochs would likely help.
@@ -382,6 +384,13 @@ def series_colours(count: int) -> list:
     return [matplotlib.colormaps["turbo"](n / (count - 1)) for n in range(count)]
 
 
+def rate_axis_scale(rates: list[float]) -> str:
+    """'log' for rates that span LOG_RATE_SPAN or more, all above 0 (a linear axis piles the small
+    ones onto 0); 'linear' otherwise, as for a schedule that ends at rate 0 (cosine)."""
+    low, high = min(rates), max(rates)
+    return "log" if low > 0 and high / low >= LOG_RATE_SPAN else "linear"
+
+
 def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
     """One curve over the epochs: a line per learning rate (the mean over its seeds, a band from
     their min to max)."""
@@ -402,6 +411,8 @@ def curve_chart(trials: list[dict], key: str, title: str) -> Figure:
     # One tick is enough: asked for two, one epoch alone got ticks at 0.945, 0.96, ...
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("learning rate" if key == "lr" else key.replace("_", " "))
+    if key == "lr" and ax.lines:
+        ax.set_yscale(rate_axis_scale([value for line in ax.lines for value in line.get_ydata()]))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.lines:
