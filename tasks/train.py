@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +35,24 @@ from tasks.checkpoints import checkpointed_history, load_checkpoint, save_checkp
 from tasks.data import DatasetRef, Splits, eval_batches, load_splits, train_batches
 from tasks.devices import DeviceSlots, trial_stream
 from tasks.evaluate import eval_batch_size, measure, place_model
+from tasks.packing import (
+    AUTOCAST_DTYPES,
+    DIVERGENCE_CHECK_STEPS,
+    DIVERGENCE_LOSS,
+    RNG_LOCK,
+    MemberResult,
+    MemberStart,
+    PackedTrainer,
+    Unpackable,
+    divergence_message,
+    engine_name,
+    measure_pack,
+    shuffle,
+)
 from tasks.provenance import code_version, package_versions
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.schedule import Schedule
 from tasks.workspace import Workspace
-
-# Divergence is checked every this many steps (and at every epoch's end): often enough to stop a
-# NaN run within a second, rarely enough that the GPU is not synchronised on every step.
-DIVERGENCE_CHECK_STEPS = 20
-# A loss above this is divergence even while it is finite: a 10-class classifier starts near
-# ln(10) = 2.3, and a too-large step sends it to 1e4..1e29 (measured: Adam at lr 1 and 10, SGD at
-# 10) where it stays at chance accuracy; NaN and infinity are caught by the same comparison.
-DIVERGENCE_LOSS = 100 * math.log(10)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrialDiverged(RuntimeError):
@@ -116,9 +120,9 @@ def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
     return checkpoint_key(spec, dataset)[:24]
 
 
-# torch's global RNG is shared by every thread; network initialisation is the one place that
-# draws from it, so it happens under a lock right after seeding.
-_init_lock = threading.Lock()
+# torch's global RNG is shared by every thread; network initialisation draws from it under a
+# lock right after seeding (as a pack's per-epoch reseeding does).
+_init_lock = RNG_LOCK
 
 
 def model_source(spec: TrialSpec) -> ModelSource:
@@ -167,8 +171,7 @@ class Precision:
 
 def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
     """The shuffle of one epoch: a function of (seed, epoch) alone, so resuming reproduces it."""
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-    return torch.randperm(size, generator=generator).to(device)
+    return shuffle(spec.seed, epoch, size, device)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -220,16 +223,11 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             # The running mean holds every step's loss, so a spike between checks is not missed.
             if step % DIVERGENCE_CHECK_STEPS == 0 and not (running := loss_sum.item() / seen) < DIVERGENCE_LOSS:
-                raise TrialDiverged(
-                    f"mean loss {running:.4g} at epoch {epoch}, step {step} (learning rate "
-                    f"{spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not finite; the "
-                    "trial was stopped", history)
+                raise TrialDiverged(divergence_message(running, epoch, spec.learning_rate, step), history)
         train_loss = loss_sum.item() / size
         step_seconds += time.perf_counter() - epoch_started
         if not train_loss < DIVERGENCE_LOSS:
-            raise TrialDiverged(f"mean training loss {train_loss:.4g} at epoch {epoch} (learning "
-                                f"rate {spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not "
-                                "finite; the trial was stopped", history)
+            raise TrialDiverged(divergence_message(train_loss, epoch, spec.learning_rate), history)
         val_loss, val_accuracy = measure(model, eval_batches(splits, "val", eval_batch_size(splits.device)))
         record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / size,
                   "val_loss": val_loss, "val_accuracy": val_accuracy,
@@ -249,6 +247,102 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         samples_per_second=trained / step_seconds if step_seconds > 0 else 0.0,
         resumed_from=resumed_from,
     )
+
+
+# --- a pack: several trials in one engine call (tasks/packing.py) ------------------------------
+
+@dataclass
+class PackRun:
+    """What one call of `train_pack` did: a result per member, in the order of its specs."""
+
+    results: list[MemberResult]
+    engine: str
+    reason: str | None = None  # why it is not packed, or runs without a CUDA graph
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    return {name: dict(optimizer.state.get(param, {})) for name, param in model.named_parameters()}
+
+
+def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, dict]) -> None:
+    """A member's optimizer state, as the packed engine keeps it, into a torch.optim optimizer of
+    its model: its checkpoint then is the one an unpacked trial writes (and reads)."""
+    for name, param in model.named_parameters():
+        state = {}
+        for key, value in named[name].items():
+            # the fused optimizers keep `step` as a float32 tensor on the parameter's device
+            state[key] = (value.to(device=param.device, dtype=torch.float32) if key == "step"
+                          else torch.empty_like(param).copy_(value))
+        optimizer.state[param] = state
+
+
+def train_one_by_one(specs: list[TrialSpec], splits: Splits, device, checkpoint_dirs: list[Path | None],
+                     on_epoch: Callable[[int, dict], None], stop_at: int | None) -> list[MemberResult]:
+    """The members of a pack that cannot be packed, each trained alone by `train_trial`."""
+    results = []
+    for index, spec in enumerate(specs):
+        try:
+            result = train_trial(spec, splits, device, checkpoint_dirs[index],
+                                 lambda record, index=index: on_epoch(index, record), stop_at=stop_at)
+        except TrialDiverged as error:
+            results.append(MemberResult(history=error.history, error=str(error)))
+            continue
+        results.append(MemberResult(history=result.history, state_dict=result.state_dict,
+                                    resumed_from=result.resumed_from, train_seconds=result.train_seconds,
+                                    samples_per_second=result.samples_per_second))
+    return results
+
+
+def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.device,
+               checkpoint_dirs: list[Path | None] | None = None,
+               on_epoch: Callable[[int, dict], None] | None = None, stop_at: int | None = None,
+               graphs: bool = False, say: Callable[[str], None] = print) -> PackRun:
+    """Train the members of one pack (specs equal but for rate, seed, warmup and weight decay)
+    in one engine call, each from its own checkpoint if it has one; one by one, as `train_trial`
+    trains them, when the model cannot be packed. A diverged member comes back with its error
+    and no weights; the others are unaffected."""
+    device = torch.device(device)
+    dirs = checkpoint_dirs or [None] * len(specs)
+    report = on_epoch or (lambda index, record: None)
+    last_epoch = specs[0].epochs if stop_at is None else min(stop_at, specs[0].epochs)
+    models = [init_model(spec, device, input_shape(splits.dataset)) for spec in specs]
+    optimizers = [make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate, weight_decay=spec.weight_decay)
+                  for spec, model in zip(specs, models)]
+    starts = []
+    for spec, model, optimizer, directory in zip(specs, models, optimizers, dirs):
+        header = None if directory is None else load_checkpoint(directory, spec, model, optimizer, last_epoch)
+        starts.append(MemberStart() if header is None else
+                      MemberStart(epoch=header["epoch"], history=header["history"], train_seconds=header["train_seconds"]))
+    try:
+        pack = PackedTrainer(models, specs, splits.train_x, splits.train_y, graphs=graphs and device.type == "cuda", say=say)
+    except Unpackable as reason:
+        say(f"trials {', '.join(s.name for s in specs)} train one by one: {reason}")
+        return PackRun(train_one_by_one(specs, splits, device, dirs, report, stop_at), engine_name(False, False), str(reason))
+    for index, start in enumerate(starts):
+        if start.epoch:
+            pack.load_member(index, models[index].state_dict(), named_optimizer_state(models[index], optimizers[index]))
+        for record in start.history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
+            report(index, record)
+    histories = [list(start.history) for start in starts]
+    started = time.perf_counter()
+
+    def epoch_done(index: int, record: dict) -> None:
+        histories[index].append(record)
+        if dirs[index] is not None:
+            model, optimizer = models[index], optimizers[index]
+            model.load_state_dict(pack.member_state_dict(index))
+            set_optimizer_state(model, optimizer, pack.optimizer_state(index))
+            for group in optimizer.param_groups:
+                group["lr"] = record["lr"]
+            save_checkpoint(dirs[index], specs[index], record["epoch"], model, optimizer, histories[index],
+                            starts[index].train_seconds + time.perf_counter() - started)
+        report(index, record)
+
+    # every member's forward on one batch: the evaluation batch is shared out among them
+    batch = max(64, eval_batch_size(splits.device) // len(specs))
+    results = pack.train(starts, stop_at, epoch_done,
+                         lambda forward: measure_pack(forward, eval_batches(splits, "val", batch)))
+    return PackRun(results, pack.engine, pack.graph_error)
 
 
 # --- one trial, end to end ----------------------------------------------------------------------
