@@ -3,12 +3,12 @@
 One run, on the same data (Fashion-MNIST, the sweep's own train/validation split) and the same
 network (models/cnn.py, the same seeded initial weights), measures:
 
-1. training images/s of our engine (`tasks.train.train_trial`: dataset resident on the device,
+1. training images/s of our engine (`tasks.training.train.train_trial`: dataset resident on the device,
    batches sliced from a seeded permutation) against a plain loop written like pytorch/examples
    mnist/main.py (a torchvision Dataset with ToTensor + Normalize, a DataLoader of batch 64,
    `num_workers=0`), one epoch each, the same thread count; and the validation accuracy of both
    after that epoch, so speed is not bought with accuracy;
-2. evaluation images/s (`tasks.evaluate.measure` over the test set);
+2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set);
 3. a whole sweep through the real Prefect flow (`flows.sweep.lr_sweep`, W&B offline, local
    registry, evaluation, report) under Prefect's temporary server, in a fresh process: its wall
    time against the sum of its trials' `train_seconds` (the orchestration overhead), and the peak
@@ -46,13 +46,13 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from flows.config import SweepConfig
-from flows.plan import base_spec
 from models.cnn import architecture, build_model
-from tasks.data import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches, torchvision_class
-from tasks.devices import configure_cpu_threads, resolve_devices
-from tasks.evaluate import eval_batch_size, measure, place_model
+from tasks.data.builtin import torchvision_class
+from tasks.data.prepare import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
-from tasks.train import make_optimizer, train_trial
+from tasks.training.devices import configure_cpu_threads, resolve_devices
+from tasks.training.train import make_optimizer, train_trial
 
 # The targets, checked and reported (a miss is printed, the exit code stays 0: a
 # benchmark on a shared machine informs, it does not gate).
@@ -136,7 +136,7 @@ def synchronize(device: str) -> None:
 
 def one_epoch_spec(config: SweepConfig) -> TrialSpec:
     """The sweep's first trial, for one epoch."""
-    return base_spec(config).model_copy(update={"learning_rate": config.learning_rates[0], "epochs": 1})
+    return TrialSpec.shared(config).but(learning_rate=config.learning_rates[0], epochs=1)
 
 
 def warm_up(spec: TrialSpec, splits: Splits, device: str) -> None:
@@ -166,14 +166,14 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ref.mean, ref.std)])
     dataset = torchvision_class(ref.name)(ref.root, train=True, download=False, transform=transform)
     train_idx, _ = split_indices(len(dataset), ref.val_size, ref.split_seed, ref.train_limit)
-    loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
+    loader = DataLoader(Subset(dataset, train_idx.tolist()), batch_size=spec.training.batch_size, shuffle=True,
                         num_workers=0, pin_memory=device.startswith("cuda"),
                         generator=torch.Generator().manual_seed(spec.seed))
     torch.manual_seed(spec.seed)
-    model = build_model(architecture(spec.hidden_units))
+    model = build_model(architecture(spec.network.hidden_units))
     model = place_model(model, device) if engine_model else model.to(device)
     # fused=None: PyTorch's default optimizer implementation, as the example gets.
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate,
+    optimizer = make_optimizer(spec.training.optimizer, model.parameters(), spec.learning_rate,
                                fused=True if engine_model else None)
     model.train()
     synchronize(device)
@@ -199,7 +199,7 @@ def dataloader_epoch(spec: TrialSpec, ref: DatasetRef, splits: Splits, device: s
 # --- 2. evaluation ---------------------------------------------------------------------------------
 
 def evaluation_speed(spec: TrialSpec, state_dict: dict, splits: Splits, device: str) -> float:
-    model = place_model(build_model(architecture(spec.hidden_units)), device)
+    model = place_model(build_model(architecture(spec.network.hidden_units)), device)
     model.load_state_dict(state_dict)
     measure(model, tensor_batches(splits.test_x[:1000], splits.test_y[:1000], eval_batch_size(splits.device)))  # warm-up
     times = []
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     ref = prepare_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, None)
     splits = load_splits(ref, device)
     spec = one_epoch_spec(config)
-    print(f"one epoch of {ref.train_size:,} {ref.name} images, batch {spec.batch_size}, {spec.optimizer} "
+    print(f"one epoch of {ref.train_size:,} {ref.name} images, batch {spec.training.batch_size}, {spec.training.optimizer} "
           f"lr {spec.learning_rate:g}, seed {spec.seed}, on {device} ...", flush=True)
     warm_up(spec, splits, device)
     engine = engine_epoch(spec, splits, device)

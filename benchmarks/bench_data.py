@@ -39,10 +39,12 @@ from torch import nn
 from flows.config import SweepConfig
 from flows.plan import trial_specs
 from models.cnn import architecture, build_model
-from tasks import imagefolder
-from tasks.data import load_splits, locate, locate_dataset, prepare_dataset, read_raw, split_indices, train_batches
-from tasks.devices import configure_cpu_threads, resolve_devices
-from tasks.train import train_trial
+from models.config import ModelConfig
+from tasks.data import imagefolder
+from tasks.data.builtin import locate_dataset, read_raw
+from tasks.data.prepare import load_splits, locate, prepare_dataset, split_indices, train_batches
+from tasks.training.devices import configure_cpu_threads, resolve_devices
+from tasks.training.train import train_trial
 
 FASHION_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle_boot")
@@ -89,7 +91,7 @@ def lr_sweep_path(spec, config: SweepConfig, device: str) -> dict:
     prepare_warm = time.perf_counter() - warm
     order = torch.randperm(splits.train_size, generator=torch.Generator().manual_seed(0)).to(splits.device)
     started = time.perf_counter()
-    count = sum(len(labels) for _, labels in train_batches(splits, order, spec.batch_size))
+    count = sum(len(labels) for _, labels in train_batches(splits, order, spec.training.batch_size))
     synchronize(device)
     data_only = count / (time.perf_counter() - started)
     ends = []
@@ -118,21 +120,21 @@ def plain_loop(spec, folder: Path, mean: tuple, std: tuple, config: SweepConfig,
     train_idx, val_idx = split_indices(len(train_set), config.val_size or len(train_set) // 6, config.split_seed,
                                        config.train_limit)
     cuda = device.startswith("cuda")
-    train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
+    train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.training.batch_size, shuffle=True,
                               num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
     val_loader = DataLoader(Subset(train_set, val_idx.tolist()), batch_size=1024, num_workers=workers, pin_memory=cuda)
     # The data path alone (decode, transform, collate), through a loader of its own: the training
     # loader's shuffle generator is left as it is.
-    data_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.batch_size, shuffle=True,
+    data_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=spec.training.batch_size, shuffle=True,
                              num_workers=workers, pin_memory=cuda, generator=torch.Generator().manual_seed(spec.seed))
     started = time.perf_counter()
     count = sum(len(labels) for _, labels in data_loader)
     data_only = count / (time.perf_counter() - started)
     torch.manual_seed(spec.seed)
-    model = build_model(architecture(spec.hidden_units)).to(device)
+    model = build_model(architecture(spec.network.hidden_units)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
     epochs, accuracy = [], 0.0
-    for _ in range(spec.epochs):
+    for _ in range(spec.training.epochs):
         started = time.perf_counter()
         model.train()
         for images, labels in train_loader:
@@ -156,12 +158,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_speed(spec, config: SweepConfig, device: str, train_limit: int, **changes) -> float:
+def engine_speed(spec, config: SweepConfig, device: str, train_limit: int, model: str | None = None,
+                 precision: str = "fp32") -> float:
     """Training images/s of lr-sweep's own loop (`train_trial`'s samples_per_second: the steps of
     an epoch, validation left out) for one epoch of `train_limit` images, after one to warm up,
-    with `changes` to the trial (model, precision)."""
+    with another model or precision."""
     ref = prepare_dataset(config.dataset, config.data_dir, 256, config.split_seed, train_limit)
-    trial = spec.model_copy(update={"epochs": 1, **changes})
+    trial = spec.but(epochs=1, precision=precision)
+    if model is not None:
+        trial = trial.model_copy(update={"network": ModelConfig(model=model)})
     splits = load_splits(ref, device)
     train_trial(trial, splits, device)  # warm-up: the first steps of a network run slow
     return train_trial(trial, splits, device).samples_per_second
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_including_decode": sum(plain["epoch_s"]) / ours_total,
         "val_accuracy_points_apart": 100 * abs(ours["val_accuracy"] - plain["val_accuracy"]),
     }
-    print(f"{ours['train_size']:,} training / {ours['val_size']:,} validation images, batch {spec.batch_size}, "
+    print(f"{ours['train_size']:,} training / {ours['val_size']:,} validation images, batch {spec.training.batch_size}, "
           f"lr {spec.learning_rate:g}, seed {spec.seed}")
     print(f"lr-sweep: cold prepare {ours['prepare_cold_s']:.1f} s (fingerprint + decode + cache), load "
           f"{ours['load_splits_s']:.1f} s; warm prepare {ours['prepare_warm_s']:.1f} s")

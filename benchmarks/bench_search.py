@@ -40,13 +40,13 @@ import torch
 
 from benchmarks.bench import cpu_model
 from flows.config import SweepConfig
-from flows.plan import base_spec
-from tasks.data import load_splits, prepare_dataset
-from tasks.halving import epoch_accounting, rung_epochs, successive_halving
-from tasks.range_test import lr_range_test, plot_range_test
-from tasks.ranking import rank
-from tasks.sequential import CheckpointedTrainer
-from tasks.tpe import open_study, tpe_search
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.evaluation.ranking import rank
+from tasks.results import TrialSpec
+from tasks.search.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.search.range_test import lr_range_test, plot_range_test
+from tasks.search.tpe import open_study, tpe_search
+from tasks.training.sequential import CheckpointedTrainer
 
 MAX_GAP_POINTS = 0.3  # successive halving's best val accuracy vs the grid's, in points
 MAX_EPOCH_FRACTION = 0.40  # of the grid's epochs
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     ref = prepare_dataset("fashion-mnist", Path(args.data_dir), 10000, 0, args.train_limit)
     splits = load_splits(ref, args.device)
     rates = [float(x) for x in np.logspace(math.log10(args.min_lr), math.log10(args.max_lr), args.rates)]
-    base = base_spec(SweepConfig(epochs=args.epochs, batch_size=args.batch_size, hidden_units=args.hidden_units,
-                                 seeds=[args.seed], optimizer="adam")).model_copy(update={"learning_rate": rates[0]})
+    base = TrialSpec.shared(SweepConfig(epochs=args.epochs, batch_size=args.batch_size, hidden_units=args.hidden_units,
+                                        seeds=[args.seed], optimizer="adam")).but(learning_rate=rates[0])
     rungs = rung_epochs(args.epochs, 1, args.eta)
     figures["setup"] = {"dataset": ref.name, "train_size": ref.train_size, "val_size": ref.val_size,
                         "learning_rates": rates, "epochs": args.epochs, "batch_size": args.batch_size,

@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -39,13 +40,15 @@ from models.errors import InputError, RegistryError
 
 EXIT_USER_ERROR = 2
 SERVE_DEPLOYMENT = "lr-sweep"  # `prefect deployment run lr-sweep/lr-sweep`, as with prefect.yaml's
-NIGHTLY_CRON = "0 2 * * *"
+# The deployments' definitions: `lr-sweep serve` takes its nightly schedule from there, as
+# `prefect deploy` does.
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
                          "behaviour) instead of the background one `lr-sweep server` manages")
 
 
 def print_table(summary: dict) -> None:
-    from tasks.report import trial_table
+    from tasks.reporting.report import trial_table
 
     print(f"{'lr':>9} {'seed':>4} {'status':>9} {'train acc':>9} {'val acc':>8} {'test acc':>8} "
           f"{'val loss':>8} {'sec':>7}  model")
@@ -87,8 +90,8 @@ def command_run(args: argparse.Namespace) -> int:
     # import it), and the server starts while they run. A refused input leaves it running for the
     # next sweep; nothing of the sweep is written.
     server = None if args.dry_run else launch_server(args)
-    with collector_paused("tasks.data"):  # torch and Prefect behind it
-        from tasks.data import DatasetError
+    with collector_paused("tasks.data.prepare"):  # torch and Prefect behind it
+        from tasks.data.spec import DatasetError
     try:
         dataset = check_run(config, dry_run=args.dry_run)
     except DatasetError as error:  # missing or corrupt files: not the config's fault
@@ -103,7 +106,7 @@ def command_run(args: argparse.Namespace) -> int:
         from flows.dispatch import RegistryNotShared
         from flows.plan import checked_dataset
         from flows.sweep import SweepFailed, lr_sweep
-        from tasks.tracking import WandbUnavailable
+        from tasks.reporting.tracking import WandbUnavailable
 
     try:
         wait_for_server(server)
@@ -131,7 +134,7 @@ def command_run(args: argparse.Namespace) -> int:
 def check_study_storage(config: SweepConfig) -> None:
     """An unreachable Optuna storage is bad input: refused before anything trains (checked
     without writing to it: no study is made)."""
-    from tasks.tpe import StudyStorageError, check_storage
+    from tasks.search.tpe import StudyStorageError, check_storage
 
     if config.optuna_storage is None:
         return  # sqlite in the output directory, made by the sweep
@@ -169,7 +172,7 @@ def terminal_progress(enabled: bool):
         return
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-    from tasks import progress as trial_progress
+    from tasks.reporting import progress as trial_progress
 
     bars = Progress(TextColumn("{task.fields[trial]:>16}"), BarColumn(), TaskProgressColumn(),
                     TextColumn("{task.description}"), transient=False)
@@ -208,6 +211,14 @@ def command_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def nightly_cron() -> str:
+    """The cron of prefect.yaml's nightly schedule (definitions.nightly), the one every sweep
+    deployment uses."""
+    import yaml
+
+    return yaml.safe_load(PREFECT_YAML.read_text())["definitions"]["nightly"][0]["cron"]
+
+
 def command_serve(args: argparse.Namespace) -> int:
     """Register the sweep on the background server and run what the UI starts: Prefect's
     `flow.serve` (no work pool, no worker). The UI's Run form and the nightly schedule (created
@@ -220,9 +231,10 @@ def command_serve(args: argparse.Namespace) -> int:
         from flows.sweep import lr_sweep
 
     wait_for_server(server)
-    schedule = Schedule(cron=args.cron, timezone="UTC", active=args.schedule_active)
+    cron = args.cron or nightly_cron()
+    schedule = Schedule(cron=cron, timezone="UTC", active=args.schedule_active)
     print(f"serving lr-sweep/{SERVE_DEPLOYMENT}: run it from the UI (Deployments > {SERVE_DEPLOYMENT} > Run) or with "
-          f"`prefect deployment run lr-sweep/{SERVE_DEPLOYMENT}`; schedule {args.cron} UTC "
+          f"`prefect deployment run lr-sweep/{SERVE_DEPLOYMENT}`; schedule {cron} UTC "
           f"{'on' if args.schedule_active else 'off (turn it on in the UI)'}", file=sys.stderr)
     # A module entrypoint, as prefect.yaml's: the run imports flows.sweep as the package module (a
     # file entrypoint loads it under another name, where SweepConfig's annotation does not resolve).
@@ -254,12 +266,13 @@ def command_server(args: argparse.Namespace) -> int:
 
 def command_data(args: argparse.Namespace) -> int:
     """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
-    from flows.plan import dataset_arguments
-    from tasks.data import DatasetError, DatasetInputError, prepare_dataset
+    from tasks.data.config import DataConfig
+    from tasks.data.prepare import prepare_configured
+    from tasks.data.spec import DatasetError, DatasetInputError
 
     config = parse_config(args)
     try:
-        ref = prepare_dataset(**dataset_arguments(config))
+        ref = prepare_configured(DataConfig.of(config))
     except DatasetInputError as error:
         raise InputError(error.field, str(error)) from None
     except DatasetError as error:
@@ -296,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="register the sweep on the background server and run the "
                                 "UI's runs and the nightly schedule (no pool, no worker)")
-    serve.add_argument("--cron", default=NIGHTLY_CRON, help=f"the schedule, UTC (default: {NIGHTLY_CRON!r}, as prefect.yaml)")
+    serve.add_argument("--cron", default=None, help="the schedule, UTC (default: prefect.yaml's nightly schedule)")
     serve.add_argument("--schedule-active", action="store_true", help="switch the schedule on (default: off, "
                        "as prefect.yaml; turn it on in the UI)")
     serve.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)

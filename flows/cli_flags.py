@@ -1,5 +1,5 @@
 """The CLI's flags, generated from SweepConfig: one per field (the field's name with dashes), in
-the help group of its title, "(default: X)" from the field; a preset file (--config) read into
+the help group of its config group, "(default: X)" from the field; a preset file (--config) read into
 the same fields. Flags, defaults and help can never drift from the config."""
 
 from __future__ import annotations
@@ -10,8 +10,13 @@ import types
 import typing
 from pathlib import Path
 
-from flows.config import SweepConfig
+from flows.config import SECTION_OF, SweepConfig
+from models.config import ModelConfig
 from models.errors import InputError
+from tasks.data.config import DataConfig
+from tasks.reporting.config import StorageConfig, TrackingConfig
+from tasks.search.config import RANGE_TEST_FIELDS, GridConfig
+from tasks.training.config import TrainingConfig
 
 PRESET_HELP = ("a preset: a .toml or .yaml file of SweepConfig fields (examples/*.toml); the flags given "
                "override it, and it overrides LR_SWEEP_* variables")
@@ -26,31 +31,26 @@ def _none_or(kind):
     return parse
 
 
-# The help's groups, from the group word of each field's title ("1 Experiment · epochs").
-HELP_GROUPS = {"Experiment": "Experiment", "Search": "Search", "Selection": "Selection and promotion",
-               "Promotion": "Selection and promotion", "Infrastructure": "Infrastructure",
-               "Tracking": "Tracking and storage", "Storage": "Tracking and storage"}
 # What `find` (the range test alone) does not use: the grid, the registry, where models go.
 NOT_FOR_FIND = {"learning_rates", "epochs", "collection", "registry", "registry_dir", "wandb_registry_collection"}
+FIND_GROUPS = (GridConfig, TrainingConfig, ModelConfig, DataConfig, TrackingConfig, StorageConfig)
 
 
 def help_group(name: str) -> str:
-    title = SweepConfig.model_fields[name].title or ""
-    word = title.split(" · ")[0].split(" ", 1)[-1]
-    return HELP_GROUPS.get(word, "Other")
+    """The help's group of a field: its config group's section, without its number."""
+    return SECTION_OF[name].split(" ", 1)[1]
 
 
 def find_fields() -> list[str]:
     """The range test's flags: the experiment, tracking and storage fields a range test uses,
     its own (min_lr, max_lr, auto_factors) and the device."""
-    fields = SweepConfig.model_fields
-    return [name for name in fields
-            if (help_group(name) in ("Experiment", "Tracking and storage") and name not in NOT_FOR_FIND)
-            or "range test" in (fields[name].title or "") or name in ("auto_factors", "device")]
+    wanted = {name for group in FIND_GROUPS for name in group.model_fields if name not in NOT_FOR_FIND}
+    wanted |= set(RANGE_TEST_FIELDS) | {"device"}
+    return [name for name in SweepConfig.model_fields if name in wanted]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str] | None = None) -> None:
-    """One flag per SweepConfig field (or per field in `names`), in the help group of its title;
+    """One flag per SweepConfig field (or per field in `names`), in the help group of its config group;
     values are validated by SweepConfig itself."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name in names or SweepConfig.model_fields:

@@ -50,11 +50,11 @@ def command_promote(args: argparse.Namespace) -> int:
     the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
     automation exports what a rollback rolled back to."""
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
+    from models.config import ModelConfig
     from models.local_registry import LocalRegistry
     from models.registry import split_name
-    from models.sources import ModelSource
-    from tasks.data import DatasetError, DatasetInputError
-    from tasks.manual_promotion import decide_against_holder
+    from tasks.data.spec import DatasetError, DatasetInputError
+    from tasks.evaluation.manual_promotion import decide_against_holder
     from tasks.results import Promotion
 
     config = parse_config(args)
@@ -73,7 +73,7 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelSource(spec=config.model, args=config.model_args),  # the only user code it may import
+                allowed=ModelConfig.of(config).source(),  # the only user code it may import
                 dataset_spec=config.dataset)
         except DatasetInputError:
             raise  # bad input (exit 2, the field named), not missing files
@@ -110,7 +110,7 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.compare import emit_promoted
+    from tasks.evaluation.compare import emit_promoted
 
     limited = (metadata.get("dataset") or {}).get("train_limit") is not None
     with temporary_settings({PREFECT_API_URL: events_url}):
@@ -122,8 +122,8 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
-    from tasks.data import DatasetError
-    from tasks.tracking import WandbUnavailable
+    from tasks.data.spec import DatasetError
+    from tasks.reporting.tracking import WandbUnavailable
 
     try:
         plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,

@@ -40,9 +40,9 @@ from flows.plan import TRIAL_FLOW_NAME
 from flows.trial import release_slot_of
 from flows.trial_runs import HEARTBEAT_SECONDS, TrialRuns, TrialRunWatcher
 from models.registry import ModelRegistry
-from tasks.data import DatasetRef
+from tasks.data.prepare import DatasetRef
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.train import failed_outcome
+from tasks.training.train import failed_outcome
 from tasks.workspace import Workspace
 
 # The setting that makes a flow run send heartbeats, in seconds (Prefect's flow engine reads it).
@@ -226,9 +226,9 @@ def require_trained_as(spec: TrialSpec, trial: TrialOutcome, registry: ModelRegi
     so): another model of the registry cannot stand in for it."""
     infos = [info for info in registry.versions(trial.model.collection) if info.ref == trial.model]
     training = infos[0].metadata.get("training") if infos else None
-    if training != spec.model_dump():
+    if training != spec.record():
         raise OutcomeRefused(f"trial {spec.name} handed back {trial.model.short}, a model trained with "
-                             f"{training}, not with the submitted {spec.model_dump()}: refused, nothing "
+                             f"{training}, not with the submitted {spec.record()}: refused, nothing "
                              "was promoted")
 
 

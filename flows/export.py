@@ -20,7 +20,6 @@ match their digest, or when a name is not a plain name.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -30,17 +29,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from models.backends import open_registry
-from models.sources import ModelSource
+from models.config import ModelConfig
 from tasks.export import CARD_FILE, NotInThisRegistry, export_bundle
+from tasks.reporting.artifact_keys import artifact_key
 
 # Bundles go beside the sweeps, in the output directory's folder kept for them (models/names.py
 # reserves the name), so a container's bundles land on the outputs volume with the sweeps.
 EXPORTS_FOLDER = "exports"
-
-
-def artifact_key(collection: str) -> str:
-    """Prefect artifact keys: lowercase letters, digits and dashes."""
-    return "model-card-" + (re.sub(r"[^a-z0-9-]+", "-", collection.lower()).strip("-") or "model")
 
 
 def export_settings(registry: str | None = None, registry_dir: str | None = None, wandb_project: str | None = None,
@@ -62,14 +57,14 @@ def export_model(collection: str, alias: str, digest: str | None, config: SweepC
                              entity=config.wandb_entity, registry_collection=None)
     try:
         bundle = export_bundle(registry, collection, alias, digest, output_dir,
-                               allowed=ModelSource(spec=config.model, args=config.model_args))
+                               allowed=ModelConfig.of(config).source())
     except NotInThisRegistry as error:
         logger.info("not exported: %s", error)
         return {"exported": False, "reason": str(error)}
     reused = " (already there, files and logits re-checked)" if bundle["reused"] else ""
     logger.info("exported %s (digest %s…) -> %s%s", bundle["model"], bundle["digest"][:12], bundle["path"], reused)
     with open(f"{bundle['path']}/{CARD_FILE}") as card:
-        create_markdown_artifact(markdown=card.read(), key=artifact_key(collection),
+        create_markdown_artifact(markdown=card.read(), key=artifact_key("model-card", collection),
                                  description=f"Model card of {bundle['model']} ({alias}), digest {bundle['digest'][:12]}")
     return bundle | {"exported": True}
 

@@ -15,14 +15,15 @@ from pathlib import Path
 
 from flows.config import SweepConfig
 from flows.preflight import check_machine, check_model
+from models.config import ModelConfig
 from models.names import inside
 from models.source_spec import short_name
-from models.sources import ModelSource
-from tasks import tracking
-from tasks.data import DatasetRef, prepare_data
-from tasks.dataset_spec import dataset_label
-from tasks.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
+from tasks.data.config import DataConfig
+from tasks.data.prepare import DatasetRef, prepare_data
+from tasks.data.spec import dataset_label
+from tasks.reporting import tracking
 from tasks.results import TrialSpec
+from tasks.training.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -41,16 +42,7 @@ def collection_name(config: SweepConfig) -> str:
 
 def trial_specs(config: SweepConfig, learning_rates: list[float] | None = None) -> list[TrialSpec]:
     """One spec per (learning rate, seed); `learning_rates` replaces the config's (auto, searches)."""
-    return [base_spec(config).model_copy(update={"learning_rate": rate, "seed": seed})
-            for rate, seed in config.trial_grid(learning_rates)]
-
-
-def base_spec(config: SweepConfig) -> TrialSpec:
-    """What every trial of the sweep shares; the searches set the rate (and the seed is the first)."""
-    return TrialSpec(learning_rate=1.0, seed=config.seeds[0], epochs=config.epochs, batch_size=config.batch_size,
-                     hidden_units=config.hidden_units, optimizer=config.optimizer, model=config.model,
-                     model_args=config.model_args, lr_schedule=config.lr_schedule, warmup_epochs=config.warmup_epochs,
-                     weight_decay=config.weight_decay, precision=config.precision)
+    return [TrialSpec.of(config, rate, seed) for rate, seed in config.trial_grid(learning_rates)]
 
 
 def validated(config: SweepConfig) -> SweepConfig:
@@ -74,24 +66,17 @@ def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
         registry=RegistrySettings(backend=config.registry, directory=Path(config.registry_dir).resolve(),
                                   project=config.wandb_project, entity=config.wandb_entity,
                                   registry_collection=config.wandb_registry_collection),
-        model_source=ModelSource(spec=config.model, args=config.model_args, hidden_units=config.hidden_units),
+        model_source=ModelConfig.of(config).source(),
     )
     workspace.sweep_dir.mkdir(parents=True, exist_ok=True)
     tracking.point_wandb_dirs(output)
     return workspace
 
 
-def dataset_arguments(config: SweepConfig) -> dict:
-    """What `prepare_dataset` (and its task, `prepare_data`) take from the config."""
-    return {"name": config.dataset, "data_dir": config.data_dir, "val_size": config.val_size,
-            "split_seed": config.split_seed, "train_limit": config.train_limit, "image_size": config.image_size,
-            "num_workers": config.num_workers}
-
-
 # The DatasetRef `lr-sweep run`'s pre-flight prepared, for the flow it runs next in this process.
 # Set around that one call only: a long-lived process (`lr-sweep serve`) reads its data afresh
 # for every run, so a folder that changed between runs is fingerprinted again.
-_checked_dataset: ContextVar[tuple[dict, DatasetRef] | None] = ContextVar("checked_dataset", default=None)
+_checked_dataset: ContextVar[tuple[DataConfig, DatasetRef] | None] = ContextVar("checked_dataset", default=None)
 
 
 @contextlib.contextmanager
@@ -99,7 +84,7 @@ def checked_dataset(config: SweepConfig, dataset: DatasetRef):
     """Within this block a flow of `config` takes `dataset`, prepared by the pre-flight moments
     ago, instead of reading and fingerprinting every file again (or, for ImageFolders, loading
     every cached image twice)."""
-    token = _checked_dataset.set((dataset_arguments(config), dataset))
+    token = _checked_dataset.set((DataConfig.of(config), dataset))
     try:
         yield
     finally:
@@ -109,11 +94,11 @@ def checked_dataset(config: SweepConfig, dataset: DatasetRef):
 def dataset_of(config: SweepConfig) -> DatasetRef:
     """The sweep's data, located, verified and decoded once (the prepare_data task), unless the
     pre-flight of this very run just did it for the same arguments."""
-    arguments = dataset_arguments(config)
+    data = DataConfig.of(config)
     checked = _checked_dataset.get()
-    if checked is not None and checked[0] == arguments:
+    if checked is not None and checked[0] == data:
         return checked[1]
-    return prepare_data(**arguments)
+    return prepare_data(data)
 
 
 @dataclass
@@ -143,6 +128,3 @@ class SweepContext:
         sweep_id = sweep_id or config.sweep_id or new_sweep_id()
         return cls(config=config, sweep_id=sweep_id, devices=devices, threads=threads, slots=slots,
                    dataset=dataset, workspace=make_workspace(config, sweep_id))
-
-    def base_spec(self) -> TrialSpec:
-        return base_spec(self.config)

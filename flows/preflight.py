@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from models.config import ModelConfig
 from models.errors import InputError
 from models.user_code import SourceError
 
@@ -50,13 +51,14 @@ def check_run(config, dry_run: bool = False):
     """Everything `lr-sweep run` checks before it starts a server or writes a file: the machine,
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
-    from flows.plan import dataset_arguments
-    from tasks.data import DatasetInputError, prepare_dataset
+    from tasks.data.config import DataConfig
+    from tasks.data.prepare import prepare_configured
+    from tasks.data.spec import DatasetInputError
 
     check_machine(config, probe_device=not dry_run)
     check_model_code(config)
     try:
-        dataset = prepare_dataset(**dataset_arguments(config), allow_download=not dry_run)
+        dataset = prepare_configured(DataConfig.of(config), allow_download=not dry_run)
     except (SourceError, DatasetInputError) as error:
         raise InputError(error.field, str(error)) from None
     check_model(config, dataset)
@@ -65,10 +67,9 @@ def check_run(config, dry_run: bool = False):
 
 def check_model_code(config) -> None:
     """User model code is found and imports, and names a function: before any data is read."""
-    from models.sources import ModelSource
     from models.user_code import load_callable
 
-    source = ModelSource(spec=config.model, args=config.model_args)
+    source = ModelConfig.of(config).source()
     if source.kind == "user":
         try:
             load_callable(source.code(), "model")
@@ -78,11 +79,10 @@ def check_model_code(config) -> None:
 
 def check_model(config, dataset) -> None:
     """The model source builds a network that maps the dataset's images to its classes."""
-    from flows.plan import base_spec
     from models.sources import check_source
-    from tasks.train import input_shape, model_source
+    from tasks.training.train import input_shape
 
     try:
-        check_source(model_source(base_spec(config)), input_shape(dataset))
+        check_source(ModelConfig.of(config).source(), input_shape(dataset))
     except SourceError as error:
         raise InputError(error.field, str(error)) from None

@@ -13,7 +13,7 @@ Two steps:
    is replayed only while the local registry still gives the alias to that model: if a later
    sweep or a manual promotion moved it since, replaying the old one would set W&B back in
    time, so it is skipped and the reason is said.
-3. The sweep's W&B report (tasks/wandb_report.py) is saved in the project: its curves are drawn by
+3. The sweep's W&B report (tasks/reporting/wandb_report.py) is saved in the project: its curves are drawn by
    W&B from the synced runs, the verdict and tables come from summary.json.
 
 Publishing is idempotent: synced runs are skipped by `wandb sync`, an alias already on the
@@ -39,8 +39,8 @@ from models.local_registry import LocalRegistry
 from models.names import check_name, inside
 from models.registry import DigestMismatch, split_name
 from models.wandb_registry import WandbRegistry
-from tasks import tracking
-from tasks.wandb_report import save_wandb_report
+from tasks.reporting import tracking
+from tasks.reporting.wandb_report import save_wandb_report
 
 # `wandb sync` has committed the artifacts when it returns; the server may take a moment before
 # a query lists them, so the synced version is looked for a few times.
@@ -250,7 +250,7 @@ def apply_promotion(plan: PublishPlan, registry, *, force: bool = False, attempt
         previous = registry.move_alias(ref, plan.alias, reason=reason)
         return {"moved": True, "forced": True, "alias": plan.alias, "model": str(ref),
                 "previous": str(previous) if previous else None}
-    from tasks.manual_promotion import decide_against_holder  # torch and the data: only when gating
+    from tasks.evaluation.manual_promotion import decide_against_holder  # torch and the data: only when gating
 
     promotion, holder = decide_against_holder(registry, ref, stored.metadata, plan.alias, plan.promotion_margin,
                                               plan.data_dir or SweepConfig.model_fields["data_dir"].default)

@@ -1,8 +1,8 @@
 """Searches beyond the grid, orchestrated: the LR range test before a sweep (`learning_rates:
 auto`), successive halving (`search: asha`) and TPE (`search: tpe`) as waves of Prefect tasks.
 
-The decisions are plain functions, one module per algorithm (tasks/range_test.py,
-tasks/halving.py, tasks/tpe.py); this module gives them a `train_to` that
+The decisions are plain functions, one module per algorithm (tasks/search/range_test.py,
+tasks/search/halving.py, tasks/search/tpe.py); this module gives them a `train_to` that
 trains a rung's trials in parallel, one Prefect task each, on the sweep's device slots: a rung
 below the last trains to that epoch and checkpoints (`train_until`), the last rung is the
 ordinary trial (`train_model`: it resumes from that checkpoint with the weights of an
@@ -19,15 +19,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
-from flows.plan import SweepContext, base_spec, validated
-from tasks.data import DatasetRef
-from tasks.devices import DeviceSlots
-from tasks.halving import epoch_accounting, rung_epochs, successive_halving
-from tasks.range_test import RangeTestResult, auto_grid, find_learning_rate
-from tasks.ranking import higher_is_better
+from flows.plan import SweepContext, validated
+from tasks.data.prepare import DatasetRef
+from tasks.evaluation.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.tpe import default_storage_url, masked_url, open_study, startup_trials, study_name, tpe_search
-from tasks.train import failed_outcome, record_stopped_task, train_model, train_until_task
+from tasks.search.config import masked_url
+from tasks.search.halving import epoch_accounting, rung_epochs, successive_halving
+from tasks.search.range_test import RangeTestResult, auto_grid, find_learning_rate
+from tasks.search.tpe import default_storage_url, open_study, startup_trials, study_name, tpe_search
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import failed_outcome, record_stopped_task, train_model, train_until_task
 from tasks.workspace import Workspace
 
 
@@ -47,7 +48,7 @@ def find_learning_rate_task(spec: TrialSpec, dataset, workspace, slots, min_lr: 
 
 def auto_learning_rates(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots) -> list[float]:
     """`learning_rates: auto`: the range test's suggestion times each of `auto_factors`."""
-    result = find_learning_rate_task(base_spec(config), dataset, workspace, slots, config.min_lr, config.max_lr)
+    result = find_learning_rate_task(TrialSpec.shared(config), dataset, workspace, slots, config.min_lr, config.max_lr)
     rates = auto_grid(result.suggestion, config.auto_factors)
     get_run_logger().info(f"learning rates from the range test: {', '.join(f'{r:g}' for r in rates)}")
     return rates
@@ -66,7 +67,7 @@ class RungTrainer:
         return self.base.model_copy(update={"learning_rate": float(rate)})
 
     def __call__(self, rates, epoch: int) -> dict[float, list[dict]]:
-        last = epoch >= self.base.epochs
+        last = epoch >= self.base.training.epochs
         futures = {rate: (train_model if last else train_until_task).submit(
             self.spec(rate), self.dataset, self.workspace, self.slots, *(() if last else (epoch,)))
             for rate in rates}
@@ -104,7 +105,7 @@ def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, s
     did, for summary.json."""
     logger = get_run_logger()
     rungs = rung_epochs(config.epochs, config.grace_epochs, config.reduction_factor)
-    trainer = RungTrainer(base_spec(config), dataset, workspace, slots)
+    trainer = RungTrainer(TrialSpec.shared(config), dataset, workspace, slots)
     metric = config.selection_metric
     if config.search == "asha":
         result = successive_halving(rates, rungs, config.reduction_factor, trainer, metric, log=logger.info)
@@ -144,7 +145,7 @@ def lr_sweep_find(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     config = validated(config)
     context = SweepContext.from_config(config, per_device=1)
     workspace = context.workspace
-    result = find_learning_rate_task(context.base_spec(), context.dataset, workspace, context.slots,
+    result = find_learning_rate_task(TrialSpec.shared(context.config), context.dataset, workspace, context.slots,
                                      config.min_lr, config.max_lr)
     return {"suggestion": result.suggestion, "grid": auto_grid(result.suggestion, config.auto_factors),
             "chart": str(workspace.sweep_dir / "lr_find.png"), "stopped_early": result.stopped_early,

@@ -22,15 +22,15 @@ from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
 from flows.plan import SweepContext, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
-from tasks import tracking
-from tasks.compare import compare_and_promote_task
-from tasks.data import DatasetRef
-from tasks.devices import DeviceSlots
-from tasks.evaluate import evaluate_model
-from tasks.report import build_summary, ui_table, write_report_task
+from tasks.data.prepare import DatasetRef
+from tasks.evaluation.compare import compare_and_promote_task
+from tasks.evaluation.evaluate import evaluate_model
+from tasks.reporting import tracking
+from tasks.reporting.report import build_summary, ui_table, write_report_task
+from tasks.reporting.wandb_report import save_wandb_report_task
 from tasks.results import TrialOutcome, TrialSpec
-from tasks.train import failed_outcome, train_model
-from tasks.wandb_report import save_wandb_report_task
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import failed_outcome, train_model
 from tasks.workspace import Workspace
 
 # Threads of the flow's task runner: enough for every trial to wait for a device slot; the slots,
@@ -147,10 +147,7 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
         sweep_id=sweep_id, config=config.model_dump(mode="json") | {  # paths as used, whatever the cwd later
             "registry_dir": str(workspace.registry.directory), "output_dir": str(workspace.sweep_dir.parent),
             "data_dir": str(Path(config.data_dir).resolve())},
-        dataset={"name": dataset.name, "fingerprint": dataset.fingerprint, "train_size": dataset.train_size,
-                 "val_size": dataset.val_size, "test_size": dataset.test_size, "channels": dataset.channels,
-                 "image_size": dataset.image_size, "num_classes": dataset.num_classes,
-                 "class_names": list(dataset.class_names) if dataset.class_names else None},
+        dataset=dataset.as_metadata() | {"image_size": dataset.image_size},
         trials=trials, decision=decision, wall_seconds=time.perf_counter() - started, devices=devices,
         wandb={"mode": config.wandb_mode, "project": config.wandb_project, "entity": config.wandb_entity,
                "output_dir": str(workspace.sweep_dir.parent)},

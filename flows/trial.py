@@ -35,7 +35,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun
-from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
@@ -43,11 +42,14 @@ from prefect.states import Failed
 
 from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
+from flows.prefect_adapter import renewed_lease
 from flows.trial_runs import TRIAL_FAILED_STATE, server_unreachable
-from tasks.data import DatasetError, DatasetRef
-from tasks.devices import DeviceSlots
+from tasks.data.prepare import DatasetRef
+from tasks.data.spec import DatasetError
+from tasks.reporting.artifact_keys import artifact_key
 from tasks.results import TrialSpec
-from tasks.train import artifact_key, failed_outcome, train_model
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import failed_outcome, train_model
 
 DEVICE_LIMIT_PREFIX = "lr-sweep-device"
 # Set by every Prefect worker in the environment of the flow runs it starts.
@@ -196,7 +198,7 @@ def worker_device(worker: str, devices: list[str], per_device: int,
             time.sleep(DEVICE_RETRY_SECONDS)
             continue
         try:
-            with maintain_concurrency_lease(lease, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+            with renewed_lease(lease, LEASE_SECONDS):
                 yield devices[index]
         finally:
             give_back(flow_run_id, lease)
@@ -278,7 +280,7 @@ def slot_wait_reporter(spec: TrialSpec) -> Callable[[str], None]:
         get_run_logger().info(f"trial {spec.name}: {status}")
         description = f"{spec.name}: {status}"
         if "artifact" not in shown:
-            shown["artifact"] = create_progress_artifact(0.0, key=f"slot-{artifact_key(spec.name)}",
+            shown["artifact"] = create_progress_artifact(0.0, key=artifact_key("slot", spec.name),
                                                          description=description)
         else:
             update_progress_artifact(shown["artifact"], 0.0, description=description)

@@ -6,7 +6,7 @@ names at most one version of a collection (adding it to one version takes it fro
 What W&B does not give us is OUR digest: its own artifact digest is an MD5 over its manifest, so
 the SHA-256 manifest digest of models/serialization.py (the one the local backend computes) is
 stored in the artifact's metadata and re-computed from the downloaded files before anything is
-loaded. A model synced from an offline run carries the same key (tasks/train.py writes it), so
+loaded. A model synced from an offline run carries the same key (tasks/training/train.py writes it), so
 both paths are checked alike.
 
 Logging is robust to the race of wandb/wandb#3843 and #4260: trials of one sweep commit versions
@@ -55,7 +55,7 @@ from models.serialization import METADATA_FILE, WEIGHTS_FILE, digest_files, mode
 
 ARTIFACT_TYPE = "model"
 # Keys this backend adds to the model's own metadata in the artifact's metadata. `digest` is also
-# what tasks/train.py writes into the artifact of an offline run, so synced models verify alike.
+# what tasks/training/train.py writes into the artifact of an offline run, so synced models verify alike.
 DIGEST_KEY = "digest"
 FILES_KEY = "file_sha256"
 PROMOTIONS_KEY = "promotions"

@@ -12,8 +12,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The files whose content decides what a trained model is; a change to any of them means a
 # cached model of the same configuration is no longer the model this code would train.
-TRAINING_SOURCES = ("models/cnn.py", "tasks/data.py", "tasks/builtin_data.py", "tasks/imagefolder.py",
-                    "tasks/user_data.py", "tasks/train.py", "tasks/evaluate.py")
+TRAINING_SOURCES = ("models/cnn.py", "tasks/data/prepare.py", "tasks/data/builtin.py", "tasks/data/imagefolder.py",
+                    "tasks/data/function.py", "tasks/training/train.py", "tasks/evaluation/evaluate.py")
 PACKAGES = ("torch", "torchvision", "prefect", "wandb", "pydantic", "safetensors")
 
 

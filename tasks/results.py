@@ -4,7 +4,7 @@ A trial is described by a `TrialSpec`, comes back as a `TrialOutcome` holding a 
 (collection, version, digest), gains an `Evaluation` measured on the model fetched by that
 reference, and the compare step returns a `Promotion`. They are frozen pydantic models: they
 cross threads, Prefect parameters and (for dispatched trials) process and node boundaries as
-JSON, never as pickles. They become dicts only where summary.json is written (tasks/report.py).
+JSON, never as pickles. They become dicts only where summary.json is written (tasks/reporting/report.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from models.names import trial_name  # noqa: F401 (re-exported: the tasks' import of it)
+from models.config import ModelConfig
+from models.names import trial_name
 from models.registry import ModelRef
+from tasks.training.config import TrainingConfig
 
 TrialStatus = Literal["completed", "failed", "diverged", "stopped"]
 
@@ -25,20 +27,37 @@ class Frozen(BaseModel):
 
 
 class TrialSpec(Frozen):
-    """What makes one trial: its hyper-parameters. No defaults here: they live in SweepConfig."""
+    """What makes one trial: its learning rate and seed, and the groups of the sweep's config that
+    shape it (training, model). No defaults here: they live in the groups."""
 
     learning_rate: float
     seed: int
-    epochs: int
-    batch_size: int
-    hidden_units: int
-    optimizer: str
-    model: str
-    model_args: dict
-    lr_schedule: str
-    warmup_epochs: float
-    weight_decay: float | None
-    precision: str
+    training: TrainingConfig
+    network: ModelConfig
+
+    @classmethod
+    def of(cls, config, learning_rate: float, seed: int) -> TrialSpec:
+        """The trial of `config` (a SweepConfig) at one rate and seed."""
+        return cls(learning_rate=learning_rate, seed=seed, training=TrainingConfig.of(config),
+                   network=ModelConfig.of(config))
+
+    @classmethod
+    def shared(cls, config) -> TrialSpec:
+        """What every trial of `config` shares; the searches set the rate (the seed is the first)."""
+        return cls.of(config, 1.0, config.seeds[0])
+
+    def but(self, **changes) -> TrialSpec:
+        """This trial with `changes`: its learning_rate, seed, or fields of its training group
+        (validated: a name that is no field is refused, not silently added)."""
+        own = {name: changes.pop(name) for name in ("learning_rate", "seed") if name in changes}
+        training = TrainingConfig.model_validate(self.training.model_dump() | changes) if changes else self.training
+        return self.model_copy(update=own | {"training": training})
+
+    def record(self) -> dict:
+        """The trial as flat names, as users know them (`--epochs`): a stored model's "training"
+        metadata and its W&B run's config."""
+        return {"learning_rate": self.learning_rate, "seed": self.seed, **self.training.model_dump(),
+                **self.network.model_dump()}
 
     @property
     def name(self) -> str:

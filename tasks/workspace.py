@@ -2,7 +2,7 @@
 
 The flow builds a `Workspace` once from SweepConfig and hands it to every task, so no task reads
 the config's defaults on its own. Device slots are not in it: the flow hands those to the tasks
-that need a device (tasks/devices.py).
+that need a device (tasks/training/devices.py).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def fashion_data_dir(tmp_path_factory) -> Path:
     if not SYSTEM_FASHION_MNIST.exists():
         pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
     directory = tmp_path_factory.mktemp("fashion-data")
-    from tasks.data import locate_dataset
+    from tasks.data.builtin import locate_dataset
 
     locate_dataset("fashion-mnist", directory, allow_download=False)
     return directory

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from flows.config import SweepConfig
-from flows.plan import base_spec
 from models.cnn import architecture, build_model
+from models.config import ModelConfig
+from tasks.reporting.tracking import run_records
 from tasks.results import TrialSpec
-from tasks.tracking import run_records
+from tasks.training.config import TrainingConfig
 
 # The flow tests train on the synthetic IDX files of tests/conftest.py, stored as dataset
 # "mnist": models go to this collection.
@@ -54,8 +55,10 @@ wandb_records = run_records
 
 def trial_spec(**overrides) -> TrialSpec:
     """A small trial with SweepConfig's defaults for everything the test does not set."""
-    values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16)
-    return base_spec(SweepConfig.model_construct()).model_copy(update=values | overrides)
+    values = dict(learning_rate=0.003, seed=0, epochs=2, batch_size=32, hidden_units=16) | overrides
+    network = ModelConfig(**{name: values.pop(name) for name in list(values) if name in ModelConfig.model_fields})
+    return TrialSpec(learning_rate=values.pop("learning_rate"), seed=values.pop("seed"),
+                     training=TrainingConfig(**values), network=network)
 
 
 # --- image folders, as a user's data ------------------------------------------------------------

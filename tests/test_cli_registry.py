@@ -6,8 +6,8 @@ import pytest
 
 from flows.cli import main
 from models.local_registry import LocalRegistry
-from tasks.data import load_splits, prepare_dataset
-from tasks.evaluate import evaluate_stored_model
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.evaluation.evaluate import evaluate_stored_model
 from tests.helpers import COLLECTION, tiny_model
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from models.local_registry import LocalRegistry
 from models.registry import DigestMismatch, ModelRef
-from tasks.compare import aggregate_by_rate, compare_and_promote, describe, gate, select, significance
-from tasks.report import observations, trial_record, verdict
+from tasks.evaluation.compare import aggregate_by_rate, compare_and_promote, describe, gate, select, significance
+from tasks.reporting.report import observations, trial_record, verdict
 from tasks.results import Evaluation, TrialOutcome
 from tests.helpers import tiny_model
 

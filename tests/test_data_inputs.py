@@ -14,8 +14,9 @@ from torchvision.io import write_png
 
 from flows.cli import main
 from models.local_registry import LocalRegistry
-from tasks import user_data
-from tasks.data import DatasetInputError, prepare_dataset
+from tasks.data import function as user_data
+from tasks.data.prepare import prepare_dataset
+from tasks.data.spec import DatasetInputError
 from tests.helpers import FASHION_COLLECTION, tiny_model
 from tests.test_inputs import assert_refused, snapshot
 

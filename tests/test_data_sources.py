@@ -9,16 +9,10 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from tasks import imagefolder, user_data
-from tasks.data import (
-    DatasetRef,
-    eval_batches,
-    load_splits,
-    prepare_dataset,
-    read_raw,
-    rescaling,
-    train_batches,
-)
+from tasks.data import function as user_data
+from tasks.data import imagefolder
+from tasks.data.builtin import read_raw
+from tasks.data.prepare import DatasetRef, eval_batches, load_splits, prepare_dataset, rescaling, train_batches
 from tests.conftest import make_idx_dataset
 from tests.helpers import CLASSES, class_image, write_folder
 
@@ -235,7 +229,7 @@ def flat_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[float, flo
 def test_the_built_ins_are_normalised_bit_for_bit_as_before(synthetic_data_dir):
     ref = prepare_dataset("mnist", synthetic_data_dir, None, 0, None, allow_download=False)
     assert ref.val_size == 100  # one sixth of 600, as 10,000 is of the 60k
-    from tasks.data import split_indices
+    from tasks.data.prepare import split_indices
 
     images, _ = read_raw("mnist", synthetic_data_dir, train=True)
     train_idx, _ = split_indices(len(images), 100, 0, None)
@@ -278,7 +272,7 @@ def test_a_trial_trains_on_an_image_folder(tmp_path):
     """Ten grey 28x28 classes in PNG files: the reference CNN trains on them as on the built-ins."""
     from flows.config import SweepConfig
     from flows.plan import trial_specs
-    from tasks.train import train_trial
+    from tasks.training.train import train_trial
 
     for split, count in (("train", 12), ("test", 3)):
         for label in range(10):
@@ -297,7 +291,8 @@ def test_a_trial_trains_on_an_image_folder(tmp_path):
 
 
 def test_a_stored_models_data_is_prepared_again_only_as_the_command_names_it(tmp_path, synthetic_data_dir):
-    from tasks.data import DatasetInputError, prepare_recorded
+    from tasks.data.prepare import prepare_recorded
+    from tasks.data.spec import DatasetInputError
 
     builtin = prepare_dataset("mnist", synthetic_data_dir, 50, 3, 200, allow_download=False)
     assert prepare_recorded(builtin.as_metadata(), "fashion-mnist", synthetic_data_dir) == builtin  # by its name
@@ -312,7 +307,7 @@ def test_a_stored_models_data_is_prepared_again_only_as_the_command_names_it(tmp
 def test_rescaling_a_model_stored_with_one_float_each():
     grey = DatasetRef(name="x", root="/", fingerprint="f", val_size=1, split_seed=0, train_limit=None,
                       train_size=1, test_size=1, mean=(0.3,), std=(0.2,))
-    from tasks.evaluate import rescaling as evaluation_rescaling
+    from tasks.evaluation.evaluate import rescaling as evaluation_rescaling
 
     for scale, shift in (rescaling(grey, {"mean": 0.25, "std": 0.4}),
                          evaluation_rescaling(grey, {"fingerprint": "f", "mean": 0.25, "std": 0.4})):

@@ -289,3 +289,9 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
                if line.strip() and not line.startswith("#")}
     assert {".venv", "runs", "registry", "data", ".git", ".prefect", "wandb"} <= ignored
     assert not ignored & {"flows", "tasks", "models", "deploy", "pyproject.toml", "README.md"}
+
+
+def test_serve_takes_the_nightly_schedule_of_prefect_yaml():
+    from flows.cli import nightly_cron
+
+    assert [schedule["cron"] for schedule in deployment("lr_sweep", "local")["schedules"]] == [nightly_cron()]

@@ -15,11 +15,11 @@ import yaml
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.events.schemas.events import Resource
 
-from flows.export import artifact_key, lr_sweep_export
+from flows.export import lr_sweep_export
 from models.cnn import architecture, build_model
 from models.local_registry import LocalRegistry
 from models.registry import DigestMismatch
-from tasks.evaluate import place_model
+from tasks.evaluation.evaluate import place_model
 from tasks.export import (
     AliasNotFound,
     ExportError,
@@ -30,6 +30,7 @@ from tasks.export import (
     bundle_name,
     export_bundle,
 )
+from tasks.reporting.artifact_keys import artifact_key
 from tests.conftest import REPO_ROOT
 
 # torch 2.14 marks torch.jit deprecated; loading model.pt the way a consumer would is the point here.
@@ -211,8 +212,9 @@ def test_a_bundle_path_that_leads_outside_the_output_dir_is_refused(tmp_path):
 
 
 def test_artifact_keys_are_what_prefect_accepts():
-    assert artifact_key("fashion-mnist-cnn") == "model-card-fashion-mnist-cnn"
-    assert artifact_key("My_Model.v2") == "model-card-my-model-v2"
+    assert artifact_key("model-card", "fashion-mnist-cnn") == "model-card-fashion-mnist-cnn"
+    assert artifact_key("model-card", "My_Model.v2") == "model-card-my-model-v2"
+    assert artifact_key("wandb", "lr0.001-seed0") == "wandb-lr0-001-seed0"
 
 
 def test_the_export_deployment_is_triggered_by_promotions():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import tasks.train
+import tasks.training.train
 from flows.dispatch import RegistryNotShared, require_shared_registry
 from flows.sweep import SweepFailed, lr_sweep
 from models.local_registry import LocalRegistry
 from models.registry import ModelRef
-from tasks.compare import compare_and_promote
+from tasks.evaluation.compare import compare_and_promote
 from tasks.results import Evaluation, TrialOutcome
 from tests.helpers import COLLECTION, smoke_config, tiny_model
 
@@ -25,7 +25,7 @@ def faulty_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
     """One sweep with a trial that raises (lr 0.0001), one that diverges (lr 10) and one that
     works (lr 0.001), run with fake W&B and Prefect keys in the environment."""
     tmp_path = tmp_path_factory.mktemp("faults")
-    real_train = tasks.train.train_trial
+    real_train = tasks.training.train.train_trial
 
     def broken_for_one_rate(spec, *args, **kwargs):
         if spec.learning_rate == 0.0001:
@@ -33,7 +33,7 @@ def faulty_sweep(prefect_server, sweep_data_dir, tmp_path_factory):
         return real_train(spec, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tasks.train, "train_trial", broken_for_one_rate)
+        patch.setattr(tasks.training.train, "train_trial", broken_for_one_rate)
         for name, value in SECRETS.items():
             patch.setenv(name, value)
         config = smoke_config(tmp_path, sweep_data_dir, learning_rates=[0.001, 10.0, 0.0001])

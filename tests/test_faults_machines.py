@@ -37,7 +37,7 @@ from flows.trial_runs import (
     lost_reason,
 )
 from models.local_registry import LocalRegistry
-from tasks.report import attempt_lines
+from tasks.reporting.report import attempt_lines
 from tests.helpers import COLLECTION, tiny_model, trial_spec
 
 SPEC = trial_spec(learning_rate=0.01, seed=0, epochs=1, batch_size=64, hidden_units=8)

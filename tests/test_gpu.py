@@ -8,14 +8,14 @@ they run on a GPU machine that has nothing else installed:
 
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 from models.cnn import architecture, build_model
-from tasks.packing import MemberStart, PackedTrainer, configure_determinism, measure_pack, shuffle
+from tasks.training.packing import MemberStart, PackedTrainer, configure_determinism, measure_pack, shuffle
 
 # Before anything here initialises CUDA: cuBLAS reads its workspace setting once.
 configure_determinism(True)
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def dataset(synthetic_data_dir):
     pytest.importorskip("prefect")  # the trial's own path: the whole project installed
-    from tasks.data import prepare_dataset
+    from tasks.data.prepare import prepare_dataset
 
     return prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
 
@@ -38,10 +38,10 @@ def spec(**overrides):
 
 
 def test_training_on_cuda_learns_and_its_weights_measure_the_same(dataset):
-    from tasks.data import load_splits, tensor_batches
-    from tasks.devices import trial_stream
-    from tasks.evaluate import eval_batch_size, measure, place_model
-    from tasks.train import train_trial
+    from tasks.data.prepare import load_splits, tensor_batches
+    from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
+    from tasks.training.devices import trial_stream
+    from tasks.training.train import train_trial
 
     splits = load_splits(dataset, "cuda:0")
     with trial_stream("cuda:0"):
@@ -54,8 +54,8 @@ def test_training_on_cuda_learns_and_its_weights_measure_the_same(dataset):
 
 def test_resume_on_cuda_equals_an_uninterrupted_run(dataset, tmp_path):
     """Exact: with deterministic algorithms cuDNN and cuBLAS pick the same kernels every time."""
-    from tasks.data import load_splits
-    from tasks.train import train_trial
+    from tasks.data.prepare import load_splits
+    from tasks.training.train import train_trial
 
     splits = load_splits(dataset, "cuda:0")
     full = train_trial(spec(epochs=3), splits, "cuda:0")
@@ -67,9 +67,9 @@ def test_resume_on_cuda_equals_an_uninterrupted_run(dataset, tmp_path):
 
 
 def test_trials_sharing_a_gpu_run_on_streams_of_their_own(dataset):
-    from tasks.data import load_splits
-    from tasks.devices import DeviceSlots, resolve_devices, trial_stream
-    from tasks.train import train_trial
+    from tasks.data.prepare import load_splits
+    from tasks.training.devices import DeviceSlots, resolve_devices, trial_stream
+    from tasks.training.train import train_trial
 
     devices = resolve_devices("cuda")
     slots = DeviceSlots(devices, 2)
@@ -98,21 +98,21 @@ DEVICE = "cuda:0"
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The fields of a trial the engine reads (TrialSpec without pydantic)."""
+    """What the engine reads of a trial (a TrialSpec without pydantic): its rate, its seed and
+    the fields of its training group, which this object holds itself."""
 
     learning_rate: float = 0.003
     seed: int = 0
     epochs: int = 2
     batch_size: int = 32
     optimizer: str = "adam"
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
     weight_decay: float | None = None
     precision: str = "fp32"
     dropout: float = 0.0
 
-    def model_dump(self) -> dict:
-        return asdict(self)
+    @property
+    def training(self) -> "EngineSpec":
+        return self
 
 
 class NormDropNet(nn.Module):

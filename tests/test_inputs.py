@@ -211,7 +211,7 @@ MODEL_INPUTS = [
     (["--model", "{example}:small_resnet", "--model-args", "[1, 2]"], "model_args", "is not a JSON object"),
     (["--model", "{example}:small_resnet", "--model-args", "{width: 4}"], "model_args", "not JSON"),
     (["--model", "{example}:small_resnet", "--model-args", '{"depth": 3}'], "model_args", "refused its arguments"),
-    (["--lr-schedule", "step"], "lr_schedule", "'constant', 'cosine' or 'onecycle'"),
+    (["--lr-schedule", "steps"], "lr_schedule", "'constant', 'cosine', 'onecycle' or 'step'"),
     (["--precision", "fp8"], "precision", "'fp32', 'bf16' or 'fp16'"),
     (["--warmup-epochs", "-1"], "warmup_epochs", "greater than or equal to 0"),
     (["--weight-decay", "-0.1"], "weight_decay", "greater than or equal to 0"),

@@ -18,9 +18,9 @@ from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.sources import GreyToRGB, InputShape, ModelCodeChanged, ModelSource, check_source, rebuild
 from models.user_code import SourceError
-from tasks.data import load_splits, prepare_dataset
+from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.export import ExportError, export_bundle
-from tasks.train import train_trial
+from tasks.training.train import train_trial
 from tests.helpers import CLASSES, smoke_config, trial_spec, write_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,7 @@ def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, t
     """examples/imagefolder.toml, the recipe's preset, with a small folder of one's own; the
     folder is located and fingerprinted once, by the pre-flight, not again by the flow."""
     from flows.cli import main
-    from tasks import data
+    from tasks.data import prepare as data
 
     located = []
     monkeypatch.setattr(data, "locate", lambda *args, real=data.locate: located.append(args) or real(*args))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoints import CHECKPOINT_FILE
-from tasks.data import load_splits, prepare_dataset
-from tasks.packing import PackedTrainer, Unpackable, configure_determinism, pack_key, pack_size, plan_packs
-from tasks.train import init_model, input_shape, train_pack, train_trial
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.training.checkpoints import CHECKPOINT_FILE
+from tasks.training.packing import PackedTrainer, Unpackable, configure_determinism, pack_key, pack_size, plan_packs
+from tasks.training.train import init_model, input_shape, train_pack, train_trial
 from tests.helpers import trial_spec
 
 # A user model with what packing must carry per member: BatchNorm (running statistics, a
@@ -131,7 +131,7 @@ def test_a_diverged_member_is_frozen_and_the_others_go_on(splits):
 
 
 def test_a_frozen_member_keeps_its_weights_buffers_and_optimizer_state(splits, dataset, user_model):
-    specs = [s.model_copy(update={"model": user_model}) for s in members()[:2]]
+    specs = members(model=user_model)[:2]
     models = [init_model(spec, "cpu", input_shape(dataset)) for spec in specs]
     pack = PackedTrainer(models, specs, splits.train_x, splits.train_y)
     before = pack.member_state_dict(1), pack.optimizer_state(1)
@@ -166,7 +166,7 @@ def test_a_member_checkpoint_is_an_unpacked_trials_checkpoint(splits, tmp_path):
 
 
 def test_a_batchnorm_dropout_user_model_packs_with_per_member_state(splits, user_model):
-    specs = [s.model_copy(update={"model": user_model, "model_args": {"dropout": 0.0}}) for s in members()]
+    specs = members(model=user_model, model_args={"dropout": 0.0})
     run = train_pack(specs, splits, "cpu")
     assert run.engine == "packed"
     for spec, member in zip(specs, run.results):

@@ -16,7 +16,7 @@ from models.errors import InputError
 from models.local_registry import LocalRegistry
 from models.serialization import model_files
 from models.wandb_registry import DIGEST_KEY, WandbRegistry
-from tasks import tracking
+from tasks.reporting import tracking
 from tests.helpers import COLLECTION as SWEEP_COLLECTION
 from tests.wandb_fakes import FakeServer, digest_of, small_model
 

@@ -8,11 +8,17 @@ import math
 import pytest
 import torch
 
-from tasks.checkpoints import CheckpointRefused
-from tasks.data import load_splits, prepare_dataset
-from tasks.schedule import Schedule
-from tasks.train import make_optimizer, train_trial
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.training.checkpoints import CheckpointRefused
+from tasks.training.config import TrainingConfig
+from tasks.training.schedules import SCHEDULES, schedule_of
+from tasks.training.train import make_optimizer, train_trial
 from tests.helpers import trial_spec
+
+
+def of(name: str, peak: float, warmup_epochs: float, epochs: int, steps_per_epoch: int, **fields):
+    training = TrainingConfig(lr_schedule=name, warmup_epochs=warmup_epochs, epochs=epochs, **fields)
+    return schedule_of(training, peak, steps_per_epoch)
 
 
 @pytest.fixture
@@ -21,18 +27,18 @@ def splits(synthetic_data_dir):
 
 
 def test_constant_without_warmup_never_touches_the_rate():
-    schedule = Schedule.of("constant", 0.01, 0.0, epochs=5, steps_per_epoch=10)
+    schedule = of("constant", 0.01, 0.0, epochs=5, steps_per_epoch=10)
     assert not schedule.varies and {schedule.rate(step) for step in range(50)} == {0.01}
 
 
 def test_warmup_rises_linearly_to_the_rate():
-    schedule = Schedule.of("constant", 0.01, 0.5, epochs=2, steps_per_epoch=10)
+    schedule = of("constant", 0.01, 0.5, epochs=2, steps_per_epoch=10)
     assert schedule.varies and schedule.warmup_steps == 5
     assert [round(schedule.rate(s), 6) for s in range(6)] == [0.002, 0.004, 0.006, 0.008, 0.01, 0.01]
 
 
 def test_cosine_falls_to_zero_at_the_last_step():
-    schedule = Schedule.of("cosine", 0.1, 0.0, epochs=2, steps_per_epoch=50)
+    schedule = of("cosine", 0.1, 0.0, epochs=2, steps_per_epoch=50)
     assert schedule.rate(0) == pytest.approx(0.1)
     assert schedule.rate(50) == pytest.approx(0.05)
     assert schedule.rate(100) == pytest.approx(0.0, abs=1e-12)
@@ -42,7 +48,7 @@ def test_onecycle_peaks_at_the_trials_rate_like_torchs_onecycle():
     """The same curve as torch.optim.lr_scheduler.OneCycleLR (cosine, pct_start 0.3, div 25,
     final div 1e4), whose peak is `max_lr`: the trial's rate is the peak."""
     total = 40
-    schedule = Schedule.of("onecycle", 0.01, 0.0, epochs=4, steps_per_epoch=10)
+    schedule = of("onecycle", 0.01, 0.0, epochs=4, steps_per_epoch=10)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
     # torch ends its rise at step pct_start * total_steps - 1 and its fall at total_steps - 1:
     # with these two, both phases span the steps ours do (12 up, 28 down).
@@ -58,9 +64,40 @@ def test_onecycle_peaks_at_the_trials_rate_like_torchs_onecycle():
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_step_multiplies_the_rate_every_n_epochs_like_torchs_steplr():
+    """Stepped per batch at epoch boundaries: the rate of every step of epoch e is StepLR's
+    (step_size 2, gamma 0.5) at epoch e."""
+    schedule = of("step", 0.01, 0.0, epochs=6, steps_per_epoch=10, lr_step_epochs=2, lr_step_factor=0.5)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    reference = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    for epoch in range(6):
+        rates = [schedule.rate(epoch * 10 + step) for step in range(10)]
+        assert rates == pytest.approx([optimizer.param_groups[0]["lr"]] * 10)
+        optimizer.step()
+        reference.step()
+    assert not schedule.DEPENDS_ON_LENGTH and schedule.varies
+
+
+def test_every_schedule_is_registered_under_its_name_and_offered_by_the_config():
+    assert set(SCHEDULES) == set(TrainingConfig.model_fields["lr_schedule"].annotation.__args__)
+    assert all(kind.NAME == name for name, kind in SCHEDULES.items())
+
+
+def test_a_schedule_that_does_not_depend_on_the_length_resumes_under_more_epochs(splits, tmp_path):
+    """A step schedule's checkpoint at epoch 2 continues to epoch 3 as a 3-epoch run from the start."""
+    three = trial_spec(epochs=3, lr_schedule="step", lr_step_epochs=1, lr_step_factor=0.5)
+    full = train_trial(three, splits, "cpu")
+    checkpoints = tmp_path / "step"
+    train_trial(three.but(epochs=2), splits, "cpu", checkpoint_dir=checkpoints)
+    resumed = train_trial(three, splits, "cpu", checkpoint_dir=checkpoints)
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
+    assert [r["lr"] for r in resumed.history] == pytest.approx([0.003, 0.0015, 0.00075])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step"])
 def test_a_resumed_scheduled_trial_ends_with_the_weights_of_an_uninterrupted_one(splits, tmp_path, schedule):
-    spec = trial_spec(epochs=3, lr_schedule=schedule, warmup_epochs=0.5)
+    spec = trial_spec(epochs=3, lr_schedule=schedule, warmup_epochs=0.5, lr_step_epochs=1)
     full = train_trial(spec, splits, "cpu")
     train_trial(spec, splits, "cpu", checkpoint_dir=tmp_path, stop_at=2)  # killed after epoch 2
     resumed = train_trial(spec, splits, "cpu", checkpoint_dir=tmp_path)

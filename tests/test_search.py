@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.halving import epoch_accounting, rung_epochs, successive_halving, survivors
-from tasks.range_test import lr_range_test, plot_range_test, suggest_lr
-from tasks.ranking import higher_is_better, rank
+from tasks.evaluation.ranking import higher_is_better, rank
 from tasks.results import TrialSpec
-from tasks.sequential import CheckpointedTrainer
-from tasks.tpe import StudyStorageError, default_storage_url, open_study, tpe_search
-from tasks.train import train_trial
+from tasks.search.halving import epoch_accounting, rung_epochs, successive_halving, survivors
+from tasks.search.range_test import lr_range_test, plot_range_test, suggest_lr
+from tasks.search.tpe import StudyStorageError, default_storage_url, open_study, tpe_search
+from tasks.training.sequential import CheckpointedTrainer
+from tasks.training.train import train_trial
 from tests.helpers import trial_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def spec(**overrides) -> TrialSpec:
 
 @pytest.fixture
 def splits(synthetic_data_dir):
-    from tasks.data import load_splits, prepare_dataset
+    from tasks.data.prepare import load_splits, prepare_dataset
 
     torch.set_num_threads(2)
     ref = prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
@@ -315,7 +315,7 @@ def test_tpe_search_refuses_a_resume_with_other_settings(tmp_path):
 def test_only_trials_whose_driver_is_gone_are_taken_over(tmp_path):
     import optuna
 
-    from tasks.tpe import process_owner, recover_stale_trials
+    from tasks.search.tpe import process_owner, recover_stale_trials
 
     study = open_study(f"sqlite:///{tmp_path}/o.db", "s")
     distribution = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
@@ -370,7 +370,7 @@ def child_main(argv) -> None:
     for name in ("--data-dir", "--storage", "--checkpoints", "--ready"):
         parser.add_argument(name)
     args = parser.parse_args(argv)
-    from tasks.data import load_splits, prepare_dataset
+    from tasks.data.prepare import load_splits, prepare_dataset
 
     torch.set_num_threads(1)
     ref = prepare_dataset("mnist", Path(args.data_dir), 100, 0, None, allow_download=False)
@@ -411,7 +411,7 @@ def test_a_killed_search_resumes_without_retraining_finished_trials(synthetic_da
     assert any(t.state.name == "COMPLETE" for t in before) and running
     assert {t.params["learning_rate"] for t in running} >= set(hung["ids"])
 
-    from tasks.data import load_splits, prepare_dataset
+    from tasks.data.prepare import load_splits, prepare_dataset
 
     ref = prepare_dataset("mnist", synthetic_data_dir, 100, 0, None, allow_download=False)
     trainer = CheckpointedTrainer(spec(), load_splits(ref, "cpu"), "cpu", tmp_path / "ckpt")

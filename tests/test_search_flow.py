@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.plan import base_spec
 from flows.sweep import lr_sweep
 from models.local_registry import LocalRegistry
-from tasks.data import load_splits, prepare_dataset
-from tasks.train import train_trial
+from tasks.data.prepare import load_splits, prepare_dataset
+from tasks.results import TrialSpec
+from tasks.training.train import train_trial
 from tests.helpers import COLLECTION, smoke_config
 
 
@@ -49,7 +49,7 @@ def test_a_survivor_ends_with_the_weights_of_an_uninterrupted_run(halving, sweep
     winner = next(t for t in summary["trials"] if t["status"] == "completed")
     assert winner["resumed_from"] == 1  # rung 1's checkpoint, continued to epoch 3
     dataset = prepare_dataset("mnist", sweep_data_dir, config.val_size, 0, None, allow_download=False)
-    spec = base_spec(config).model_copy(update={"learning_rate": winner["learning_rate"], "seed": 0})
+    spec = TrialSpec.shared(config).but(learning_rate=winner["learning_rate"], seed=0)
     uninterrupted = train_trial(spec, load_splits(dataset, "cpu"), "cpu")
     stored = LocalRegistry(config.registry_dir).fetch(winner["model"])
     assert all(torch.equal(uninterrupted.state_dict[k].contiguous(), stored.state_dict[k]) for k in stored.state_dict)

@@ -46,7 +46,7 @@ def test_a_process_that_has_loaded_the_modules_keeps_its_collector_as_it_is():
 def test_w_and_b_service_starts_in_the_background_and_not_when_disabled():
     out = run_python("""
         import os, threading
-        from tasks import tracking
+        from tasks.reporting import tracking
 
         def services():  # this process's children running wandb-core
             found = []

@@ -5,11 +5,11 @@ import torch
 
 from models.cnn import architecture, build_model
 from models.local_registry import LocalRegistry
-from tasks.checkpoints import CHECKPOINT_FILE
-from tasks.data import load_splits, prepare_dataset, tensor_batches
-from tasks.devices import DeviceSlots
-from tasks.evaluate import eval_batch_size, measure, place_model
-from tasks.train import TrialDiverged, run_trial, train_trial
+from tasks.data.prepare import load_splits, prepare_dataset, tensor_batches
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
+from tasks.training.checkpoints import CHECKPOINT_FILE
+from tasks.training.devices import DeviceSlots
+from tasks.training.train import TrialDiverged, run_trial, train_trial
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 from tests.helpers import trial_spec
 

@@ -9,9 +9,9 @@ import wandb_workspaces.reports.v2 as wr
 from prefect import flow
 from wandb_workspaces.reports.v2 import internal
 
-from tasks import tracking
-from tasks.report import CURVES, wandb_lines
-from tasks.wandb_report import REPORT_FILE, build_wandb_report, save_wandb_report, save_wandb_report_task
+from tasks.reporting import tracking
+from tasks.reporting.report import CURVES, wandb_lines
+from tasks.reporting.wandb_report import REPORT_FILE, build_wandb_report, save_wandb_report, save_wandb_report_task
 
 
 def panel_grid(spec: dict) -> dict:

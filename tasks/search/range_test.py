@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from models.errors import InputError
-from tasks import tracking
-from tasks.checks import check_int, check_lr_range
-from tasks.data import Splits, load_splits, train_batches
+from tasks.data.prepare import Splits, load_splits, train_batches
+from tasks.reporting import tracking
 from tasks.results import TrialSpec
-from tasks.train import epoch_order, init_model, input_shape, make_optimizer
+from tasks.search.checks import check_int, check_lr_range
+from tasks.training.train import epoch_order, init_model, input_shape, make_optimizer
 
 
 @dataclass
@@ -92,7 +92,7 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
                   beta: float = 0.98, divergence_factor: float = 4.0) -> RangeTestResult:
     """Smith's LR range test on the trial's own network, optimizer, batch size and seed.
 
-    `spec.learning_rate` and `spec.epochs` are ignored. One step per mini-batch, at most one
+    `spec.learning_rate` and `spec.training.epochs` are ignored. One step per mini-batch, at most one
     epoch (`max_steps` is capped at the number of batches of an epoch, and the schedule is spread
     over the capped count so it still ends at `max_lr`), in the order of epoch 1 of the trial.
     The rate of step i is min_lr * (max_lr / min_lr) ** (i / (steps - 1)), set on the optimizer
@@ -108,16 +108,16 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
     size = splits.train_size
-    steps = min(max_steps, math.ceil(size / spec.batch_size))
+    steps = min(max_steps, math.ceil(size / spec.training.batch_size))
     if steps < 3:
-        raise ValueError(f"one epoch of {size} images at batch {spec.batch_size} is {steps} steps; "
+        raise ValueError(f"one epoch of {size} images at batch {spec.training.batch_size} is {steps} steps; "
                          "the range test needs at least 3: lower batch_size")
 
     model = init_model(spec, device, input_shape(splits.dataset))
     model.train()
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), min_lr, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(spec.training.optimizer, model.parameters(), min_lr, weight_decay=spec.training.weight_decay)
     order = epoch_order(spec, 1, size, splits.device)
-    batches = train_batches(splits, order, spec.batch_size)
+    batches = train_batches(splits, order, spec.training.batch_size)
     ratio = max_lr / min_lr
     lrs, losses, smoothed = [], [], []
     average, best, stopped = 0.0, math.inf, False
@@ -197,7 +197,7 @@ def find_learning_rate(spec: TrialSpec, dataset, workspace, slots, *, min_lr: fl
                                max_steps=max_steps)
     chart = plot_range_test(result, workspace.sweep_dir / "lr_find.png")
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name="lr-find",
-                            run_dir=workspace.sweep_dir, config=spec.model_dump() | {"min_lr": min_lr, "max_lr": max_lr},
+                            run_dir=workspace.sweep_dir, config=spec.record() | {"min_lr": min_lr, "max_lr": max_lr},
                             job_type="lr-find") as run:
         for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
             run.log({"learning_rate": lr, "loss": loss, "smoothed_loss": smooth}, step=step)

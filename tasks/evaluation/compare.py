@@ -26,11 +26,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
-from tasks.data import DatasetRef
-from tasks.devices import DeviceSlots
-from tasks.evaluate import DatasetMismatch, evaluate_on_free_device
-from tasks.ranking import higher_is_better, order_key
+from tasks.data.prepare import DatasetRef
+from tasks.evaluation.evaluate import DatasetMismatch, evaluate_on_free_device
+from tasks.evaluation.ranking import higher_is_better, order_key
 from tasks.results import Evaluation, Promotion, TrialOutcome
+from tasks.training.devices import DeviceSlots
 from tasks.workspace import Workspace
 
 ALPHA = 0.05

@@ -7,8 +7,8 @@ so they do not depend on which trial finished first).
 Training goes through a `train_to(trial_ids, epoch) -> {trial_id: history}` callable that the
 caller provides: "train each of these trials up to `epoch`, continuing from wherever it stopped,
 and return its per-epoch history". The flow passes one that trains the trials as parallel tasks
-(flows/search.py); `tasks.sequential.SequentialTrainer` is the one-by-one version the benchmark
-and the tests use. Because `tasks.train.train_trial` resumes bit-identically from its checkpoint,
+(flows/search.py); `tasks.training.sequential.SequentialTrainer` is the one-by-one version the benchmark
+and the tests use. Because `tasks.training.train.train_trial` resumes bit-identically from its checkpoint,
 a trial promoted to the next rung ends with the same weights as if it had been trained to that
 rung in one go. Trial ids are learning rates (floats) by default; any hashable ids work with a
 mapping id -> learning rate.
@@ -21,8 +21,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.checks import check_int
-from tasks.ranking import higher_is_better, rank
+from tasks.evaluation.ranking import higher_is_better, rank
+from tasks.search.checks import check_int
 
 # `train_to(trial_ids, epoch)`: train those trials up to `epoch` (resuming), return their histories
 # (lists of per-epoch dicts with epoch/train_loss/train_accuracy/val_loss/val_accuracy). A trial
@@ -43,7 +43,7 @@ def rung_epochs(max_epochs: int, grace_epochs: int = 1, reduction_factor: int = 
     return rungs + [max_epochs]
 
 
-def _check_rungs(rungs: Sequence[int]) -> list[int]:
+def check_rungs(rungs: Sequence[int]) -> list[int]:
     rungs = list(rungs)
     if not rungs or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rungs):
         raise ValueError(f"rungs must be a non-empty list of positive epochs, got {rungs!r}")
@@ -100,7 +100,7 @@ class HalvingResult:
         }
 
 
-def _record_at(history: Sequence[dict] | None, epoch: int) -> dict | None:
+def record_at(history: Sequence[dict] | None, epoch: int) -> dict | None:
     """The history entry of `epoch`, or None when the history does not reach it."""
     if not history or len(history) < epoch:
         return None
@@ -125,7 +125,7 @@ def successive_halving(trials: Mapping[Hashable, float] | Iterable[float], rungs
     `train_to` returns (diverged, crashed), or whose metric is not finite, is failed at that rung.
     """
     check_int("reduction_factor", reduction_factor, 2)
-    rungs = _check_rungs(rungs)
+    rungs = check_rungs(rungs)
     higher = higher_is_better(metric)
     if isinstance(trials, Mapping):
         learning_rates = dict(trials)
@@ -144,7 +144,7 @@ def successive_halving(trials: Mapping[Hashable, float] | Iterable[float], rungs
         histories = train_to(list(active), rung)
         scores, losses = {}, {}
         for trial in active:
-            record = _record_at(histories.get(trial), rung)
+            record = record_at(histories.get(trial), rung)
             epochs_trained[trial] = rung
             if record is None or not math.isfinite(record.get(metric, math.nan)):
                 failed_at[trial] = rung

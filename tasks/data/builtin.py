@@ -25,7 +25,7 @@ import torch
 
 from models.files import atomic_write, file_digest, file_lock, temporary_sibling
 from models.serialization import manifest_digest
-from tasks.dataset_spec import DatasetError
+from tasks.data.spec import DatasetError
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.files import atomic_write
-from tasks.compare import Decision
-from tasks.ranking import higher_is_better
+from tasks.evaluation.compare import Decision
+from tasks.evaluation.ranking import higher_is_better
 from tasks.results import Promotion, TrialOutcome
 
 matplotlib.use("Agg")  # files only: no display on servers and workers

@@ -19,8 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from wandb_workspaces import expr
 
 from models.files import atomic_write
-from tasks.report import CURVES, aggregates_markdown, header_lines, promotion_lines, search_lines, trials_markdown, verdict
-from tasks.tracking import TRAIN_JOB_TYPE
+from tasks.reporting.report import CURVES, aggregates_markdown, header_lines, promotion_lines, search_lines, trials_markdown, verdict
+from tasks.reporting.tracking import TRAIN_JOB_TYPE
 
 REPORT_FILE = "wandb_report.json"
 # W&B's report grid is 24 units wide: the curves two by two (the four metrics, then the rate).

@@ -31,7 +31,7 @@ import torch
 
 from models.files import file_lock, fsync_dir, temporary_sibling
 from models.serialization import manifest_digest
-from tasks.dataset_spec import DatasetInputError
+from tasks.data.spec import DatasetInputError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision to list files.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -196,7 +196,7 @@ def decode_files(root: Path, paths: list[str], num_workers: int) -> list[torch.T
 
 def decode_folder(scan: FolderScan, image_size: int | None, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """Every image decoded, brought to one channel count and size, stacked per split."""
-    from tasks.data import resize
+    from tasks.data.prepare import resize
 
     every = decode_files(scan.root, [path for entries in scan.files.values() for path, _ in entries], num_workers)
     decoded, start = {}, 0
@@ -258,13 +258,13 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], scan: FolderScan)
 
 
 def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_size: int | None, num_workers: int = 0):
-    """The folder's images as tasks.data.SourceData: from the cache, else decoded and cached.
+    """The folder's images as tasks.data.prepare.SourceData: from the cache, else decoded and cached.
 
     The decoding happens before the cache's lock is taken, so that a refused folder (an
     unreadable image, mixed sizes) leaves nothing behind in the data directory. The file is
     written under the lock, atomically, once: a process that finds it there reads it, and two
     first runs at the very same time both decode, the second then keeps the first one's file."""
-    from tasks.data import SourceData
+    from tasks.data.prepare import SourceData
 
     path = cache_file(data_dir, fingerprint, image_size)
     tensors = _read_cache(path, scan)

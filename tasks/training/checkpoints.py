@@ -84,9 +84,9 @@ def _restore(path: Path, spec: TrialSpec, model: nn.Module, optimizer: torch.opt
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()["state"])
     written = header["spec"].get("precision", "fp32")
-    if written != spec.precision:
+    if written != spec.training.precision:
         raise CheckpointRefused(f"checkpoint {path} was written in {written}; this trial trains in "
-                                f"{spec.precision}: delete it to start over, or resume in {written}")
+                                f"{spec.training.precision}: delete it to start over, or resume in {written}")
     if up_to_epoch is not None and header["epoch"] > up_to_epoch:
         log.info(f"checkpoint {path} is at epoch {header['epoch']}, past {up_to_epoch}: not used")
         return None

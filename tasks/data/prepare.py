@@ -1,10 +1,10 @@
 """Data sources, prepared once per sweep; their tensors loaded once per process and device.
 
-A `--dataset` spec names one of three kinds of source (tasks/dataset_spec.py):
-- a built-in (fashion-mnist, mnist, kmnist: tasks/builtin_data.py, IDX files verified by SHA-256);
+A `--dataset` spec names one of three kinds of source (tasks/data/spec.py):
+- a built-in (fashion-mnist, mnist, kmnist: tasks/data/builtin.py, IDX files verified by SHA-256);
 - `imagefolder:PATH`, torchvision's folder layout, decoded once into a uint8 tensor cache keyed
-  by the folder's fingerprint (tasks/imagefolder.py);
-- a user function returning tensors or torch Datasets (tasks/user_data.py).
+  by the folder's fingerprint (tasks/data/imagefolder.py);
+- a user function returning tensors or torch Datasets (tasks/data/function.py).
 
 Every source ends as a `DatasetRef` (fingerprint, shape, classes, split sizes, per-channel
 normalisation), the same for every trial. Training wants the whole dataset on the device as one
@@ -25,25 +25,9 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.builtin_data import (  # noqa: F401  (re-exported: the built-ins' names as they always were)
-    CHECKSUM_FILE,
-    DATASET_FILES,
-    KNOWN_RAW_SHA256,
-    SYSTEM_DIRS,
-    TRAIN_SET_SIZE,
-    locate_dataset,
-    raw_dir,
-    raw_file_names,
-    read_idx,
-    read_raw,
-    torchvision_class,
-)
-from tasks.dataset_spec import (  # noqa: F401
-    DatasetError,
-    DatasetInputError,
-    dataset_label,
-    parse_dataset_spec,
-)
+from tasks.data.builtin import locate_dataset, read_raw
+from tasks.data.config import DataConfig
+from tasks.data.spec import DatasetInputError, dataset_label, parse_dataset_spec
 
 
 @dataclass(frozen=True)
@@ -108,7 +92,7 @@ class Splits:
     val_y: torch.Tensor | None
     test_x: torch.Tensor | None
     test_y: torch.Tensor | None
-    loader: object | None = None  # tasks.user_data.LoaderSplits
+    loader: object | None = None  # tasks.data.function.LoaderSplits
 
     @property
     def train_size(self) -> int:
@@ -186,7 +170,7 @@ def locate(spec: str, data_dir: Path, allow_download: bool = True) -> Located:
     if kind.kind == "builtin":
         root, fingerprint = locate_dataset(spec, data_dir, allow_download)
         return Located("builtin", spec, Path(root).resolve(), fingerprint)
-    from tasks import imagefolder
+    from tasks.data import imagefolder
 
     scan = imagefolder.scan_folder(Path(kind.target))
     return Located("imagefolder", dataset_label(spec), scan.root, imagefolder.folder_fingerprint(scan),
@@ -196,7 +180,7 @@ def locate(spec: str, data_dir: Path, allow_download: bool = True) -> Located:
 def read_source(spec: str, located: Located, data_dir: Path, image_size: int | None, num_workers: int) -> SourceData:
     if located.source == "builtin":
         return builtin_source(spec, located.root, image_size)
-    from tasks import imagefolder
+    from tasks.data import imagefolder
 
     return imagefolder.cached_tensors(imagefolder.scan_folder(located.root), located.fingerprint,
                                       Path(data_dir), image_size, num_workers)
@@ -208,7 +192,7 @@ def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed:
     """Locate and verify the source `name` (a --dataset spec), fix the split and the per-channel
     normalisation: the sweep's DatasetRef. Bad input raises DatasetInputError naming the field."""
     if parse_dataset_spec(name).kind == "function":
-        from tasks import user_data
+        from tasks.data import function as user_data
 
         return user_data.prepare_function(name, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
     located = locate(name, data_dir, allow_download)
@@ -320,7 +304,7 @@ def load_splits(ref: DatasetRef, device: str | torch.device) -> Splits:
 
 def _build_splits(ref: DatasetRef, device: torch.device) -> Splits:
     if ref.source == "function":
-        from tasks import user_data
+        from tasks.data import function as user_data
 
         if not ref.resident:
             return user_data.loader_splits(ref, device)
@@ -402,9 +386,13 @@ def prepare_recorded(recorded: dict, spec: str | None, data_dir: Path) -> Datase
                            recorded["train_limit"], image_size=recorded.get("resize"))
 
 
-@task(name="prepare_data", task_run_name="prepare {name}", cache_policy=NO_CACHE)
-def prepare_data(name: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-                 *, image_size: int | None = None, num_workers: int = 2) -> DatasetRef:
+def prepare_configured(data: DataConfig, allow_download: bool = True) -> DatasetRef:
+    """The DatasetRef of a config's data group: the one place its fields become arguments."""
+    return prepare_dataset(data.dataset, data.data_dir, data.val_size, data.split_seed, data.train_limit,
+                           allow_download, image_size=data.image_size, num_workers=data.num_workers)
+
+
+@task(name="prepare_data", task_run_name="prepare {data.dataset}", cache_policy=NO_CACHE)
+def prepare_data(data: DataConfig) -> DatasetRef:
     """Locate and verify the dataset once per sweep; every trial gets the same DatasetRef."""
-    return prepare_dataset(name, data_dir, val_size, split_seed, train_limit, image_size=image_size,
-                           num_workers=num_workers)
+    return prepare_configured(data)

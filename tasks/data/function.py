@@ -31,7 +31,7 @@ import torch
 
 from models.serialization import manifest_digest
 from models.user_code import SourceError, code_digest, load_callable, parse_code_spec
-from tasks.dataset_spec import DatasetError, DatasetInputError, dataset_label
+from tasks.data.spec import DatasetError, DatasetInputError, dataset_label
 
 # Float32 pixels of train + test a Dataset may have to be materialised on the device: above it,
 # the DataLoader path. Fashion-MNIST is 0.2 GiB.
@@ -44,7 +44,7 @@ class FunctionResult:
     """What a function returned, checked: tensors (SourceData) or Datasets, and its digests."""
 
     code_digest: str
-    data: object  # tasks.data.SourceData or DatasetPair
+    data: object  # tasks.data.prepare.SourceData or DatasetPair
     fingerprint: str | None = None  # of tensors; a DataLoader source's comes with its statistics
 
 
@@ -84,7 +84,7 @@ def call_function(spec: str, image_size: int | None) -> FunctionResult:
 
 
 def _check_result(spec: str, returned, image_size: int | None):
-    from tasks.data import SourceData, resize
+    from tasks.data.prepare import SourceData, resize
 
     expected = ("(train_images, train_labels, test_images, test_labels[, class_names]) tensors "
                 "or (train, test[, class_names]) Datasets")
@@ -157,7 +157,7 @@ class Samples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        from tasks.data import resize
+        from tasks.data.prepare import resize
 
         image, label = self.dataset[index]
         if not isinstance(image, torch.Tensor):
@@ -207,7 +207,7 @@ def data_fingerprint(code_digest: str, data) -> str:
 
 
 def materialise(spec: str, pair: DatasetPair, image_size: int | None, num_workers: int):
-    from tasks.data import SourceData
+    from tasks.data.prepare import SourceData
 
     tensors = []
     for dataset in (pair.train, pair.test):
@@ -229,7 +229,7 @@ def fits_resident(pair: DatasetPair) -> bool:
 def prepare_function(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
                      image_size: int | None, num_workers: int):
     """The DatasetRef of a dataset function's data."""
-    from tasks.data import Located, tensor_ref
+    from tasks.data.prepare import Located, tensor_ref
 
     result = call_function(spec, image_size)
     if isinstance(result.data, DatasetPair):
@@ -263,7 +263,7 @@ def loader_ref(spec: str, result: FunctionResult, data_dir: Path, val_size: int 
                train_limit: int | None, image_size: int | None, num_workers: int):
     """A large Dataset's DatasetRef, from one pass over it: per-channel statistics of the training
     split, and the digest of every image and label (train, then test)."""
-    from tasks.data import DatasetRef, count_classes, default_val_size, split_indices
+    from tasks.data.prepare import DatasetRef, count_classes, default_val_size, split_indices
 
     pair = result.data
     total = len(pair.train)
@@ -311,7 +311,7 @@ class LoaderSplits:
     seeded split of the training Dataset), each batch normalised on the device."""
 
     def __init__(self, ref, pair: DatasetPair, device: torch.device):
-        from tasks.data import split_indices
+        from tasks.data.prepare import split_indices
 
         self.ref, self.device = ref, device
         self.datasets = {"train": Samples(pair.train, ref.resize), "test": Samples(pair.test, ref.resize)}
@@ -320,7 +320,7 @@ class LoaderSplits:
         self.sizes = {name: len(index) for name, index in self.indices.items()}
 
     def _batches(self, dataset, index: torch.Tensor, batch_size: int):
-        from tasks.data import normalise_, to_unit
+        from tasks.data.prepare import normalise_, to_unit
 
         batches = [index[start:start + batch_size].tolist() for start in range(0, len(index), batch_size)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.ref.num_workers,
@@ -340,7 +340,7 @@ class LoaderSplits:
 
 
 def loader_splits(ref, device: torch.device):
-    from tasks.data import Splits
+    from tasks.data.prepare import Splits
 
     result = call_function(ref.spec, ref.resize)
     if not isinstance(result.data, DatasetPair):

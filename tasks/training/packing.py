@@ -39,13 +39,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-
-from tasks.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +63,10 @@ SGD_MOMENTUM = 0.9
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}
 OPTIMIZERS = tuple(DEFAULT_WEIGHT_DECAY)
 
-# What members of one pack may differ in: everything else of a trial (model, data, batch size,
-# epochs, schedule kind, precision, optimizer) shapes the one vmapped step they share.
-MEMBER_FIELDS = ("learning_rate", "seed", "warmup_epochs", "weight_decay")
+# What members of one pack may differ in (besides their learning rate and seed): everything else of
+# a trial (model, data, batch size, epochs, schedule kind, precision, optimizer) shapes the one
+# vmapped step they share.
+MEMBER_TRAINING_FIELDS = ("warmup_epochs", "weight_decay")
 # `pack` auto on CUDA: at most this many members (27 small CNNs reached 752,000 images/s on an
 # H200; past ~32 a small model's pack is bound by the GPU's arithmetic, not by launches).
 PACK_CAP = 32
@@ -79,6 +78,14 @@ Engine = Literal["eager", "graph", "packed", "packed+graph"]
 # torch's global generators are shared by every thread: a trial's network initialisation
 # (seeded, tasks/train.py) and a pack's per-epoch reseeding take this lock.
 RNG_LOCK = threading.Lock()
+
+
+class RateSchedule(Protocol):
+    """A trial's learning rate per global step (tasks/training/schedules)."""
+
+    varies: bool
+
+    def rate(self, step: int) -> float: ...
 
 
 class Unpackable(Exception):
@@ -118,9 +125,10 @@ def deterministic_mode() -> bool:
 # --- which trials pack together -------------------------------------------------------------------
 
 def pack_key(spec) -> str:
-    """Trials with one key train in one pack: equal in everything but MEMBER_FIELDS."""
-    shared = {k: v for k, v in spec.model_dump().items() if k not in MEMBER_FIELDS}
-    return json.dumps(shared, sort_keys=True, default=str)
+    """Trials with one key train in one pack: equal in everything but their learning rate, seed
+    and MEMBER_TRAINING_FIELDS (a TrialSpec's model and training groups)."""
+    training = {k: v for k, v in spec.training.model_dump().items() if k not in MEMBER_TRAINING_FIELDS}
+    return json.dumps({"training": training, "network": spec.network.model_dump()}, sort_keys=True, default=str)
 
 
 def pack_size(pack: Literal["auto", "off"] | int, device_type: str) -> int:
@@ -141,6 +149,10 @@ def plan_packs(specs: Sequence, size: int) -> list[list]:
         groups.setdefault(pack_key(spec), []).append(spec)
     return [members[start:start + size] for members in groups.values()
             for start in range(0, len(members), max(1, size))]
+
+
+def steps_per_epoch(size: int, batch_size: int) -> int:
+    return math.ceil(size / batch_size)
 
 
 def engine_name(packed: bool, graph: bool) -> Engine:
@@ -176,17 +188,18 @@ class PackedTrainer:
     """N members (models of one shape, one trial spec each) trained as one.
 
     `models`: each member's network, built and seeded as its trial alone builds it (the same
-    initial weights), already on `device`. The specs share everything but MEMBER_FIELDS.
-    `graphs`: capture the step as a CUDA graph (CUDA only, fp32 or bf16).
+    initial weights), already on `device`. The specs share one `pack_key` (the planner's
+    business); the engine reads their learning_rate, seed and training group. `schedules`: each
+    member's rate per step (None: its learning rate throughout). `graphs`: capture the step as a
+    CUDA graph (CUDA only, fp32 or bf16).
     Raises Unpackable when vmap cannot run the model (a custom autograd Function without a
     vmap rule, `.item()` in forward, ...): the probe step, run with every member masked, says so.
     """
 
     def __init__(self, models: Sequence[nn.Module], specs: Sequence, train_x: torch.Tensor,
-                 train_y: torch.Tensor, graphs: bool = False, say: Callable[[str], None] = log.info):
-        first = specs[0]
-        if len({pack_key(spec) for spec in specs}) != 1:
-            raise ValueError("the members of a pack must differ only in " + ", ".join(MEMBER_FIELDS))
+                 train_y: torch.Tensor, schedules: Sequence[RateSchedule] | None = None, graphs: bool = False,
+                 say: Callable[[str], None] = log.info):
+        first = specs[0].training
         if first.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {first.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if first.precision == "fp16":
@@ -209,7 +222,8 @@ class PackedTrainer:
         # correction, ...) in Python floats and rounds them once, as these are rounded below.
         self.rate = torch.tensor([s.learning_rate for s in specs], dtype=torch.float64, device=device)
         self.weight_decay = torch.tensor(
-            [DEFAULT_WEIGHT_DECAY[self.optimizer] if s.weight_decay is None else s.weight_decay for s in specs],
+            [DEFAULT_WEIGHT_DECAY[self.optimizer] if s.training.weight_decay is None else s.training.weight_decay
+             for s in specs],
             dtype=torch.float64, device=device)
         self.active = torch.zeros(n, dtype=torch.bool, device=device)
         self.steps = torch.zeros(n, dtype=torch.float64, device=device)  # optimizer steps taken, per member
@@ -218,9 +232,8 @@ class PackedTrainer:
                         for name, p in self.params.items()}
         self.loss_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.correct = torch.zeros(n, dtype=torch.int64, device=device)
-        self.steps_per_epoch = math.ceil(len(train_y) / self.batch_size)
-        self.schedules = [Schedule.of(s.lr_schedule, s.learning_rate, s.warmup_epochs, s.epochs, self.steps_per_epoch)
-                          for s in specs]
+        self.steps_per_epoch = steps_per_epoch(len(train_y), self.batch_size)
+        self.schedules = list(schedules) if schedules is not None else [None] * n
         self._forward = vmap(self._member_loss, randomness="different")
         self._probe()
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -406,7 +419,7 @@ class PackedTrainer:
     def _rates(self, epoch: int) -> torch.Tensor:
         """Every step's rate of every member in `epoch` [steps, N]: a function of the step alone."""
         first = (epoch - 1) * self.steps_per_epoch
-        rows = [[s.rate(first + step) if s.varies else spec.learning_rate
+        rows = [[s.rate(first + step) if s is not None and s.varies else spec.learning_rate
                  for s, spec in zip(self.schedules, self.specs)] for step in range(self.steps_per_epoch)]
         return torch.tensor(rows, dtype=torch.float64).to(self.device)
 
@@ -476,7 +489,7 @@ class PackedTrainer:
                 if not wanted[i]:
                     continue
                 trained[i] += size
-                rate = rates[-1, i].item() if self.schedules[i].varies else self.specs[i].learning_rate
+                rate = rates[-1, i].item()
                 record = {"epoch": epoch, "train_loss": sums[i], "train_accuracy": correct[i] / size,
                           "val_loss": validation[i][0], "val_accuracy": validation[i][1], "lr": rate}
                 results[i].history.append(record)

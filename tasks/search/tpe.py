@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.serialization import identity_digest
-from tasks.checks import check_int, check_lr_range
-from tasks.halving import TrainTo, _check_rungs, _record_at, survivors
-from tasks.ranking import higher_is_better, rank
+from tasks.evaluation.ranking import higher_is_better, rank
+from tasks.search.checks import check_int, check_lr_range
+from tasks.search.config import masked_url
+from tasks.search.halving import TrainTo, check_rungs, record_at, survivors
 
 if TYPE_CHECKING:  # optuna is imported where it is used: the rest of the module does not need it
     import optuna
@@ -41,18 +42,6 @@ class StudyStorageError(RuntimeError):
 def default_storage_url(output_dir: str | Path) -> str:
     """sqlite:///OUTPUT_DIR/optuna.db (absolute), the storage when none is given."""
     return f"sqlite:///{(Path(output_dir) / 'optuna.db').resolve()}"
-
-
-def masked_url(url: str) -> str:
-    """The URL with its password replaced by ***: what is shown and stored of a storage URL (the
-    password itself lives in the URL given at run time, or in the environment: PGPASSWORD)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
 
 
 def check_storage(url: str, connect_timeout_s: int = 10) -> None:
@@ -344,7 +333,7 @@ def tpe_search(study: "optuna.Study", n_trials: int, parallel: int, lr_range: tu
     if not (isinstance(lr_range, (tuple, list)) and len(lr_range) == 2):
         raise ValueError(f"lr_range must be (min, max), got {lr_range!r}")
     check_lr_range(lr_range[0], lr_range[1], ("lr_range min", "lr_range max"))
-    rungs = _check_rungs(rungs)
+    rungs = check_rungs(rungs)
     higher = higher_is_better(metric)
     wanted = "maximize" if higher else "minimize"
     if study.direction.name.lower() != wanted:
@@ -444,7 +433,7 @@ def _run_batch(study, batch, rungs, train_to, metric, higher, reduction_factor, 
         histories = train_to(sorted({rate[n] for n in open_trials}), rung)
         scores, losses = {}, {}
         for number, trial in list(open_trials.items()):
-            record = _record_at(histories.get(rate[number]), rung)
+            record = record_at(histories.get(rate[number]), rung)
             trial.set_user_attr("epochs_trained", rung)
             trial.set_user_attr("heartbeat", time.time())
             if record is None or not math.isfinite(record.get(metric, math.nan)):

@@ -1,5 +1,5 @@
 """Promotions decided outside a sweep, `lr-sweep promote` and `lr-sweep publish`: the sweep's
-own champion/challenger decision (tasks/compare.py decide_promotion) with both models fetched
+own champion/challenger decision (tasks/evaluation/compare.py decide_promotion) with both models fetched
 from the registry that will hold the alias (files checked against their digests) and measured on
 the candidate's test set, on the CPU. Nothing is moved here."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 from models.registry import ModelRef, ModelRegistry
 from models.sources import ModelSource
-from tasks.compare import decide_promotion
-from tasks.data import load_splits, prepare_recorded
-from tasks.evaluate import evaluate_stored_model
+from tasks.data.prepare import load_splits, prepare_recorded
+from tasks.evaluation.compare import decide_promotion
+from tasks.evaluation.evaluate import evaluate_stored_model
 from tasks.results import Promotion
 
 

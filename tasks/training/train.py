@@ -28,14 +28,17 @@ from models.files import file_lock
 from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import identity_digest, model_files, write_files
-from models.sources import InputShape, ModelSource
-from tasks import progress as trial_progress
-from tasks import tracking
-from tasks.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
-from tasks.data import DatasetRef, Splits, eval_batches, load_splits, train_batches
-from tasks.devices import DeviceSlots, trial_stream
-from tasks.evaluate import eval_batch_size, measure, place_model
-from tasks.packing import (
+from models.sources import InputShape
+from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits, train_batches
+from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
+from tasks.provenance import code_version, package_versions
+from tasks.reporting import progress as trial_progress
+from tasks.reporting import tracking
+from tasks.reporting.artifact_keys import artifact_key
+from tasks.results import TrialOutcome, TrialSpec
+from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
+from tasks.training.devices import DeviceSlots, trial_stream
+from tasks.training.packing import (
     AUTOCAST_DTYPES,
     DIVERGENCE_CHECK_STEPS,
     DIVERGENCE_LOSS,
@@ -48,10 +51,9 @@ from tasks.packing import (
     engine_name,
     measure_pack,
     shuffle,
+    steps_per_epoch,
 )
-from tasks.provenance import code_version, package_versions
-from tasks.results import TrialOutcome, TrialSpec
-from tasks.schedule import Schedule
+from tasks.training.schedules import SCHEDULES, schedule_of
 from tasks.workspace import Workspace
 
 
@@ -99,7 +101,7 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
     """Identity of a trial's result: same key, same weights. Reuse of stored models goes by it."""
     identity = {
         "spec": spec.model_dump(),
-        "model_source": model_source(spec).record(input_shape(dataset)),
+        "model_source": spec.network.source().record(input_shape(dataset)),
         "dataset": dataset.as_metadata(),
         "code": code_version()["training_source_sha256"],
         "torch": torch.__version__,
@@ -108,11 +110,12 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
 
 
 def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's trajectory. With a constant rate it is the same for every number of
-    epochs (nothing in an epoch depends on how many follow it), so a trial stopped at epoch E of a
-    search, or killed there, continues from its checkpoint to any later epoch with the weights of
-    an uninterrupted run. A cosine or one-cycle schedule depends on the total: it stays in the key."""
-    return trial_key(spec.model_copy(update={"epochs": 0}) if spec.lr_schedule == "constant" else spec, dataset)
+    """Identity of a trial's trajectory. A schedule whose rates do not depend on the number of
+    steps (constant, step) gives the same key for every number of epochs, so a trial stopped at
+    epoch E of a search, or killed there, continues from its checkpoint to any later epoch with the
+    weights of an uninterrupted run; one that does (cosine, onecycle) keeps the epochs in the key."""
+    independent = SCHEDULES[spec.training.lr_schedule].DEPENDS_ON_LENGTH is False
+    return trial_key(spec.but(epochs=1) if independent else spec, dataset)
 
 
 def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
@@ -125,10 +128,6 @@ def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
 _init_lock = RNG_LOCK
 
 
-def model_source(spec: TrialSpec) -> ModelSource:
-    return ModelSource(spec=spec.model, args=spec.model_args, hidden_units=spec.hidden_units)
-
-
 def input_shape(dataset: DatasetRef) -> InputShape:
     return InputShape(in_channels=dataset.channels, image_size=dataset.image_size, num_classes=dataset.num_classes)
 
@@ -136,7 +135,7 @@ def input_shape(dataset: DatasetRef) -> InputShape:
 def init_model(spec: TrialSpec, device: str | torch.device, shape: InputShape) -> nn.Module:
     with _init_lock:
         torch.manual_seed(spec.seed)
-        model = model_source(spec).build(shape)
+        model = spec.network.source().build(shape)
     return place_model(model, device)
 
 
@@ -179,13 +178,13 @@ def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
 def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
                 checkpoint_dir: Path | None = None,
                 on_epoch: Callable[[dict], None] | None = None, stop_at: int | None = None) -> TrainResult:
-    """Train one network for `spec.epochs` epochs, or up to `stop_at` of them (a search's rung:
+    """Train one network for `spec.training.epochs` epochs, or up to `stop_at` of them (a search's rung:
     the schedule still spans every epoch); raises TrialDiverged as soon as the loss is not finite."""
     device = torch.device(device)
     model = init_model(spec, device, input_shape(splits.dataset))
-    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate, weight_decay=spec.weight_decay)
-    precision = Precision(spec.precision, device)
-    last_epoch = spec.epochs if stop_at is None else min(stop_at, spec.epochs)
+    optimizer = make_optimizer(spec.training.optimizer, model.parameters(), spec.learning_rate, weight_decay=spec.training.weight_decay)
+    precision = Precision(spec.training.precision, device)
+    last_epoch = spec.training.epochs if stop_at is None else min(stop_at, spec.training.epochs)
     history: list[dict] = []
     first_epoch, resumed_from, seconds_before = 1, None, 0.0
     if checkpoint_dir is not None and (header := load_checkpoint(checkpoint_dir, spec, model, optimizer, last_epoch)):
@@ -197,8 +196,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
                 on_epoch(record)
 
     size = splits.train_size
-    steps_per_epoch = math.ceil(size / spec.batch_size)
-    schedule = Schedule.of(spec.lr_schedule, spec.learning_rate, spec.warmup_epochs, spec.epochs, steps_per_epoch)
+    steps_per_epoch = math.ceil(size / spec.training.batch_size)
+    schedule = schedule_of(spec.training, spec.learning_rate, steps_per_epoch)
     started = time.perf_counter()
     step_seconds = 0.0
     for epoch in range(first_epoch, last_epoch + 1):
@@ -208,7 +207,7 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         correct = torch.zeros((), dtype=torch.int64, device=splits.device)
         epoch_started = time.perf_counter()
         seen = 0
-        for step, (batch_images, batch_labels) in enumerate(train_batches(splits, order, spec.batch_size)):
+        for step, (batch_images, batch_labels) in enumerate(train_batches(splits, order, spec.training.batch_size)):
             if schedule.varies:
                 rate = schedule.rate((epoch - 1) * steps_per_epoch + step)
                 for group in optimizer.param_groups:
@@ -293,6 +292,11 @@ def train_one_by_one(specs: list[TrialSpec], splits: Splits, device, checkpoint_
     return results
 
 
+def member_schedules(specs: list[TrialSpec], splits: Splits) -> list:
+    steps = steps_per_epoch(splits.train_size, specs[0].training.batch_size)
+    return [schedule_of(spec.training, spec.learning_rate, steps) for spec in specs]
+
+
 def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.device,
                checkpoint_dirs: list[Path | None] | None = None,
                on_epoch: Callable[[int, dict], None] | None = None, stop_at: int | None = None,
@@ -304,17 +308,18 @@ def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.devic
     device = torch.device(device)
     dirs = checkpoint_dirs or [None] * len(specs)
     report = on_epoch or (lambda index, record: None)
-    last_epoch = specs[0].epochs if stop_at is None else min(stop_at, specs[0].epochs)
+    last_epoch = specs[0].training.epochs if stop_at is None else min(stop_at, specs[0].training.epochs)
     models = [init_model(spec, device, input_shape(splits.dataset)) for spec in specs]
-    optimizers = [make_optimizer(spec.optimizer, model.parameters(), spec.learning_rate, weight_decay=spec.weight_decay)
-                  for spec, model in zip(specs, models)]
+    optimizers = [make_optimizer(spec.training.optimizer, model.parameters(), spec.learning_rate,
+                                 weight_decay=spec.training.weight_decay) for spec, model in zip(specs, models)]
     starts = []
     for spec, model, optimizer, directory in zip(specs, models, optimizers, dirs):
         header = None if directory is None else load_checkpoint(directory, spec, model, optimizer, last_epoch)
         starts.append(MemberStart() if header is None else
                       MemberStart(epoch=header["epoch"], history=header["history"], train_seconds=header["train_seconds"]))
     try:
-        pack = PackedTrainer(models, specs, splits.train_x, splits.train_y, graphs=graphs and device.type == "cuda", say=say)
+        pack = PackedTrainer(models, specs, splits.train_x, splits.train_y, member_schedules(specs, splits),
+                             graphs=graphs and device.type == "cuda", say=say)
     except Unpackable as reason:
         say(f"trials {', '.join(s.name for s in specs)} train one by one: {reason}")
         return PackRun(train_one_by_one(specs, splits, device, dirs, report, stop_at), engine_name(False, False), str(reason))
@@ -350,9 +355,9 @@ def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.devic
 def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult) -> dict:
     final = result.history[-1]
     return {
-        "architecture": model_source(spec).architecture(input_shape(dataset)),
-        "model_source": model_source(spec).record(input_shape(dataset)),
-        "training": spec.model_dump(),
+        "architecture": spec.network.source().architecture(input_shape(dataset)),
+        "model_source": spec.network.source().record(input_shape(dataset)),
+        "training": spec.record(),
         "metrics": {k: v for k, v in final.items() if k != "epoch"},
         "history": result.history,
         "train_seconds": result.train_seconds,
@@ -394,7 +399,7 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
     """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
     started = time.perf_counter()
     splits = load_splits(dataset, device)
-    run_config = spec.model_dump() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+    run_config = spec.record() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
                                       "train_size": dataset.train_size, "device": device, "trial_key": key}
     wandb_started = time.perf_counter()
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
@@ -407,11 +412,11 @@ def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, 
             images_per_second = dataset.train_size / (now - epoch_started[0])
             epoch_started[0] = now
             tracking.log_epoch(run, record)
-            log(f"[{spec.name}] epoch {record['epoch']}/{spec.epochs}: "
+            log(f"[{spec.name}] epoch {record['epoch']}/{spec.training.epochs}: "
                 f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
-            progress(100 * record["epoch"] / spec.epochs,
-                     f"epoch {record['epoch']}/{spec.epochs} on {device}, {images_per_second:,.0f} images/s, "
+            progress(100 * record["epoch"] / spec.training.epochs,
+                     f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
                      f"val acc {record['val_accuracy']:.4f}")
 
         setup_seconds = time.perf_counter() - started  # data on the device, W&B run started
@@ -482,7 +487,7 @@ def train_until(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     with trial_lock(spec, dataset, workspace) as checkpoint_dir:
         stored = reuse_finished(spec, workspace.registry.open(), workspace.collection, trial_key(spec, dataset))
         if stored is not None:
-            progress(100 * epoch / spec.epochs, f"rung {epoch}: from the stored {stored.model.short}")
+            progress(100 * epoch / spec.training.epochs, f"rung {epoch}: from the stored {stored.model.short}")
             return stored.history[:epoch]
         if len(history := checkpointed_history(checkpoint_dir)) >= epoch:  # a killed search got further
             return history[:epoch]
@@ -491,7 +496,7 @@ def train_until(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
             def report(record: dict) -> None:
                 log(f"[{spec.name}] epoch {record['epoch']}/{epoch} (rung): val loss {record['val_loss']:.4f} "
                     f"acc {record['val_accuracy']:.4f}")
-                progress(100 * record["epoch"] / spec.epochs, f"epoch {record['epoch']} (rung {epoch}) on {device}")
+                progress(100 * record["epoch"] / spec.training.epochs, f"epoch {record['epoch']} (rung {epoch}) on {device}")
 
             result = train_trial(spec, load_splits(dataset, device), device, checkpoint_dir, report, stop_at=epoch)
     return result.history
@@ -507,7 +512,7 @@ def record_stopped(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, h
     """A trial a search stopped at `rung`: its W&B run (epochs and status), never a stored model."""
     history = history or saved_history(spec, dataset, workspace)[:rung]
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
-                            run_dir=workspace.sweep_dir, config=spec.model_dump() | {"dataset": dataset.name}) as run:
+                            run_dir=workspace.sweep_dir, config=spec.record() | {"dataset": dataset.name}) as run:
         for record in history:
             tracking.log_epoch(run, record)
         run.summary.update({"status": "stopped", "stopped_at_epoch": rung})
@@ -533,7 +538,7 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     trial ran, a link to its W&B run. `still_wanted`, called before training and after every
     epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
     run, flows/trial.py)."""
-    progress_id = create_progress_artifact(0.0, key=f"progress-{artifact_key(spec.name)}",
+    progress_id = create_progress_artifact(0.0, key=artifact_key("progress", spec.name),
                                            description=f"{spec.name}: starting")
 
     def progress(percent: float, status: str) -> None:
@@ -550,21 +555,16 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     return outcome
 
 
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys take lowercase letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
-
-
 def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
     """A link artifact to the trial's W&B run: its page online; offline, its folder and the
     command that uploads it."""
     if outcome.wandb_url:
-        create_link_artifact(outcome.wandb_url, link_text=f"W&B run {outcome.name}", key=f"wandb-{artifact_key(outcome.name)}",
+        create_link_artifact(outcome.wandb_url, link_text=f"W&B run {outcome.name}", key=artifact_key("wandb", outcome.name),
                              description=f"W&B run of trial {outcome.name}")
     elif outcome.wandb_run_dir:
         create_link_artifact(
             f"file://{outcome.wandb_run_dir}", link_text=f"offline W&B run {outcome.name}",
-            key=f"wandb-{artifact_key(outcome.name)}",
+            key=artifact_key("wandb", outcome.name),
             description=f"Offline W&B run of trial {outcome.name} in `{outcome.wandb_run_dir}`; upload the "
                         f"sweep with `lr-sweep publish {workspace.sweep_id} --output-dir {workspace.sweep_dir.parent}`")
 

@@ -22,10 +22,10 @@ from torch import nn
 
 from models.registry import ModelRef, ModelRegistry
 from models.sources import ModelSource, rebuild
-from tasks.data import DatasetRef, Splits, eval_batches, load_splits
-from tasks.data import rescaling as channel_rescaling
-from tasks.devices import DeviceSlots
+from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits
+from tasks.data.prepare import rescaling as channel_rescaling
 from tasks.results import Evaluation, TrialOutcome
+from tasks.training.devices import DeviceSlots
 from tasks.workspace import Workspace
 
 # Evaluation batches by device type. On a GPU, large batches: fewer kernel launches, and memory

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoints import checkpointed_history
-from tasks.data import Splits
+from tasks.data.prepare import Splits
 from tasks.results import TrialSpec
-from tasks.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
+from tasks.training.checkpoints import checkpointed_history
+from tasks.training.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
 
 
 class CheckpointedTrainer:
     """A sequential `train_to` over learning rates: each rate trains `base_spec` (with that
     learning rate) up to the asked epoch, resuming from its own checkpoint directory under
-    `checkpoint_root`, so rung after rung continues bit-identically (tasks.train checkpoints
+    `checkpoint_root`, so rung after rung continues bit-identically (tasks.training.train checkpoints
     model and optimizer after every epoch). A rate that diverges is left out of the answer.
 
     A rate's checkpoint folder is named as a sweep's trial would name it (`checkpoint_folder`:
@@ -43,10 +43,10 @@ class CheckpointedTrainer:
         self.trained: list[tuple[float, int]] = []
 
     def spec(self, learning_rate: float, epochs: int) -> TrialSpec:
-        return self.base_spec.model_copy(update={"learning_rate": float(learning_rate), "epochs": epochs})
+        return self.base_spec.but(learning_rate=float(learning_rate), epochs=epochs)
 
     def checkpoint_dir(self, learning_rate: float) -> Path:
-        return self.checkpoint_root / checkpoint_folder(self.spec(learning_rate, 0), self.splits.dataset)
+        return self.checkpoint_root / checkpoint_folder(self.spec(learning_rate, self.base_spec.training.epochs), self.splits.dataset)
 
     def __call__(self, learning_rates: Iterable[float], epoch: int) -> dict[float, list[dict]]:
         histories = {}
@@ -54,7 +54,7 @@ class CheckpointedTrainer:
             if len(history := checkpointed_history(self.checkpoint_dir(lr))) >= epoch:
                 histories[lr] = history[:epoch]  # already trained this far (a resumed search)
                 continue
-            spec = self.spec(lr, max(epoch, self.base_spec.epochs))  # the schedule spans the whole trial
+            spec = self.spec(lr, max(epoch, self.base_spec.training.epochs))  # the schedule spans the whole trial
             on_epoch = (lambda record, lr=lr: self.on_epoch(lr, record)) if self.on_epoch else None
             try:
                 result = train_trial(spec, self.splits, self.device, self.checkpoint_dir(lr), on_epoch, stop_at=epoch)
