@@ -11,8 +11,9 @@ import torch
 
 from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.training.checkpoints import CHECKPOINT_FILE
+from tasks.training.packed import train_pack
 from tasks.training.packing import PackedTrainer, Unpackable, configure_determinism, pack_key, pack_size, plan_packs
-from tasks.training.train import init_model, input_shape, train_pack, train_trial
+from tasks.training.train import init_model, input_shape, train_trial
 from tests.helpers import trial_spec
 
 # A user model with what packing must carry per member: BatchNorm (running statistics, a
@@ -243,3 +244,28 @@ def test_determinism_is_configured_as_asked():
     configure_determinism(False)
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     configure_determinism(True)
+
+
+def test_a_packed_sweep_records_each_trials_pack_and_engine(prefect_server, sweep_data_dir, tmp_path):
+    """--pack 3 on a CPU: one engine call for three trials, one of which diverges; every trial
+    keeps its outcome, W&B run and stored model; a second sweep reuses the stored ones."""
+    from flows.sweep import lr_sweep
+    from models.local_registry import LocalRegistry
+    from tests.helpers import COLLECTION, smoke_config
+
+    config = smoke_config(tmp_path, sweep_data_dir, learning_rates=[0.001, 100.0, 0.0005], pack=3)
+    summary = lr_sweep(config=config)
+    trials = {t["learning_rate"]: t for t in summary["trials"]}
+    assert [trials[r]["status"] for r in (0.001, 100.0, 0.0005)] == ["completed", "diverged", "completed"]
+    assert "learning rate 100" in trials[100.0]["error"] and trials[100.0]["wandb_run_dir"]
+    for trial in trials.values():
+        assert trial["engine"] == "packed" and trial["pack"] == {"id": "p0", "size": 3}
+        assert trial["deterministic"] is True and trial["engine_reason"] is None
+    stored = LocalRegistry(tmp_path / "registry").versions(COLLECTION)
+    assert len(stored) == 2 and all(v.metadata["engine"] == "packed" and v.metadata["deterministic"] for v in stored)
+    assert all(v.metadata["pack"] == {"id": "p0", "size": 3} for v in stored)
+
+    again = lr_sweep(config=config)
+    reused = {t["learning_rate"]: t for t in again["trials"]}
+    assert reused[0.001]["cached"] and reused[0.0005]["cached"] and reused[100.0]["status"] == "diverged"
+    assert reused[100.0]["pack"] == {"id": "p0", "size": 1}  # the stored members left the pack

@@ -43,15 +43,9 @@ from tasks.training.packing import (
     DIVERGENCE_CHECK_STEPS,
     DIVERGENCE_LOSS,
     RNG_LOCK,
-    MemberResult,
-    MemberStart,
-    PackedTrainer,
-    Unpackable,
+    deterministic_mode,
     divergence_message,
-    engine_name,
-    measure_pack,
     shuffle,
-    steps_per_epoch,
 )
 from tasks.training.schedules import SCHEDULES, schedule_of
 from tasks.workspace import Workspace
@@ -248,113 +242,20 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
     )
 
 
-# --- a pack: several trials in one engine call (tasks/packing.py) ------------------------------
-
-@dataclass
-class PackRun:
-    """What one call of `train_pack` did: a result per member, in the order of its specs."""
-
-    results: list[MemberResult]
-    engine: str
-    reason: str | None = None  # why it is not packed, or runs without a CUDA graph
-
-
-def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    return {name: dict(optimizer.state.get(param, {})) for name, param in model.named_parameters()}
-
-
-def set_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, dict]) -> None:
-    """A member's optimizer state, as the packed engine keeps it, into a torch.optim optimizer of
-    its model: its checkpoint then is the one an unpacked trial writes (and reads)."""
-    for name, param in model.named_parameters():
-        state = {}
-        for key, value in named[name].items():
-            # the fused optimizers keep `step` as a float32 tensor on the parameter's device
-            state[key] = (value.to(device=param.device, dtype=torch.float32) if key == "step"
-                          else torch.empty_like(param).copy_(value))
-        optimizer.state[param] = state
-
-
-def train_one_by_one(specs: list[TrialSpec], splits: Splits, device, checkpoint_dirs: list[Path | None],
-                     on_epoch: Callable[[int, dict], None], stop_at: int | None) -> list[MemberResult]:
-    """The members of a pack that cannot be packed, each trained alone by `train_trial`."""
-    results = []
-    for index, spec in enumerate(specs):
-        try:
-            result = train_trial(spec, splits, device, checkpoint_dirs[index],
-                                 lambda record, index=index: on_epoch(index, record), stop_at=stop_at)
-        except TrialDiverged as error:
-            results.append(MemberResult(history=error.history, error=str(error)))
-            continue
-        results.append(MemberResult(history=result.history, state_dict=result.state_dict,
-                                    resumed_from=result.resumed_from, train_seconds=result.train_seconds,
-                                    samples_per_second=result.samples_per_second))
-    return results
-
-
-def member_schedules(specs: list[TrialSpec], splits: Splits) -> list:
-    steps = steps_per_epoch(splits.train_size, specs[0].training.batch_size)
-    return [schedule_of(spec.training, spec.learning_rate, steps) for spec in specs]
-
-
-def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.device,
-               checkpoint_dirs: list[Path | None] | None = None,
-               on_epoch: Callable[[int, dict], None] | None = None, stop_at: int | None = None,
-               graphs: bool = False, say: Callable[[str], None] = print) -> PackRun:
-    """Train the members of one pack (specs equal but for rate, seed, warmup and weight decay)
-    in one engine call, each from its own checkpoint if it has one; one by one, as `train_trial`
-    trains them, when the model cannot be packed. A diverged member comes back with its error
-    and no weights; the others are unaffected."""
-    device = torch.device(device)
-    dirs = checkpoint_dirs or [None] * len(specs)
-    report = on_epoch or (lambda index, record: None)
-    last_epoch = specs[0].training.epochs if stop_at is None else min(stop_at, specs[0].training.epochs)
-    models = [init_model(spec, device, input_shape(splits.dataset)) for spec in specs]
-    optimizers = [make_optimizer(spec.training.optimizer, model.parameters(), spec.learning_rate,
-                                 weight_decay=spec.training.weight_decay) for spec, model in zip(specs, models)]
-    starts = []
-    for spec, model, optimizer, directory in zip(specs, models, optimizers, dirs):
-        header = None if directory is None else load_checkpoint(directory, spec, model, optimizer, last_epoch)
-        starts.append(MemberStart() if header is None else
-                      MemberStart(epoch=header["epoch"], history=header["history"], train_seconds=header["train_seconds"]))
-    try:
-        pack = PackedTrainer(models, specs, splits.train_x, splits.train_y, member_schedules(specs, splits),
-                             graphs=graphs and device.type == "cuda", say=say)
-    except Unpackable as reason:
-        say(f"trials {', '.join(s.name for s in specs)} train one by one: {reason}")
-        return PackRun(train_one_by_one(specs, splits, device, dirs, report, stop_at), engine_name(False, False), str(reason))
-    for index, start in enumerate(starts):
-        if start.epoch:
-            pack.load_member(index, models[index].state_dict(), named_optimizer_state(models[index], optimizers[index]))
-        for record in start.history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
-            report(index, record)
-    histories = [list(start.history) for start in starts]
-    started = time.perf_counter()
-
-    def epoch_done(index: int, record: dict) -> None:
-        histories[index].append(record)
-        if dirs[index] is not None:
-            model, optimizer = models[index], optimizers[index]
-            model.load_state_dict(pack.member_state_dict(index))
-            set_optimizer_state(model, optimizer, pack.optimizer_state(index))
-            for group in optimizer.param_groups:
-                group["lr"] = record["lr"]
-            save_checkpoint(dirs[index], specs[index], record["epoch"], model, optimizer, histories[index],
-                            starts[index].train_seconds + time.perf_counter() - started)
-        report(index, record)
-
-    # every member's forward on one batch: the evaluation batch is shared out among them
-    batch = max(64, eval_batch_size(splits.device) // len(specs))
-    results = pack.train(starts, stop_at, epoch_done,
-                         lambda forward: measure_pack(forward, eval_batches(splits, "val", batch)))
-    return PackRun(results, pack.engine, pack.graph_error)
-
-
 # --- one trial, end to end ----------------------------------------------------------------------
 
-def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult) -> dict:
+def engine_record(engine: str, pack: dict | None = None, reason: str | None = None) -> dict:
+    """How a trial was trained, for its outcome (summary.json) and its model's metadata: the engine
+    (eager | graph | packed | packed+graph), its pack ({id, size}) if any, why it trained otherwise
+    than planned (a model vmap cannot run, a step that could not be captured) and whether
+    deterministic algorithms were on."""
+    return {"engine": engine, "pack": pack, "engine_reason": reason, "deterministic": deterministic_mode()}
+
+
+def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult,
+                   engine: dict) -> dict:
     final = result.history[-1]
-    return {
+    return engine | {
         "architecture": spec.network.source().architecture(input_shape(dataset)),
         "model_source": spec.network.source().record(input_shape(dataset)),
         "training": spec.record(),
@@ -393,56 +294,73 @@ def no_progress(percent: float, status: str) -> None:
     pass
 
 
+def run_config(spec: TrialSpec, dataset: DatasetRef, device: str, key: str) -> dict:
+    """A trial's W&B run config."""
+    return spec.record() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+                            "train_size": dataset.train_size, "device": device, "trial_key": key}
+
+
+def epoch_reporter(spec: TrialSpec, dataset: DatasetRef, run, device: str, log: Callable[[str], None],
+                   progress: Callable[[float, str], None]) -> Callable[[dict], None]:
+    """What a trial does after each epoch: its W&B run's curves, a log line, its progress."""
+    epoch_started = [time.perf_counter()]
+
+    def report_epoch(record: dict) -> None:
+        now = time.perf_counter()
+        images_per_second = dataset.train_size / (now - epoch_started[0])
+        epoch_started[0] = now
+        tracking.log_epoch(run, record)
+        log(f"[{spec.name}] epoch {record['epoch']}/{spec.training.epochs}: "
+            f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+            f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
+        progress(100 * record["epoch"] / spec.training.epochs,
+                 f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
+                 f"val acc {record['val_accuracy']:.4f}")
+
+    return report_epoch
+
+
+def store_trained(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, run, device: str,
+                  result: TrainResult, engine: dict, log: Callable[[str], None]) -> TrialOutcome:
+    """A trained trial's model stored in the registry and its W&B run; its outcome."""
+    metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result, engine)
+    aliases = (spec.name, f"sweep-{workspace.sweep_id}")
+    # With the wandb backend the registry logs the model as this run's artifact (lineage);
+    # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
+    ref = workspace.registry.open().log_model(workspace.collection, result.state_dict, metadata, aliases, run=run)
+    if workspace.registry.backend != "wandb":
+        paths = write_files(model_files(result.state_dict, metadata), workspace.sweep_dir / "models" / spec.name)
+        tracking.log_model_artifact(run, collection=workspace.collection, files=paths,
+                                    metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
+                                    aliases=list(aliases))
+    run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
+                        "digest": ref.digest, "train_seconds": result.train_seconds,
+                        "samples_per_second": result.samples_per_second, "engine": engine["engine"]})
+    log(f"[{spec.name}] stored {ref.short} ({result.samples_per_second:,.0f} images/s on {device}, "
+        f"{engine['engine']})")
+    return TrialOutcome(
+        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
+        history=result.history, train_seconds=result.train_seconds,
+        samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
+        device=device, wandb_run_dir=tracking.run_directory(run), wandb_url=tracking.run_url(run), **engine)
+
+
 def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, device: str,
                     checkpoint_dir: Path, log: Callable[[str], None],
                     progress: Callable[[float, str], None] = no_progress) -> TrialOutcome:
     """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
     started = time.perf_counter()
     splits = load_splits(dataset, device)
-    run_config = spec.record() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                                      "train_size": dataset.train_size, "device": device, "trial_key": key}
     wandb_started = time.perf_counter()
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
-                            run_dir=workspace.sweep_dir, config=run_config) as run:
+                            run_dir=workspace.sweep_dir, config=run_config(spec, dataset, device, key)) as run:
         wandb_start_seconds = time.perf_counter() - wandb_started
-        epoch_started = [time.perf_counter()]
-
-        def report_epoch(record: dict) -> None:
-            now = time.perf_counter()
-            images_per_second = dataset.train_size / (now - epoch_started[0])
-            epoch_started[0] = now
-            tracking.log_epoch(run, record)
-            log(f"[{spec.name}] epoch {record['epoch']}/{spec.training.epochs}: "
-                f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-                f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
-            progress(100 * record["epoch"] / spec.training.epochs,
-                     f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
-                     f"val acc {record['val_accuracy']:.4f}")
-
+        report_epoch = epoch_reporter(spec, dataset, run, device, log, progress)
         setup_seconds = time.perf_counter() - started  # data on the device, W&B run started
         with trial_stream(device):
             result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
-        metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result)
-        aliases = (spec.name, f"sweep-{workspace.sweep_id}")
-        # With the wandb backend the registry logs the model as this run's artifact (lineage);
-        # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
-        ref = workspace.registry.open().log_model(workspace.collection, result.state_dict, metadata, aliases, run=run)
-        if workspace.registry.backend != "wandb":
-            paths = write_files(model_files(result.state_dict, metadata), workspace.sweep_dir / "models" / spec.name)
-            tracking.log_model_artifact(run, collection=workspace.collection, files=paths,
-                                        metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
-                                        aliases=list(aliases))
-        run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
-                            "digest": ref.digest, "train_seconds": result.train_seconds,
-                            "samples_per_second": result.samples_per_second})
-        run_dir, url = tracking.run_directory(run), tracking.run_url(run)
-    log(f"[{spec.name}] stored {ref.short} ({result.samples_per_second:,.0f} images/s on {device})")
-    return TrialOutcome(
-        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
-        history=result.history, train_seconds=result.train_seconds,
-        samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
-        device=device, wandb_run_dir=run_dir, wandb_url=url, setup_seconds=setup_seconds,
-        wandb_start_seconds=wandb_start_seconds)
+        outcome = store_trained(spec, dataset, workspace, key, run, device, result, engine_record("eager"), log)
+    return outcome.model_copy(update={"setup_seconds": setup_seconds, "wandb_start_seconds": wandb_start_seconds})
 
 
 def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
@@ -538,6 +456,14 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     trial ran, a link to its W&B run. `still_wanted`, called before training and after every
     epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
     run, flows/trial.py)."""
+    outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info,
+                        progress=progress_reporter(spec, still_wanted))
+    publish_wandb_link(outcome, workspace)
+    return outcome
+
+
+def progress_reporter(spec: TrialSpec, still_wanted: Callable[[], None] | None = None) -> Callable[[float, str], None]:
+    """A trial's progress(percent, status): its progress artifact in the UI and the terminal's view."""
     progress_id = create_progress_artifact(0.0, key=artifact_key("progress", spec.name),
                                            description=f"{spec.name}: starting")
 
@@ -550,9 +476,7 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
         if still_wanted is not None and percent < 100:
             still_wanted()
 
-    outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)
-    publish_wandb_link(outcome, workspace)
-    return outcome
+    return progress
 
 
 def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
