@@ -80,6 +80,11 @@ Engine = Literal["eager", "graph", "packed", "packed+graph"]
 RNG_LOCK = threading.Lock()
 
 
+def device_generator(device: torch.device) -> torch.Generator:
+    """The default generator that random ops (Dropout) on `device` draw from."""
+    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+
+
 class RateSchedule(Protocol):
     """A trial's learning rate per global step (tasks/training/schedules)."""
 
@@ -429,10 +434,7 @@ class PackedTrainer:
         digest = hashlib.sha256(json.dumps([members, epoch]).encode()).digest()
         seed = int.from_bytes(digest[:8], "little") >> 1
         with RNG_LOCK:
-            if self.device.type == "cuda":
-                torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
-            else:
-                torch.default_generator.manual_seed(seed)
+            device_generator(self.device).manual_seed(seed)
 
     def train(self, starts: Sequence[MemberStart] | None = None, stop_at: int | None = None,
               on_epoch: Callable[[int, dict], None] | None = None,

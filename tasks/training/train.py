@@ -44,6 +44,7 @@ from tasks.training.packing import (
     DIVERGENCE_LOSS,
     RNG_LOCK,
     deterministic_mode,
+    device_generator,
     divergence_message,
     shuffle,
 )
@@ -185,6 +186,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         history, resumed_from = header["history"], header["epoch"]
         first_epoch, seconds_before = header["epoch"] + 1, header["train_seconds"]
         precision.restore(header.get("scaler"))
+        if header["rng_state"] is not None:
+            device_generator(device).set_state(header["rng_state"])
         for record in history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
             if on_epoch is not None:
                 on_epoch(record)
@@ -228,7 +231,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         history.append(record)
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, spec, epoch, model, optimizer, history,
-                            seconds_before + time.perf_counter() - started, precision.state())
+                            seconds_before + time.perf_counter() - started, precision.state(),
+                            device_generator(device).get_state())
         if on_epoch is not None:
             on_epoch(record)
 
