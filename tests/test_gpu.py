@@ -249,3 +249,33 @@ def test_engine_bf16_packed_graph_learns_on_cuda():
     assert pack.engine == "packed+graph", pack.graph_error
     results = pack.train(evaluate=lambda forward: measure_pack(forward, [(val_images, val_labels)]))
     assert all(r.history[-1]["val_accuracy"] > 0.8 and math.isfinite(r.history[-1]["train_loss"]) for r in results)
+
+
+# --- a pack of real trials on CUDA (tasks/training/packed.py; needs the project installed) --------
+
+def test_a_pack_on_cuda_trains_each_member_as_the_trial_alone(dataset, full_fp32):
+    from tasks.data.prepare import load_splits
+    from tasks.training.packed import train_pack
+    from tasks.training.train import train_trial
+
+    splits = load_splits(dataset, DEVICE)
+    specs = [spec(learning_rate=rate, seed=seed) for rate, seed in ((0.001, 0), (0.003, 1), (0.0005, 2))]
+    run = train_pack(specs, splits, DEVICE, graphs=True)
+    assert run.engine == "packed+graph", run.reason
+    for member_spec, member in zip(specs, run.results):
+        close(member.state_dict, train_trial(member_spec, splits, DEVICE).state_dict, 1e-4)
+
+
+def test_a_packed_graph_resumes_from_its_members_checkpoints_exactly_on_cuda(dataset, tmp_path):
+    from tasks.data.prepare import load_splits
+    from tasks.training.packed import train_pack
+
+    splits = load_splits(dataset, DEVICE)
+    specs = [spec(learning_rate=rate, seed=seed, epochs=3) for rate, seed in ((0.001, 0), (0.003, 1))]
+    folders = [tmp_path / member.name for member in specs]
+    full = train_pack(specs, splits, DEVICE, graphs=True)
+    train_pack(specs, splits, DEVICE, folders, stop_at=2, graphs=True)  # "killed" after epoch 2
+    resumed = train_pack(specs, splits, DEVICE, folders, graphs=True)
+    for whole, part in zip(full.results, resumed.results):
+        assert part.resumed_from == 2 and part.history == whole.history
+        assert all(torch.equal(whole.state_dict[k], part.state_dict[k]) for k in whole.state_dict)

@@ -132,6 +132,17 @@ def train_pack(specs: list[TrialSpec], splits: Splits, device: str | torch.devic
     except Unpackable as reason:
         say(f"trials {', '.join(s.name for s in specs)} train one by one: {reason}")
         return PackRun(train_one_by_one(specs, splits, device, dirs, report, stop_at), engine_name(False, False), str(reason))
+    except torch.cuda.OutOfMemoryError:  # the probe step of `pack` auto: this many do not fit
+        if len(specs) == 1:
+            raise
+        del models, optimizers
+        torch.cuda.empty_cache()
+        half = len(specs) // 2
+        say(f"a pack of {len(specs)} does not fit on {device}: it trains as packs of {half} and {len(specs) - half}")
+        first = train_pack(specs[:half], splits, device, dirs[:half], report, stop_at, graphs, say)
+        second = train_pack(specs[half:], splits, device, dirs[half:], lambda index, record: report(index + half, record),
+                            stop_at, graphs, say)
+        return PackRun(first.results + second.results, first.engine, first.reason or second.reason)
     for index, start in enumerate(starts):
         if start.epoch:
             pack.load_member(index, models[index].state_dict(), named_optimizer_state(models[index], optimizers[index]))
