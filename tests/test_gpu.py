@@ -193,7 +193,7 @@ def full_fp32():
 
 def test_engine_graph_trains_as_eager_on_cuda(full_fp32):
     images, labels = bars()
-    spec = EngineSpec()
+    spec = EngineSpec(learning_rate=0.001)  # at 0.003 Adam carried rounding to 3.7e-4 (H200)
     pack = engine([spec], images, labels)
     assert pack.engine == "graph", pack.graph_error
     trained = pack.train()[0]
