@@ -220,9 +220,16 @@ class PackedTrainer:
         self.base = models[0]
         self._names_of_state(models[0])
         params, buffers = stack_module_state(list(models))
-        self.params = {name: params[name] for name in self.param_names}
-        self.buffers = {name: buffers[name] for name in self.buffer_names}
+        if len({params[name].dtype for name in self.param_names}) > 1:
+            raise Unpackable("its parameters have several dtypes")
         n, device = self.size, self.device
+        # Every member's parameters as one row of one [N, P] tensor, the parameters views of it:
+        # the optimizer step is then one set of elementwise kernels for the whole pack, not one
+        # per parameter tensor (those were most of a packed CUDA-graph step of the small CNN).
+        self.shapes = {name: params[name].shape[1:] for name in self.param_names}
+        self.flat = torch.cat([params[name].detach().reshape(n, -1) for name in self.param_names], dim=1)
+        self.flat.requires_grad_()
+        self.buffers = {name: buffers[name] for name in self.buffer_names}
         # Rates, decays and step counts in float64: torch.optim computes its scalars (lr / bias
         # correction, ...) in Python floats and rounds them once, as these are rounded below.
         self.rate = torch.tensor([s.learning_rate for s in specs], dtype=torch.float64, device=device)
@@ -233,8 +240,7 @@ class PackedTrainer:
         self.active = torch.zeros(n, dtype=torch.bool, device=device)
         self.steps = torch.zeros(n, dtype=torch.float64, device=device)  # optimizer steps taken, per member
         moments = ("exp_avg", "exp_avg_sq") if self.optimizer != "sgd" else ("momentum_buffer",)
-        self.moments = {name: {m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in moments}
-                        for name, p in self.params.items()}
+        self.moments = {moment: torch.zeros_like(self.flat, requires_grad=False) for moment in moments}
         self.loss_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.correct = torch.zeros(n, dtype=torch.int64, device=device)
         self.steps_per_epoch = steps_per_epoch(len(train_y), self.batch_size)
@@ -263,8 +269,17 @@ class PackedTrainer:
         self.layouts = {name: t.is_contiguous(memory_format=torch.channels_last) and t.dim() == 4
                         for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
+    def _parameters(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each parameter's [N, ...] view of a flat [N, P] tensor (the weights, a moment, a gradient)."""
+        views, start = {}, 0
+        for name in self.param_names:
+            count = math.prod(self.shapes[name])
+            views[name] = flat[:, start:start + count].view(self.size, *self.shapes[name])
+            start += count
+        return views
+
     def _stacked(self, name: str) -> torch.Tensor:
-        return self.params[name] if name in self.params else self.buffers[name]
+        return self._parameters(self.flat)[name] if name in self.shapes else self.buffers[name]
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights with the keys (and layouts) its model alone has."""
@@ -279,8 +294,9 @@ class PackedTrainer:
     def optimizer_state(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
         """Member `index`'s optimizer state per parameter name, as torch.optim names it."""
         state = {}
+        moments = {moment: self._parameters(flat) for moment, flat in self.moments.items()}
         for name in self.param_names:
-            entry = {m: t[index].detach().clone() for m, t in self.moments[name].items()}
+            entry = {moment: views[name][index].detach().clone() for moment, views in moments.items()}
             if self.optimizer != "sgd":
                 entry["step"] = self.steps[index].detach().float().clone()
             state[name] = entry
@@ -292,13 +308,14 @@ class PackedTrainer:
         """Member `index` continues from a checkpoint: weights, buffers and optimizer state."""
         for key, name in self.state_keys.items():
             self._stacked(name)[index].copy_(state_dict[key])
+        moments = {moment: self._parameters(flat) for moment, flat in self.moments.items()}
         for name in self.param_names:
             entry = optimizer_state.get(name, {})
-            for moment, tensor in self.moments[name].items():
+            for moment, views in moments.items():
                 if moment in entry:
-                    tensor[index].copy_(entry[moment])
+                    views[name][index].copy_(entry[moment])
                 else:  # SGD's momentum before its first step: nothing yet, as torch.optim has it
-                    tensor[index].zero_()
+                    views[name][index].zero_()
             if self.optimizer != "sgd":
                 self.steps[index] = float(entry.get("step", 0.0))
 
@@ -321,10 +338,10 @@ class PackedTrainer:
         labels = self.train_y.index_select(0, flat).view(index.shape)
         before = {name: b.clone() for name, b in self.buffers.items()}  # BatchNorm updates them in place
         with self._autocast():
-            losses, logits = self._forward(self.params, self.buffers, images, labels)
-        grads = torch.autograd.grad(losses.sum(), list(self.params.values()))
+            losses, logits = self._forward(self._parameters(self.flat), self.buffers, images, labels)
+        (grad,) = torch.autograd.grad(losses.sum(), [self.flat])
         with torch.no_grad():
-            self._update(grads)
+            self._update(grad)
             for name, buffer in self.buffers.items():
                 buffer.copy_(torch.where(self._member_view(buffer), buffer, before[name]))
             count = index.shape[1]
@@ -335,41 +352,38 @@ class PackedTrainer:
     def _member_view(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.active.view((-1,) + (1,) * (tensor.dim() - 1))
 
-    def _update(self, grads: Sequence[torch.Tensor]) -> None:
+    def _update(self, grad: torch.Tensor) -> None:
         """torch.optim's rules (the fused kernels' order of operations: Adam's step is
-        `param - step_size * exp_avg / denom`) with a rate and a weight decay per member; a
-        masked member keeps every value it had."""
+        `param - step_size * exp_avg / denom`) on every member's flat parameters at once, with a
+        rate and a weight decay per member; a masked member keeps every value it had."""
         self.steps.add_(self.active.double())
-        if self.optimizer != "sgd":
+        param = self.flat
+
+        def per_member(values: torch.Tensor) -> torch.Tensor:
+            return values.to(param.dtype).view(-1, 1)
+
+        keep = self.active.view(-1, 1)
+        if self.optimizer == "sgd":
+            grad = grad + per_member(self.weight_decay) * param
+            momentum = self.moments["momentum_buffer"] * SGD_MOMENTUM + grad
+            new = param - per_member(self.rate) * momentum
+            self.moments["momentum_buffer"].copy_(torch.where(keep, momentum, self.moments["momentum_buffer"]))
+        else:
             beta1, beta2 = ADAM_BETAS
             step_size = self.rate / (1 - torch.pow(beta1, self.steps))
             bias_correction2_sqrt = (1 - torch.pow(beta2, self.steps)).sqrt()
-        for (name, param), grad in zip(self.params.items(), grads):
-            shape = (-1,) + (1,) * (param.dim() - 1)
-
-            def per_member(values: torch.Tensor) -> torch.Tensor:
-                return values.to(param.dtype).view(shape)
-
-            keep = self.active.view(shape)
-            state = self.moments[name]
-            if self.optimizer == "sgd":
-                grad = grad + per_member(self.weight_decay) * param
-                momentum = state["momentum_buffer"] * SGD_MOMENTUM + grad
-                new = param - per_member(self.rate) * momentum
-                state["momentum_buffer"].copy_(torch.where(keep, momentum, state["momentum_buffer"]))
+            start = param
+            if self.optimizer == "adamw":  # decoupled: the weights shrink before the step
+                start = param * per_member(1 - self.rate * self.weight_decay)
             else:
-                start = param
-                if self.optimizer == "adamw":  # decoupled: the weights shrink before the step
-                    start = param * per_member(1 - self.rate * self.weight_decay)
-                else:
-                    grad = grad + per_member(self.weight_decay) * param
-                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
-                denom = exp_avg_sq.sqrt() / per_member(bias_correction2_sqrt) + ADAM_EPS
-                new = start - per_member(step_size) * exp_avg / denom
-                state["exp_avg"].copy_(torch.where(keep, exp_avg, state["exp_avg"]))
-                state["exp_avg_sq"].copy_(torch.where(keep, exp_avg_sq, state["exp_avg_sq"]))
-            param.copy_(torch.where(keep, new, param))
+                grad = grad + per_member(self.weight_decay) * param
+            exp_avg = self.moments["exp_avg"].lerp(grad, 1 - beta1)
+            exp_avg_sq = self.moments["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+            denom = exp_avg_sq.sqrt() / per_member(bias_correction2_sqrt) + ADAM_EPS
+            new = start - per_member(step_size) * exp_avg / denom
+            self.moments["exp_avg"].copy_(torch.where(keep, exp_avg, self.moments["exp_avg"]))
+            self.moments["exp_avg_sq"].copy_(torch.where(keep, exp_avg_sq, self.moments["exp_avg_sq"]))
+        param.copy_(torch.where(keep, new, param))
 
     def _masked(self, index: torch.Tensor, repeats: int) -> None:
         """Steps that change nothing (every member masked): a probe, a graph's warm-up."""
@@ -528,7 +542,7 @@ class PackedTrainer:
         self.base.eval()
         try:
             return vmap(lambda p, b: functional_call(self.base, (p, b), (images,)), randomness="different")(
-                self.params, self.buffers)
+                self._parameters(self.flat), self.buffers)
         finally:
             self.base.train()
 
