@@ -48,7 +48,8 @@ from torchvision import transforms
 from flows.config import SweepConfig
 from models.cnn import architecture, build_model
 from tasks.data.builtin import torchvision_class
-from tasks.data.prepare import DatasetRef, Splits, load_splits, prepare_dataset, split_indices, tensor_batches
+from tasks.data.dataset import DatasetRef, Splits, split_indices
+from tasks.data.prepare import load_splits, prepare_dataset, tensor_batches
 from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
 from tasks.training.devices import configure_cpu_threads, resolve_devices

@@ -42,7 +42,8 @@ from models.cnn import architecture, build_model
 from models.config import ModelConfig
 from tasks.data import imagefolder
 from tasks.data.builtin import locate_dataset, read_raw
-from tasks.data.prepare import load_splits, locate, prepare_dataset, split_indices, train_batches
+from tasks.data.dataset import split_indices
+from tasks.data.prepare import load_splits, locate, prepare_dataset, train_batches
 from tasks.training.devices import configure_cpu_threads, resolve_devices
 from tasks.training.train import train_trial
 

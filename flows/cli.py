@@ -43,6 +43,7 @@ SERVE_DEPLOYMENT = "lr-sweep"  # `prefect deployment run lr-sweep/lr-sweep`, as 
 # The deployments' definitions: `lr-sweep serve` takes its nightly schedule from there, as
 # `prefect deploy` does.
 PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
+PREFECT_LOG = "prefect.log"  # Prefect's log lines of a sweep, in its folder
 TEMPORARY_SERVER_HELP = ("without PREFECT_API_URL, use a Prefect server for this run only (Prefect's own "
                          "behaviour) instead of the background one `lr-sweep server` manages")
 
@@ -104,14 +105,19 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     with collector_paused("flows.sweep"):
         from flows.dispatch import RegistryNotShared
-        from flows.plan import checked_dataset
-        from flows.sweep import SweepFailed, lr_sweep
+        from flows.live_view import sweep_view
+        from flows.plan import checked_dataset, new_sweep_id, sweep_folder
+        from flows.sweep import SweepFailed, lr_sweep, sweep_run_name
         from tasks.reporting.tracking import WandbUnavailable
 
+    # The sweep's id is fixed here, so its flow run carries the sweep's name from its first line
+    # and Prefect's log goes to the sweep's folder from the start.
+    config = config.model_copy(update={"sweep_id": config.sweep_id or new_sweep_id()})
     try:
         wait_for_server(server)
-        with terminal_progress(sys.stdout.isatty()), checked_dataset(config, dataset):
-            summary = lr_sweep(config=config)
+        with prefect_log_file(sweep_folder(config) / PREFECT_LOG), sweep_view(sys.stdout, sys.stdout.isatty()), \
+                checked_dataset(config, dataset):
+            summary = lr_sweep.with_options(flow_run_name=sweep_run_name(config.sweep_id))(config=config)
     except local_server.ServerError as error:
         print(f"lr-sweep: {error}\n(or run with --temporary-server)", file=sys.stderr)
         return 1
@@ -128,6 +134,7 @@ def command_run(args: argparse.Namespace) -> int:
           f"({promotion['reason']})")
     print(f"report:  {summary['files']['report']}")
     print(f"summary: {summary['files']['summary']}")
+    print(f"log:     {sweep_folder(config) / PREFECT_LOG}")
     return 0
 
 
@@ -159,36 +166,28 @@ def wait_for_server(launched: tuple[local_server.LocalServer, bool] | None) -> N
     if launched is not None:
         server, new = launched
         local_server.wait_until_healthy(server)
-        print(f"Prefect UI: {server.url} ({'started' if new else 'reused'}; every sweep of this "
-              "PREFECT_HOME is there; `lr-sweep server stop` stops it)", file=sys.stderr)
+        print(f"Prefect UI: {server.url} ({'started' if new else 'reused'}; every sweep of PREFECT_HOME "
+              f"{local_server.prefect_home()} is there; `lr-sweep server stop` stops it)", file=sys.stderr)
 
 
 @contextlib.contextmanager
-def terminal_progress(enabled: bool):
-    """A bar per trial (epochs, images/s, validation accuracy) while the sweep runs, when stdout
-    is a terminal; plain log lines otherwise (logs, CI)."""
-    if not enabled:
-        yield
-        return
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+def prefect_log_file(path: Path):
+    """Prefect's log lines of the flow and task runs, also in `path` (the sweep's folder): the
+    terminal shows the live view instead, the UI shows them too, and `-v` prints them."""
+    import logging
 
-    from tasks.reporting import progress as trial_progress
-
-    bars = Progress(TextColumn("{task.fields[trial]:>16}"), BarColumn(), TaskProgressColumn(),
-                    TextColumn("{task.description}"), transient=False)
-    ids: dict[str, int] = {}
-
-    def update(trial: str, percent: float, status: str) -> None:
-        if trial not in ids:
-            ids[trial] = bars.add_task(status, total=100, trial=trial)
-        bars.update(ids[trial], completed=percent, description=status)
-
-    trial_progress.add_observer(update)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
-        with bars:
-            yield
+        yield path
     finally:
-        trial_progress.remove_observer(update)
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def command_find(args: argparse.Namespace) -> int:
@@ -294,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(run)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan, train nothing")
     run.add_argument("--temporary-server", action="store_true", help=TEMPORARY_SERVER_HELP)
+    run.add_argument("-v", "--verbose", action="store_true", help="also print Prefect's log lines (they always go "
+                     f"to the UI and to OUTPUT_DIR/SWEEP_ID/{PREFECT_LOG})")
     run.set_defaults(handler=command_run)
 
     find = commands.add_parser("find", help="LR range test: suggest a learning rate (Smith 2015)")
@@ -353,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     apply_local_defaults()  # before Prefect and W&B are imported: they read these at import
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", True):
+        # Before Prefect sets up its logging: its console handler prints warnings and errors only;
+        # the live view says what the INFO lines said.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     try:
         return args.handler(args)
     except ValidationError as error:

@@ -40,7 +40,7 @@ from flows.plan import TRIAL_FLOW_NAME
 from flows.trial import release_slot_of
 from flows.trial_runs import HEARTBEAT_SECONDS, TrialRuns, TrialRunWatcher
 from models.registry import ModelRegistry
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.train import failed_outcome
 from tasks.workspace import Workspace

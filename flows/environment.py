@@ -27,8 +27,18 @@ LOCAL_DEFAULTS = {
 }
 
 
+def checkout_prefect_home() -> dict[str, str]:
+    """Run from a source checkout (`.venv/bin/lr-sweep`), Prefect's state is the checkout's
+    `.prefect`, as `make` sets it: one background server per checkout, whichever way it is
+    started. An installed package (the Docker image) keeps Prefect's own default."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(checkout, "pyproject.toml")) and os.path.isfile(os.path.join(checkout, "Makefile")):
+        return {"PREFECT_HOME": os.path.join(checkout, ".prefect")}
+    return {}
+
+
 def apply_local_defaults(extra: dict[str, str] | None = None) -> None:
-    for name, value in (LOCAL_DEFAULTS | (extra or {})).items():
+    for name, value in (LOCAL_DEFAULTS | checkout_prefect_home() | (extra or {})).items():
         os.environ.setdefault(name, value)
 
 

@@ -19,7 +19,8 @@ from models.config import ModelConfig
 from models.names import inside
 from models.source_spec import short_name
 from tasks.data.config import DataConfig
-from tasks.data.prepare import DatasetRef, prepare_data
+from tasks.data.dataset import DatasetRef
+from tasks.data.prepare import prepare_data
 from tasks.data.spec import dataset_label
 from tasks.reporting import tracking
 from tasks.results import TrialSpec
@@ -55,13 +56,18 @@ def validated(config: SweepConfig) -> SweepConfig:
     return SweepConfig(**{name: getattr(config, name) for name in config.model_fields_set})
 
 
+def sweep_folder(config: SweepConfig, sweep_id: str | None = None) -> Path:
+    """OUTPUT_DIR/SWEEP_ID, checked to lie inside the output directory whatever the id."""
+    return inside(Path(config.output_dir).resolve(), sweep_id or config.sweep_id)
+
+
 def make_workspace(config: SweepConfig, sweep_id: str) -> Workspace:
     """The workspace of a sweep (or of one trial of it), with its folder made and W&B's folders
     pointed into the output directory, ready for tasks to write. The sweep's folder is checked
     to lie inside the output directory, whatever the id."""
     output = Path(config.output_dir).resolve()
     workspace = Workspace(
-        sweep_id=sweep_id, sweep_dir=inside(output, sweep_id), checkpoint_root=inside(output, CHECKPOINTS_FOLDER),
+        sweep_id=sweep_id, sweep_dir=sweep_folder(config, sweep_id), checkpoint_root=inside(output, CHECKPOINTS_FOLDER),
         collection=collection_name(config),
         tracking=TrackingSettings(mode=config.wandb_mode, project=config.wandb_project, entity=config.wandb_entity),
         registry=RegistrySettings(backend=config.registry, directory=Path(config.registry_dir).resolve(),

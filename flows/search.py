@@ -13,6 +13,7 @@ uninterrupted run, stores the model and logs its W&B run). Stopped trials get a 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import SweepConfig
 from flows.plan import SweepContext, validated
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.evaluation.ranking import higher_is_better
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.search.config import masked_url
@@ -64,7 +65,7 @@ class RungTrainer:
         self.histories: dict[float, list[dict]] = {}  # each trial's epochs so far
 
     def spec(self, rate: float) -> TrialSpec:
-        return self.base.model_copy(update={"learning_rate": float(rate)})
+        return self.base.but(learning_rate=float(rate))
 
     def __call__(self, rates, epoch: int) -> dict[float, list[dict]]:
         last = epoch >= self.base.training.epochs
@@ -99,42 +100,69 @@ def study_identity(config: SweepConfig, dataset: DatasetRef, base: TrialSpec, ru
             "metric": config.selection_metric}
 
 
+@dataclass
+class SearchRun:
+    """What one search did: where it stopped which rate, the epochs each trial trained (by any
+    key), how many trials the grid would have trained, and its own figures for summary.json."""
+
+    stopped_at: dict[float, int]
+    epochs: dict
+    grid_trials: int
+    extra: dict = field(default_factory=dict)
+
+
+def run_halving(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+                trainer: RungTrainer, rungs: list[int], rates: list[float]) -> SearchRun:
+    """Successive halving of the given rates (tasks/search/halving.py)."""
+    result = successive_halving(rates, rungs, config.reduction_factor, trainer, config.selection_metric,
+                                log=get_run_logger().info)
+    return SearchRun(result.stopped_at, result.epochs_trained, len(rates), {"title": "successive halving"})
+
+
+def run_tpe(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
+            trainer: RungTrainer, rungs: list[int], rates: list[float] | None) -> SearchRun:
+    """Optuna's TPE over lr_range, stopped at the rungs (tasks/search/tpe.py); its study is resumed
+    by the same command."""
+    metric = config.selection_metric
+    storage = config.optuna_storage or default_storage_url(workspace.sweep_dir.parent)
+    name = study_name(study_identity(config, dataset, trainer.base, rungs))
+    startup = startup_trials(config.trials)
+    study = open_study(storage, name, seed=config.seeds[0], n_startup_trials=startup,
+                       direction="maximize" if higher_is_better(metric) else "minimize")
+    parallel = len(slots.devices) * slots.per_device
+    result = tpe_search(study, config.trials, parallel, tuple(config.lr_range), rungs, trainer, metric,
+                        reduction_factor=config.reduction_factor, log=get_run_logger().info)
+    # Trials finished by an earlier, killed run of this search: stored, so reused, not retrained.
+    for trial in result.trials:
+        if trial.state == "complete" and trial.learning_rate not in trainer.finished:
+            trainer([trial.learning_rate], config.epochs)
+    return SearchRun(
+        stopped_at={t.learning_rate: t.stopped_at for t in result.trials if t.state == "pruned"},
+        epochs={t.number: t.epochs_trained for t in result.trials}, grid_trials=len(result.trials),
+        extra={"title": "TPE (Optuna)", "study": name, "storage": masked_url(storage),
+               "trials_now": len(result.trained_now), "recovered": result.recovered, "n_startup_trials": startup})
+
+
+# The searches that stop trials at rungs, by `search` (grid trains every trial to the end and is
+# the sweep's own path). A new search: its run function here and its line, its fields in
+# tasks/search/config.py, its name in SearchConfig.search.
+SEARCHES = {"asha": run_halving, "tpe": run_tpe}
+
+
 def run_search(config: SweepConfig, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
                rates: list[float] | None) -> tuple[list[TrialOutcome], dict]:
-    """The trials of an asha or tpe search (outcomes in learning-rate order) and what the search
-    did, for summary.json."""
-    logger = get_run_logger()
+    """The trials of a search that stops trials at rungs (outcomes in learning-rate order) and
+    what the search did, for summary.json."""
     rungs = rung_epochs(config.epochs, config.grace_epochs, config.reduction_factor)
     trainer = RungTrainer(TrialSpec.shared(config), dataset, workspace, slots)
-    metric = config.selection_metric
-    if config.search == "asha":
-        result = successive_halving(rates, rungs, config.reduction_factor, trainer, metric, log=logger.info)
-        stopped_at, epochs, grid_trials = result.stopped_at, result.epochs_trained, len(rates)
-        extra = {}
-    else:
-        storage = config.optuna_storage or default_storage_url(workspace.sweep_dir.parent)
-        name = study_name(study_identity(config, dataset, trainer.base, rungs))
-        startup = startup_trials(config.trials)
-        study = open_study(storage, name, seed=config.seeds[0], n_startup_trials=startup,
-                           direction="maximize" if higher_is_better(metric) else "minimize")
-        parallel = len(slots.devices) * slots.per_device
-        result = tpe_search(study, config.trials, parallel, tuple(config.lr_range), rungs, trainer, metric,
-                            reduction_factor=config.reduction_factor, log=logger.info)
-        # Trials finished by an earlier, killed run of this search: stored, so reused, not retrained.
-        for trial in result.trials:
-            if trial.state == "complete" and trial.learning_rate not in trainer.finished:
-                trainer([trial.learning_rate], config.epochs)
-        stopped_at = {t.learning_rate: t.stopped_at for t in result.trials if t.state == "pruned"}
-        epochs, grid_trials = {t.number: t.epochs_trained for t in result.trials}, len(result.trials)
-        extra = {"study": name, "storage": masked_url(storage), "trials_now": len(result.trained_now),
-                 "recovered": result.recovered, "n_startup_trials": startup}
-    outcomes = [*trainer.finished.values(), *trainer.failed.values(), *trainer.stopped(stopped_at)]
+    run = SEARCHES[config.search](config, dataset, workspace, slots, trainer, rungs, rates)
+    outcomes = [*trainer.finished.values(), *trainer.failed.values(), *trainer.stopped(run.stopped_at)]
     outcomes.sort(key=lambda t: t.learning_rate)
     summary = {"method": config.search, "rungs": rungs, "reduction_factor": config.reduction_factor,
-               "stopped_at": {f"{rate:g}": rung for rate, rung in sorted(stopped_at.items())},
-               **epoch_accounting(epochs, grid_trials, config.epochs), **extra}
-    logger.info(f"search {config.search}: {summary['epochs_trained']} epochs trained, "
-                f"{summary['fraction_of_grid']:.0%} of the {summary['grid_epochs']} the grid would train")
+               "stopped_at": {f"{rate:g}": rung for rate, rung in sorted(run.stopped_at.items())},
+               **epoch_accounting(run.epochs, run.grid_trials, config.epochs), **run.extra}
+    get_run_logger().info(f"search {config.search}: {summary['epochs_trained']} epochs trained, "
+                          f"{summary['fraction_of_grid']:.0%} of the {summary['grid_epochs']} the grid would train")
     return outcomes, summary
 
 

@@ -17,14 +17,16 @@ from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.urls import url_for
 
 from flows.config import SweepConfig
 from flows.dispatch import dispatch_trials
 from flows.plan import SweepContext, trial_specs, validated
 from flows.search import auto_learning_rates, run_search
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.evaluation.compare import compare_and_promote_task
 from tasks.evaluation.evaluate import evaluate_model
+from tasks.reporting import progress as trial_progress
 from tasks.reporting import tracking
 from tasks.reporting.report import build_summary, ui_table, write_report_task
 from tasks.reporting.wandb_report import save_wandb_report_task
@@ -110,11 +112,29 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
     return evaluated
 
 
-def name_flow_run(name: str) -> None:
-    """The flow run takes its sweep's name (`lr-sweep 20261202-061737-f4122e`, not Prefect's
-    `artificial-okapi`): the sweep id is only known once the run has started."""
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, name=name)
+def sweep_run_name(sweep_id: str) -> str:
+    """A sweep's flow run is named after it: `lr-sweep 20261202-061737-f4122e`, not Prefect's
+    `artificial-okapi`."""
+    return f"lr-sweep {sweep_id}"
+
+
+def name_flow_run(sweep_id: str) -> None:
+    """A run started from the UI or a schedule learns its sweep id once it has started: it takes
+    the name then (`lr-sweep run` names it from the start)."""
+    if flow_run.name != sweep_run_name(sweep_id):
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, name=sweep_run_name(sweep_id))
+
+
+def announce(config: SweepConfig, sweep_id: str, workspace: Workspace) -> None:
+    """The sweep's start, for the live view: how many trials of how many epochs, where to look."""
+    trials = (config.trials if config.search == "tpe" else 0 if config.learning_rates == "auto"
+              else len(config.trial_grid()))
+    wandb = (f"https://wandb.ai/{config.wandb_entity or '-'}/{config.wandb_project}" if config.wandb_mode == "online"
+             else f"offline runs in {workspace.sweep_dir / 'wandb'} (`lr-sweep publish {sweep_id}` uploads them)"
+             if config.wandb_mode == "offline" else None)
+    trial_progress.publish(trial_progress.SweepEvent(sweep_id=sweep_id, trials=trials, epochs=config.epochs,
+                                                     flow_run_url=url_for("flow-run", obj_id=flow_run.id), wandb=wandb))
 
 
 def publish_artifacts(summary: dict, report_markdown: str) -> None:
@@ -136,9 +156,10 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     started = time.perf_counter()
     timings = Timings()
     context = SweepContext.from_config(config)
-    name_flow_run(f"lr-sweep {context.sweep_id}")
+    name_flow_run(context.sweep_id)
     sweep_id, devices, slots, workspace, dataset = (context.sweep_id, context.devices, context.slots,
                                                     context.workspace, context.dataset)
+    announce(config, sweep_id, workspace)
     if config.wandb_mode == "online":
         tracking.require_online_access(config.wandb_project, config.wandb_entity)
     if config.dispatch == "local" or config.search != "grid":  # this process starts the W&B runs

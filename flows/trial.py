@@ -44,7 +44,7 @@ from flows.config import SweepConfig
 from flows.plan import TRIAL_FLOW_NAME, SweepContext, new_sweep_id
 from flows.prefect_adapter import renewed_lease
 from flows.trial_runs import TRIAL_FAILED_STATE, server_unreachable
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.data.spec import DatasetError
 from tasks.reporting.artifact_keys import artifact_key
 from tasks.results import TrialSpec

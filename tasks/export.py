@@ -46,7 +46,7 @@ from models.names import NameNotAllowed, inside
 from models.names import check_name as check_registry_name
 from models.registry import ModelRef, ModelRegistry
 from models.sources import InputShape, ModelCodeChanged, ModelSource, rebuild, stored_source
-from tasks.data.prepare import channel_values, normalise_
+from tasks.data.dataset import channel_values, normalise_
 from tasks.evaluation.evaluate import place_model
 
 DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")

@@ -103,3 +103,30 @@ def test_validation_is_pure_and_the_preflight_probes_the_machine(tmp_path):
         with pytest.raises(InputError, match="not available") as caught:
             check_device("cuda:7")
         assert caught.value.field == "device"
+
+
+def test_a_preset_may_group_its_fields_in_tables_named_after_the_groups(tmp_path):
+    preset = tmp_path / "grouped.toml"
+    preset.write_text('alias = "staging"\n[grid]\nlearning_rates = [0.01]\n[training]\nepochs = 2\n'
+                      'lr_schedule = "step"\n[data]\ntrain_limit = 100\n')
+    config = parse_config(build_parser().parse_args(["run", "--config", str(preset)]))
+    assert (config.learning_rates, config.epochs, config.lr_schedule, config.train_limit, config.alias) == \
+        ([0.01], 2, "step", 100, "staging")
+
+
+def test_a_field_in_another_groups_table_is_refused_naming_its_group(tmp_path):
+    preset = tmp_path / "wrong.toml"
+    preset.write_text('[training]\ndataset = "mnist"\n')
+    with pytest.raises(ValidationError, match=r"\[training\] dataset: not a field of the training group"):
+        parse_config(build_parser().parse_args(["run", "--config", str(preset)]))
+
+
+def test_the_run_forms_labels_take_their_section_from_the_fields_group():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.sweep import lr_sweep
+
+    schema = parameter_schema(lr_sweep).model_dump()
+    titles = [field["title"] for field in schema["definitions"]["SweepConfig"]["properties"].values()]
+    assert titles[:3] == ["1 Experiment · learning rates", "1 Experiment · seeds", "1 Experiment · epochs"]
+    assert "2 Search · method" in titles and "3 Infrastructure · device" in titles and "4 Storage · sweep id" in titles

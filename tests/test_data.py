@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tasks.data.builtin import CHECKSUM_FILE, locate_dataset, raw_dir
-from tasks.data.prepare import load_splits, prepare_dataset, split_indices
+from tasks.data.dataset import split_indices
+from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.data.spec import DatasetError
 from tests.conftest import make_idx_dataset
 
@@ -61,7 +62,7 @@ def test_missing_dataset_without_download_is_a_clear_error(tmp_path):
 
 
 def test_system_archives_are_decompressed_where_torchvision_looks(tmp_path, monkeypatch):
-    from tasks.data import prepare as data
+    from tasks.data import builtin as data
 
     system = tmp_path / "system"
     make_idx_dataset(system, compress=True)
@@ -86,7 +87,7 @@ def test_first_install_from_several_processes_at_once_is_whole(tmp_path, monkeyp
     import hashlib
     import multiprocessing
 
-    from tasks.data import prepare as data
+    from tasks.data import builtin as data
 
     system = tmp_path / "system"
     make_idx_dataset(system, train=3000, test=500, compress=True)

@@ -12,7 +12,8 @@ from torchvision.io import write_png
 from tasks.data import function as user_data
 from tasks.data import imagefolder
 from tasks.data.builtin import read_raw
-from tasks.data.prepare import DatasetRef, eval_batches, load_splits, prepare_dataset, rescaling, train_batches
+from tasks.data.dataset import DatasetRef
+from tasks.data.prepare import eval_batches, load_splits, prepare_dataset, rescaling, train_batches
 from tests.conftest import make_idx_dataset
 from tests.helpers import CLASSES, class_image, write_folder
 
@@ -229,7 +230,7 @@ def flat_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[float, flo
 def test_the_built_ins_are_normalised_bit_for_bit_as_before(synthetic_data_dir):
     ref = prepare_dataset("mnist", synthetic_data_dir, None, 0, None, allow_download=False)
     assert ref.val_size == 100  # one sixth of 600, as 10,000 is of the 60k
-    from tasks.data.prepare import split_indices
+    from tasks.data.dataset import split_indices
 
     images, _ = read_raw("mnist", synthetic_data_dir, train=True)
     train_idx, _ = split_indices(len(images), 100, 0, None)

@@ -104,8 +104,8 @@ def test_a_dispatched_trials_model_must_be_trained_with_the_submitted_spec(tmp_p
     registry = LocalRegistry(tmp_path)
     spec = trial_spec(learning_rate=0.01, seed=0, epochs=1, batch_size=64, hidden_units=8)
     state, metadata = tiny_model(0)
-    theirs = registry.log_model(COLLECTION, state, metadata | {"training": spec.model_dump() | {"learning_rate": 0.5}})
-    mine = registry.log_model(COLLECTION, state, metadata | {"training": spec.model_dump()})
+    theirs = registry.log_model(COLLECTION, state, metadata | {"training": spec.record() | {"learning_rate": 0.5}})
+    mine = registry.log_model(COLLECTION, state, metadata | {"training": spec.record()})
     planted = TrialOutcome(learning_rate=0.01, seed=0, status="completed", model=theirs)
     with pytest.raises(OutcomeRefused, match="not with the submitted"):
         require_shared_registry([planted], registry, str(tmp_path), [spec])

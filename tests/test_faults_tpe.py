@@ -15,7 +15,7 @@ from flows.cli import check_study_storage
 from flows.config import SweepConfig
 from flows.plan import validated
 from flows.search import study_identity
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.reporting.report import search_lines
 from tasks.search.tpe import (
     STALE_AFTER_SECONDS,

@@ -201,10 +201,10 @@ def test_the_image_folder_recipe_runs_as_written_on_small_data(prefect_server, t
     """examples/imagefolder.toml, the recipe's preset, with a small folder of one's own; the
     folder is located and fingerprinted once, by the pre-flight, not again by the flow."""
     from flows.cli import main
-    from tasks.data import prepare as data
+    from tasks.data import imagefolder
 
     located = []
-    monkeypatch.setattr(data, "locate", lambda *args, real=data.locate: located.append(args) or real(*args))
+    monkeypatch.setattr(imagefolder, "prepare", lambda *args, real=imagefolder.prepare: located.append(args) or real(*args))
     folder = write_folder(tmp_path / "small-folder", {"train": 12, "test": 4}, channels=1)
     code = main(["run", "--config", str(REPO_ROOT / "examples" / "imagefolder.toml"), "--dataset", f"imagefolder:{folder}",
                  "--model", f"{EXAMPLE}:small_resnet", "--model-args", '{"width": 4}', "--epochs", "1",

@@ -3,9 +3,11 @@ the garbage collector paused and everything they made frozen, and W&B's service 
 background before the first trial asks for it."""
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,13 @@ def test_w_and_b_service_starts_in_the_background_and_not_when_disabled():
         print(len(services()))
     """).split()
     assert out == ["0", "0", "1"]
+
+
+def test_the_checkouts_lr_sweep_and_make_share_one_prefect_home():
+    """`make` exports PREFECT_HOME=CHECKOUT/.prefect; `.venv/bin/lr-sweep` used ~/.prefect, so each
+    started a background server of its own."""
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}
+    shown = subprocess.run([sys.executable, "-c", "import os; from flows.environment import apply_local_defaults; "
+                            "apply_local_defaults(); print(os.environ['PREFECT_HOME'])"],
+                           env=environment, capture_output=True, text=True, cwd="/", check=True).stdout.strip()
+    assert shown == str(Path(__file__).resolve().parent.parent / ".prefect")

@@ -25,6 +25,7 @@ import torch
 
 from models.files import atomic_write, file_digest, file_lock, temporary_sibling
 from models.serialization import manifest_digest
+from tasks.data.dataset import DatasetRef, Located, SourceData, Splits, located_ref, resident_splits, resize
 from tasks.data.spec import DatasetError
 
 
@@ -198,3 +199,24 @@ def read_raw(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Te
     except (OSError, ValueError, RuntimeError) as error:  # truncated or malformed IDX files
         raise DatasetError(f"cannot read dataset {name!r} from {directory}: {error}") from error
     return images, labels
+
+
+# --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
+
+def read(name: str, root: Path, image_size: int | None) -> SourceData:
+    images, labels = read_raw(name, root, train=True)
+    test_images, test_labels = read_raw(name, root, train=False)
+    return SourceData(resize(images.unsqueeze(1), image_size), labels,
+                      resize(test_images.unsqueeze(1), image_size), test_labels)
+
+
+def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
+            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
+    root, fingerprint = locate_dataset(spec, data_dir, allow_download)
+    located = Located("builtin", spec, Path(root).resolve(), fingerprint)
+    return located_ref(spec, located, lambda: read(spec, located.root, image_size), data_dir, val_size, split_seed,
+                       train_limit, image_size, num_workers)
+
+
+def splits(ref: DatasetRef, device: torch.device) -> Splits:
+    return resident_splits(ref, read(ref.name, Path(ref.root), ref.resize), device)

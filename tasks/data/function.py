@@ -31,6 +31,20 @@ import torch
 
 from models.serialization import manifest_digest
 from models.user_code import SourceError, code_digest, load_callable, parse_code_spec
+from tasks.data.dataset import (
+    DatasetRef,
+    Located,
+    SourceData,
+    Splits,
+    count_classes,
+    default_val_size,
+    normalise_,
+    resident_splits,
+    resize,
+    split_indices,
+    tensor_ref,
+    to_unit,
+)
 from tasks.data.spec import DatasetError, DatasetInputError, dataset_label
 
 # Float32 pixels of train + test a Dataset may have to be materialised on the device: above it,
@@ -84,8 +98,6 @@ def call_function(spec: str, image_size: int | None) -> FunctionResult:
 
 
 def _check_result(spec: str, returned, image_size: int | None):
-    from tasks.data.prepare import SourceData, resize
-
     expected = ("(train_images, train_labels, test_images, test_labels[, class_names]) tensors "
                 "or (train, test[, class_names]) Datasets")
     if not isinstance(returned, (tuple, list)):
@@ -157,8 +169,6 @@ class Samples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        from tasks.data.prepare import resize
-
         image, label = self.dataset[index]
         if not isinstance(image, torch.Tensor):
             image = _to_tensor(image)
@@ -207,8 +217,6 @@ def data_fingerprint(code_digest: str, data) -> str:
 
 
 def materialise(spec: str, pair: DatasetPair, image_size: int | None, num_workers: int):
-    from tasks.data.prepare import SourceData
-
     tensors = []
     for dataset in (pair.train, pair.test):
         batches = list(_read_all(spec, Samples(dataset, image_size), num_workers))
@@ -229,8 +237,6 @@ def fits_resident(pair: DatasetPair) -> bool:
 def prepare_function(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
                      image_size: int | None, num_workers: int):
     """The DatasetRef of a dataset function's data."""
-    from tasks.data.prepare import Located, tensor_ref
-
     result = call_function(spec, image_size)
     if isinstance(result.data, DatasetPair):
         if not fits_resident(result.data):
@@ -263,8 +269,6 @@ def loader_ref(spec: str, result: FunctionResult, data_dir: Path, val_size: int 
                train_limit: int | None, image_size: int | None, num_workers: int):
     """A large Dataset's DatasetRef, from one pass over it: per-channel statistics of the training
     split, and the digest of every image and label (train, then test)."""
-    from tasks.data.prepare import DatasetRef, count_classes, default_val_size, split_indices
-
     pair = result.data
     total = len(pair.train)
     val_size = default_val_size(total) if val_size is None else val_size
@@ -311,8 +315,6 @@ class LoaderSplits:
     seeded split of the training Dataset), each batch normalised on the device."""
 
     def __init__(self, ref, pair: DatasetPair, device: torch.device):
-        from tasks.data.prepare import split_indices
-
         self.ref, self.device = ref, device
         self.datasets = {"train": Samples(pair.train, ref.resize), "test": Samples(pair.test, ref.resize)}
         train, val = split_indices(len(pair.train), ref.val_size, ref.split_seed, ref.train_limit)
@@ -320,8 +322,6 @@ class LoaderSplits:
         self.sizes = {name: len(index) for name, index in self.indices.items()}
 
     def _batches(self, dataset, index: torch.Tensor, batch_size: int):
-        from tasks.data.prepare import normalise_, to_unit
-
         batches = [index[start:start + batch_size].tolist() for start in range(0, len(index), batch_size)]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.ref.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -340,9 +340,20 @@ class LoaderSplits:
 
 
 def loader_splits(ref, device: torch.device):
-    from tasks.data.prepare import Splits
-
     result = call_function(ref.spec, ref.resize)
     if not isinstance(result.data, DatasetPair):
         raise DatasetError(f"{ref.spec} returned tensors here, Datasets where the sweep was prepared")
     return Splits(ref, None, None, None, None, None, None, loader=LoaderSplits(ref, result.data, device))
+
+
+# --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
+
+def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
+            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
+    return prepare_function(spec, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+
+
+def splits(ref: DatasetRef, device: torch.device) -> Splits:
+    if not ref.resident:
+        return loader_splits(ref, device)
+    return resident_splits(ref, function_tensors(ref), device)

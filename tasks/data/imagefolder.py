@@ -31,7 +31,8 @@ import torch
 
 from models.files import file_lock, fsync_dir, temporary_sibling
 from models.serialization import manifest_digest
-from tasks.data.spec import DatasetInputError
+from tasks.data.dataset import DatasetRef, Located, SourceData, Splits, located_ref, resident_splits, resize
+from tasks.data.spec import DatasetInputError, dataset_label, parse_dataset_spec
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision to list files.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -196,8 +197,6 @@ def decode_files(root: Path, paths: list[str], num_workers: int) -> list[torch.T
 
 def decode_folder(scan: FolderScan, image_size: int | None, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """Every image decoded, brought to one channel count and size, stacked per split."""
-    from tasks.data.prepare import resize
-
     every = decode_files(scan.root, [path for entries in scan.files.values() for path, _ in entries], num_workers)
     decoded, start = {}, 0
     for split, entries in scan.files.items():  # one pass (one set of workers) for all splits
@@ -264,8 +263,6 @@ def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_siz
     unreadable image, mixed sizes) leaves nothing behind in the data directory. The file is
     written under the lock, atomically, once: a process that finds it there reads it, and two
     first runs at the very same time both decode, the second then keeps the first one's file."""
-    from tasks.data.prepare import SourceData
-
     path = cache_file(data_dir, fingerprint, image_size)
     tensors = _read_cache(path, scan)
     if tensors is None:
@@ -278,3 +275,21 @@ def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, image_siz
         train_images=tensors["train_images"], train_labels=tensors["train_labels"],
         test_images=tensors["test_images"], test_labels=tensors["test_labels"], class_names=scan.class_names,
         val_images=tensors["val_images"] if val else None, val_labels=tensors["val_labels"] if val else None)
+
+
+# --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
+
+def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
+            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
+    scan = scan_folder(Path(parse_dataset_spec(spec).target))
+    located = Located("imagefolder", dataset_label(spec), scan.root, folder_fingerprint(scan),
+                      train_count=len(scan.files["train"]), val_folder="val" in scan.files)
+    return located_ref(spec, located,
+                       lambda: cached_tensors(scan_folder(located.root), located.fingerprint, data_dir, image_size, num_workers),
+                       data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+
+
+def splits(ref: DatasetRef, device: torch.device) -> Splits:
+    data = cached_tensors(scan_folder(Path(ref.root)), ref.fingerprint, Path(ref.data_dir or ref.root), ref.resize,
+                          ref.num_workers)
+    return resident_splits(ref, data, device)

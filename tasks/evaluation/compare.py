@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
-from tasks.data.prepare import DatasetRef
+from tasks.data.dataset import DatasetRef
 from tasks.evaluation.evaluate import DatasetMismatch, evaluate_on_free_device
 from tasks.evaluation.ranking import higher_is_better, order_key
 from tasks.results import Evaluation, Promotion, TrialOutcome

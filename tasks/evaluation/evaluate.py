@@ -22,7 +22,8 @@ from torch import nn
 
 from models.registry import ModelRef, ModelRegistry
 from models.sources import ModelSource, rebuild
-from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits
+from tasks.data.dataset import DatasetRef, Splits
+from tasks.data.prepare import eval_batches, load_splits
 from tasks.data.prepare import rescaling as channel_rescaling
 from tasks.results import Evaluation, TrialOutcome
 from tasks.training.devices import DeviceSlots

@@ -308,7 +308,7 @@ def attempt_lines(summary: dict) -> list[str]:
 
 def search_lines(search: dict) -> list[str]:
     """What a search did: its rungs, which trials it stopped where, the compute it spent."""
-    name = {"asha": "successive halving", "tpe": "TPE (Optuna)"}.get(search["method"], search["method"])
+    name = search.get("title", search["method"])
     lines = [f"- {name}, rungs at epochs {', '.join(map(str, search['rungs']))}, keeping the best "
              f"1/{search['reduction_factor']} at each rung.",
              f"- Compute: {search['epochs_trained']} epochs trained against {search['grid_epochs']} for the "

@@ -88,11 +88,7 @@ class GridConfig(ConfigGroup):
         return [(rate, seed) for rate in rates for seed in self.seeds]
 
 
-# The LR range test's own fields: `lr-sweep find` offers them with the experiment's.
-RANGE_TEST_FIELDS = ("auto_factors", "min_lr", "max_lr")
-
-
-class SearchConfig(ConfigGroup):
+class SearchMethod(ConfigGroup):
     SECTION = "2 Search"
 
     search: Literal["grid", "asha", "tpe"] = Field(
@@ -100,10 +96,22 @@ class SearchConfig(ConfigGroup):
         description="grid: every learning rate for every epoch; asha: successive halving over epochs "
         "(rungs at grace_epochs x reduction_factor^k); tpe: Optuna TPE over lr_range, trials rates, "
         "stopped at the same rungs.")
+
+
+class HalvingFields(ConfigGroup):
+    """The rungs, shared by asha and tpe."""
+
+    SECTION = "2 Search"
+
     grace_epochs: int = Field(title="grace epochs", default=1, ge=1, le=1000,
                               description="First rung of asha/tpe: epochs every trial gets (1-1000).")
     reduction_factor: int = Field(title="reduction factor", default=3, ge=2, le=16,
                                   description="asha/tpe keep the best 1/reduction_factor at each rung (2-16).")
+
+
+class TPEFields(ConfigGroup):
+    SECTION = "2 Search"
+
     lr_range: list[float] = Field(title="learning-rate range", default=[1e-4, 1e-2],
                                   description="tpe: MIN MAX of the log-uniform learning rate (0 < MIN < MAX <= 100).")
     trials: int = Field(title="trials", default=9, ge=1, le=256, description="tpe: learning rates to try in all (1-256).")
@@ -111,13 +119,6 @@ class SearchConfig(ConfigGroup):
         title="Optuna storage", default=None,
         description="tpe: the study's database URL (postgresql://... for trials on several nodes); "
         "none = sqlite in OUTPUT_DIR/optuna.db. The same command resumes the same study.")
-    auto_factors: list[float] = Field(title="auto factors", default=[0.3, 1.0, 3.0],
-                                      description="learning_rates 'auto': multiples of the range test's "
-                                      "suggestion to try (1-16 values > 0).")
-    min_lr: float = Field(title="range test min lr", default=1e-7, gt=0, le=100,
-                          description="LR range test: first learning rate (> 0).")
-    max_lr: float = Field(title="range test max lr", default=10.0, gt=0, le=1000,
-                          description="LR range test: last learning rate (> min_lr).")
 
     @field_serializer("optuna_storage")
     def _mask_storage(self, url: str | None) -> str | None:
@@ -133,6 +134,20 @@ class SearchConfig(ConfigGroup):
         check_lr_range(*bounds, names=("lr_range MIN", "lr_range MAX"), upper=100)
         return bounds
 
+
+class RangeTestFields(ConfigGroup):
+    """The LR range test's (`lr-sweep find`, learning_rates 'auto')."""
+
+    SECTION = "2 Search"
+
+    auto_factors: list[float] = Field(title="auto factors", default=[0.3, 1.0, 3.0],
+                                      description="learning_rates 'auto': multiples of the range test's "
+                                      "suggestion to try (1-16 values > 0).")
+    min_lr: float = Field(title="range test min lr", default=1e-7, gt=0, le=100,
+                          description="LR range test: first learning rate (> 0).")
+    max_lr: float = Field(title="range test max lr", default=10.0, gt=0, le=1000,
+                          description="LR range test: last learning rate (> min_lr).")
+
     @field_validator("auto_factors")
     @classmethod
     def _check_auto_factors(cls, factors: list[float]) -> list[float]:
@@ -145,3 +160,12 @@ class SearchConfig(ConfigGroup):
     def _check_range_test(self):
         check_lr_range(self.min_lr, self.max_lr)
         return self
+
+
+# `lr-sweep find` offers these with the experiment's fields.
+RANGE_TEST_FIELDS = tuple(RangeTestFields.model_fields)
+
+
+# pydantic lists the bases' fields last to first: the method, the rungs, TPE's, the range test's.
+class SearchConfig(RangeTestFields, TPEFields, HalvingFields, SearchMethod):
+    """How far each trial trains and which rates a search proposes: each kind's fields."""

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from models.errors import InputError
-from tasks.data.prepare import Splits, load_splits, train_batches
+from tasks.data.dataset import Splits
+from tasks.data.prepare import load_splits, train_batches
 from tasks.reporting import tracking
 from tasks.results import TrialSpec
 from tasks.search.checks import check_int, check_lr_range

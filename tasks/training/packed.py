@@ -41,10 +41,12 @@ from tasks.training.train import (
     checkpoint_folder,
     engine_record,
     epoch_reporter,
+    failed_outcome,
     init_model,
     input_shape,
     make_optimizer,
     no_progress,
+    notify_ended,
     progress_reporter,
     publish_wandb_link,
     reuse_finished,
@@ -228,7 +230,7 @@ def diverged_outcome(spec: TrialSpec, result: MemberResult, engine: dict, run) -
 
 def train_and_store_pack(specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace, keys: list[str],
                          folders: list[Path], device: str, pack_id: str, graphs: bool, log: Callable[[str], None],
-                         progress: list[Callable[[float, str], None]]) -> list[TrialOutcome]:
+                         progress: list[Callable[..., None]]) -> list[TrialOutcome]:
     """Train (or resume) the members on `device` in one engine call; store each member's model and
     record it in its W&B run. A diverged member's outcome says so (as data)."""
     splits = load_splits(dataset, device)
@@ -258,7 +260,7 @@ def train_and_store_pack(specs: list[TrialSpec], dataset: DatasetRef, workspace:
 
 def run_pack(specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots, pack_id: str,
              graphs: bool, log: Callable[[str], None] = print,
-             progress: list[Callable[[float, str], None]] | None = None) -> list[TrialOutcome]:
+             progress: list[Callable[..., None]] | None = None) -> list[TrialOutcome]:
     """Reuse, resume or train the trials of one pack: an outcome per spec, in order (a diverged
     member's says so). The members' locks are held throughout, as `run_trial` holds its trial's."""
     progress = progress or [no_progress] * len(specs)
@@ -292,8 +294,15 @@ def run_pack(specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace, 
 def train_pack_task(specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
                     pack_id: str, graphs: bool) -> list[TrialOutcome]:
     """The trials of one pack in one engine call; each keeps its progress artifact and W&B link."""
-    outcomes = run_pack(specs, dataset, workspace, slots, pack_id, graphs, log=get_run_logger().info,
-                        progress=[progress_reporter(spec) for spec in specs])
-    for outcome in outcomes:
+    try:
+        outcomes = run_pack(specs, dataset, workspace, slots, pack_id, graphs, log=get_run_logger().info,
+                            progress=[progress_reporter(spec) for spec in specs])
+    except Exception as error:
+        for spec in specs:
+            notify_ended(spec, failed_outcome(spec, error).status, f"{type(error).__name__}: {error}")
+        raise
+    for spec, outcome in zip(specs, outcomes):
+        if outcome.status != "completed":
+            notify_ended(spec, outcome.status, outcome.error)
         publish_wandb_link(outcome, workspace)
     return outcomes

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.data.prepare import Splits
+from tasks.data.dataset import Splits
 from tasks.results import TrialSpec
 from tasks.training.checkpoints import checkpointed_history
 from tasks.training.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial

@@ -29,7 +29,8 @@ from models.names import inside
 from models.registry import ModelRegistry, RegistryError
 from models.serialization import identity_digest, model_files, write_files
 from models.sources import InputShape
-from tasks.data.prepare import DatasetRef, Splits, eval_batches, load_splits, train_batches
+from tasks.data.dataset import DatasetRef, Splits
+from tasks.data.prepare import eval_batches, load_splits, train_batches
 from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.provenance import code_version, package_versions
 from tasks.reporting import progress as trial_progress
@@ -294,7 +295,7 @@ def reuse_finished(spec: TrialSpec, registry: ModelRegistry, collection: str, ke
     return None
 
 
-def no_progress(percent: float, status: str) -> None:
+def no_progress(percent: float, status: str, **details) -> None:
     pass
 
 
@@ -319,7 +320,8 @@ def epoch_reporter(spec: TrialSpec, dataset: DatasetRef, run, device: str, log: 
             f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
         progress(100 * record["epoch"] / spec.training.epochs,
                  f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
-                 f"val acc {record['val_accuracy']:.4f}")
+                 f"val acc {record['val_accuracy']:.4f}",
+                 epoch=record["epoch"], record=record, images_per_second=images_per_second)
 
     return report_epoch
 
@@ -381,14 +383,14 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
         if (reused := reuse_finished(spec, workspace.registry.open(), workspace.collection, key)) is not None:
             log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
                 "same config, data and code")
-            progress(100, f"reused {reused.model.short}")
+            progress(100, f"reused {reused.model.short}", state="reused", model=reused.model.short)
             return reused
-        progress(0, "waiting for a device slot")
+        progress(0, "waiting for a device slot", state="waiting")
         with slots.take() as device:
-            progress(0, f"training on {device}")
+            progress(0, f"training on {device}", state="training")
             outcome = train_and_store(spec, dataset, workspace, key, device, checkpoint_dir, log, progress)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is stored: done with it
-    progress(100, f"stored {outcome.model.short}")
+    progress(100, f"stored {outcome.model.short}", state="done", model=outcome.model.short)
     return outcome
 
 
@@ -460,27 +462,37 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     trial ran, a link to its W&B run. `still_wanted`, called before training and after every
     epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
     run, flows/trial.py)."""
-    outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info,
-                        progress=progress_reporter(spec, still_wanted))
+    try:
+        outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info,
+                            progress=progress_reporter(spec, still_wanted))
+    except Exception as error:
+        notify_ended(spec, failed_outcome(spec, error).status, f"{type(error).__name__}: {error}")
+        raise
     publish_wandb_link(outcome, workspace)
     return outcome
 
 
-def progress_reporter(spec: TrialSpec, still_wanted: Callable[[], None] | None = None) -> Callable[[float, str], None]:
-    """A trial's progress(percent, status): its progress artifact in the UI and the terminal's view."""
+def progress_reporter(spec: TrialSpec, still_wanted: Callable[[], None] | None = None) -> Callable[..., None]:
+    """A trial's progress(percent, status, **details): its progress artifact in the UI and the live view."""
     progress_id = create_progress_artifact(0.0, key=artifact_key("progress", spec.name),
                                            description=f"{spec.name}: starting")
 
-    def progress(percent: float, status: str) -> None:
+    def progress(percent: float, status: str, **details) -> None:
         try:
             update_progress_artifact(progress_id, percent, description=f"{spec.name}: {status}")
         except Exception as error:  # the server is away: the trial trains on, unseen for a while
             get_run_logger().warning(f"[{spec.name}] progress not shown ({type(error).__name__}: {error})")
-        trial_progress.notify(spec.name, percent, status)
+        trial_progress.notify(spec.name, percent, status, learning_rate=spec.learning_rate, seed=spec.seed,
+                              epochs=spec.training.epochs, **details)
         if still_wanted is not None and percent < 100:
             still_wanted()
 
     return progress
+
+
+def notify_ended(spec: TrialSpec, state: str, message: str) -> None:
+    """The live view hears how a trial that did not complete ended (failed, diverged)."""
+    trial_progress.notify(spec.name, 100, message, state=state, learning_rate=spec.learning_rate, seed=spec.seed)
 
 
 def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
@@ -502,10 +514,15 @@ def train_until_task(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace,
                      epoch: int) -> list[dict]:
     """One rung of a search for one trial (checkpointed, not stored)."""
     return train_until(spec, dataset, workspace, slots, epoch, log=get_run_logger().info,
-                       progress=lambda percent, status: trial_progress.notify(spec.name, percent, status))
+                       progress=lambda percent, status, **details: trial_progress.notify(
+                           spec.name, percent, status, learning_rate=spec.learning_rate, seed=spec.seed,
+                           epochs=spec.training.epochs, **details))
 
 
 @task(name="record_stopped", task_run_name="stopped lr={spec.learning_rate} at epoch {rung}", cache_policy=NO_CACHE)
 def record_stopped_task(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, history: list[dict],
                         rung: int) -> TrialOutcome:
-    return record_stopped(spec, dataset, workspace, history, rung)
+    outcome = record_stopped(spec, dataset, workspace, history, rung)
+    trial_progress.notify(spec.name, 100, f"stopped by the search at epoch {rung}", state="stopped",
+                          learning_rate=spec.learning_rate, seed=spec.seed)
+    return outcome
