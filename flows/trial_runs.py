@@ -32,6 +32,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, Cancelling, Crashed
 
+from tasks.reporting import progress as trial_progress
 from tasks.results import TrialSpec
 
 # The name of the Failed state a trial ends in when it failed or diverged on its own.
@@ -227,6 +228,8 @@ class TrialRunWatcher:
         self.warn(f"trial {trial.spec.name}: flow run {run.name} {reason}; re-submitted as "
                   f"{submitted[0].name} (attempt {attempt + 1} of {self.retries + 1}), resuming from "
                   "its last checkpoint")
+        trial_progress.notify(trial.spec.name, 0, f"attempt {attempt + 1} of {self.retries + 1} ({reason.split(':')[0]})",
+                              state="retrying", learning_rate=trial.spec.learning_rate, seed=trial.spec.seed)
 
     # --- the whole wait ----------------------------------------------------------------------
     def wait(self) -> None:

@@ -25,13 +25,13 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.data import builtin, function, imagefolder
 from tasks.data.config import DataConfig
-from tasks.data.dataset import DatasetRef, Splits, channel_values
+from tasks.data.dataset import DatasetRef, DataSource, Splits, channel_values
 from tasks.data.spec import DatasetInputError, parse_dataset_spec
 
 # The data sources, one module each, by the kind of `--dataset` spec (tasks/data/spec.py). Each
 # implements the protocol of tasks/data/dataset.py (`prepare`, `splits`); a new kind is one module
 # and its line here (and its form in spec.py).
-SOURCES = {"builtin": builtin, "imagefolder": imagefolder, "function": function}
+SOURCES: dict[str, DataSource] = {"builtin": builtin, "imagefolder": imagefolder, "function": function}
 
 
 def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed: int,

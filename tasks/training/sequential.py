@@ -71,7 +71,3 @@ class CheckpointedTrainer:
                      f"val loss {record['val_loss']:.4f}"
                      + (f" (resumed from epoch {result.resumed_from})" if result.resumed_from else ""))
         return histories
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.trained)
