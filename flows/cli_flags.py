@@ -74,6 +74,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: typing.Iterable
         elif origin is typing.Literal:
             help_text += f" Allowed: {', '.join(args)}."
             options.update(metavar="{" + ",".join(args) + "}")
+        elif origin in (typing.Union, types.UnionType) and type(None) not in args:
+            # a keyword or a number (pack: auto, off or N): SweepConfig tells them apart
+            keywords = [k for a in args if typing.get_origin(a) is typing.Literal for k in typing.get_args(a)]
+            numbers = [{int: "N", float: "X"}[a] for a in args if a in (int, float)]
+            options.update(metavar="{" + ",".join(keywords + numbers) + "}")
         elif origin in (typing.Union, types.UnionType):
             options.update(type=_none_or(str), metavar="VALUE|none")
         elif annotation is bool:

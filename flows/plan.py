@@ -25,6 +25,7 @@ from tasks.data.spec import dataset_label
 from tasks.reporting import tracking
 from tasks.results import TrialSpec
 from tasks.training.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
+from tasks.training.packing import configure_determinism
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -125,6 +126,7 @@ class SweepContext:
         """The pre-flight first (device, directories, data source, model source), so bad input
         is refused before anything is written; then the workspace's folders. `per_device`
         replaces the config's trials per device (the range test runs alone)."""
+        configure_determinism(config.deterministic)  # before anything initialises CUDA
         check_machine(config)
         devices = resolve_devices(config.device)
         threads = configure_cpu_threads(devices)

@@ -32,6 +32,8 @@ from tasks.reporting.report import build_summary, ui_table, write_report_task
 from tasks.reporting.wandb_report import save_wandb_report_task
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.devices import DeviceSlots
+from tasks.training.packed import train_pack_task
+from tasks.training.packing import pack_size, plan_packs
 from tasks.training.train import failed_outcome, train_model
 from tasks.workspace import Workspace
 
@@ -58,17 +60,34 @@ class SweepFailed(RuntimeError):
     """No trial produced a usable model."""
 
 
-def collect_trials(specs: list[TrialSpec], futures: list[PrefectFuture]) -> list[TrialOutcome]:
-    """Each trial's outcome in the order of `specs`; a trial task that raised becomes a failed
-    (or diverged) outcome."""
-    outcomes = []
-    for spec, future in zip(specs, futures):
+def collect_trials(specs: list[TrialSpec], futures: list[tuple[list[TrialSpec], PrefectFuture]]) -> list[TrialOutcome]:
+    """Each trial's outcome in the order of `specs`, from futures of (its trials, a task that
+    returns the outcome of one trial or the outcomes of a pack); a task that raised makes each of
+    its trials a failed (or diverged) outcome."""
+    outcomes = {}
+    for members, future in futures:
         result = future.result(raise_on_failure=False)
         if isinstance(result, BaseException):
-            get_run_logger().warning(f"trial {spec.name} did not finish: {result}")
-            result = failed_outcome(spec, result)
-        outcomes.append(result)
-    return outcomes
+            get_run_logger().warning(f"trial(s) {', '.join(s.name for s in members)} did not finish: {result}")
+            result = [failed_outcome(spec, result) for spec in members]
+        for spec, outcome in zip(members, result if isinstance(result, list) else [result]):
+            outcomes[spec.name] = outcome
+    return [outcomes[spec.name] for spec in specs]
+
+
+def train_grid(config: SweepConfig, specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace,
+               slots: DeviceSlots) -> list[TrialOutcome]:
+    """The grid's trials, packed as `pack` and the device say (tasks/training/packing.py); a pack
+    of one without a CUDA graph is the one-trial task the CPU always ran."""
+    device_type = "cuda" if slots.devices[0].startswith("cuda") else "cpu"
+    graphs = config.cuda_graphs == "auto" and device_type == "cuda"
+    futures = []
+    for number, members in enumerate(plan_packs(specs, pack_size(config.pack, device_type))):
+        if len(members) == 1 and not graphs:
+            futures.append((members, train_model.submit(members[0], dataset, workspace, slots)))
+        else:
+            futures.append((members, train_pack_task.submit(members, dataset, workspace, slots, f"p{number}", graphs)))
+    return collect_trials(specs, futures)
 
 
 def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: Workspace,
@@ -156,8 +175,7 @@ def lr_sweep(config: SweepConfig = SweepConfig.model_construct()) -> dict:
     elif config.dispatch == "deployment":  # each trial a flow run on any worker of the trial pool
         trials = dispatch_trials(config, workspace, trial_specs(config, rates), dataset)
     else:
-        specs = trial_specs(config, rates)
-        trials = collect_trials(specs, [train_model.submit(spec, dataset, workspace, slots) for spec in specs])
+        trials = train_grid(config, trial_specs(config, rates), dataset, workspace, slots)
     timings.lap("trials")
     trials = evaluate_trials(trials, dataset, workspace, slots)
     timings.lap("evaluate")

@@ -100,6 +100,12 @@ class TrialOutcome(Frozen):
     flow_run: str | None = None
     # dispatched trials: every flow run it took, {flow_run, name, ended, reason}, the last one last
     attempts: list[dict] = []
+    # how it trained (tasks/training/train.py engine_record): eager | graph | packed | packed+graph,
+    # its pack {id, size}, why it trained otherwise than planned, deterministic algorithms on or not
+    engine: str | None = None
+    pack: dict | None = None
+    engine_reason: str | None = None
+    deterministic: bool | None = None
 
     @property
     def name(self) -> str:

@@ -112,3 +112,16 @@ def test_two_sweeps_of_one_trial_train_it_once(dataset, tmp_path):
     assert outcomes[0].model == outcomes[1].model
     assert len(LocalRegistry(tmp_path / "registry").versions("mnist-cnn")) == 1
     assert not list((tmp_path / "runs" / "checkpoints").glob("*/" + CHECKPOINT_FILE))
+
+
+def test_a_resumed_trial_with_dropout_equals_an_uninterrupted_run(splits, tmp_path):
+    """The checkpoint carries the random generator's state: Dropout draws on where it stopped."""
+    from tests.test_packing import USER_MODEL
+
+    (tmp_path / "net.py").write_text(USER_MODEL)
+    trial = dict(model=f"{tmp_path / 'net.py'}:build", model_args={"dropout": 0.5})
+    full = train_trial(spec(epochs=3, **trial), splits, "cpu")
+    train_trial(spec(epochs=2, **trial), splits, "cpu", checkpoint_dir=tmp_path / "checkpoint")
+    resumed = train_trial(spec(epochs=3, **trial), splits, "cpu", checkpoint_dir=tmp_path / "checkpoint")
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)

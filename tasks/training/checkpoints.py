@@ -18,6 +18,7 @@ from models.files import atomic_write
 from tasks.results import TrialSpec
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+RNG_KEY = "rng.state"
 
 
 class CheckpointRefused(Exception):
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 
 def save_checkpoint(directory: Path, spec: TrialSpec, epoch: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, history: list[dict], train_seconds: float,
-                    scaler_state: dict | None = None) -> None:
-    """Model and optimizer state after `epoch`, in one safetensors file replaced atomically."""
+                    scaler_state: dict | None = None, rng_state: torch.Tensor | None = None) -> None:
+    """Model and optimizer state after `epoch`, in one safetensors file replaced atomically;
+    `rng_state`, the state of the generator Dropout draws from, so a resumed trial draws on."""
     optimizer_state = optimizer.state_dict()
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     scalars = {}
@@ -41,6 +43,8 @@ def save_checkpoint(directory: Path, spec: TrialSpec, epoch: int, model: nn.Modu
                 tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
+    if rng_state is not None:
+        tensors[RNG_KEY] = rng_state
     header = {"epoch": epoch, "spec": spec.model_dump(), "history": history, "train_seconds": train_seconds,
               "param_groups": optimizer_state["param_groups"], "scalars": scalars,
               "scaler": scaler_state}
@@ -110,4 +114,4 @@ def _restore(path: Path, spec: TrialSpec, model: nn.Module, optimizer: torch.opt
         state.setdefault(int(index), {})[name] = value
     model.load_state_dict(model_state)
     optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    return header
+    return header | {"rng_state": tensors.get(RNG_KEY)}

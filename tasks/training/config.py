@@ -13,6 +13,7 @@ from tasks.training.schedules import SCHEDULES
 from tasks.training.schedules.step import StepFields
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:\d+")
+PACK_LIMIT = 256  # a sweep's most trials (tpe's `trials`)
 SCHEDULE_NAMES = tuple(SCHEDULES)
 
 
@@ -49,6 +50,8 @@ class TrainingConfig(StepFields, TrainingCore):
 
 
 class DevicesConfig(ConfigGroup):
+    """Where trials train, and how the engine runs them there (packs, CUDA graphs, determinism)."""
+
     SECTION = "3 Infrastructure"
 
     device: str = Field(
@@ -56,6 +59,27 @@ class DevicesConfig(ConfigGroup):
     trials_per_device: int = Field(
         title="trials per device", default=1, ge=1, le=64,
         description="Trials that share one GPU at the same time (1-64; the CPU runs trials one by one).")
+    pack: Literal["auto", "off"] | int = Field(
+        title="pack", default="auto",
+        description="Trials that differ only in learning rate, seed, warmup or weight decay train together "
+        "in one engine call: auto = as many as a GPU takes (up to 32), one at a time on a CPU; off; or N "
+        "(>= 2) per pack, on a CPU too.")
+    cuda_graphs: Literal["auto", "off"] = Field(
+        title="CUDA graphs", default="auto",
+        description="auto: on CUDA a trial's (or a pack's) training step is captured once and replayed "
+        "(fp32 and bf16; fp16 and models that cannot be captured train eager); off: eager.")
+    deterministic: bool = Field(
+        title="deterministic", default=True,
+        description="Deterministic algorithms (cuDNN, cuBLAS): the same trial on the same machine and "
+        "software gives the same weights, packed or not, resumed or not; recorded with every model.")
+
+    @field_validator("pack")
+    @classmethod
+    def _check_pack(cls, pack: str | int) -> str | int:
+        if isinstance(pack, int) and not 2 <= pack <= PACK_LIMIT:
+            raise ValueError(f"{pack!r} is not allowed: use auto, off or a number of trials per pack from 2 "
+                             f"to {PACK_LIMIT}")
+        return pack
 
     @field_validator("device")
     @classmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +39,18 @@ from tasks.reporting.artifact_keys import artifact_key
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
 from tasks.training.devices import DeviceSlots, trial_stream
+from tasks.training.packing import (
+    AUTOCAST_DTYPES,
+    DIVERGENCE_CHECK_STEPS,
+    DIVERGENCE_LOSS,
+    RNG_LOCK,
+    deterministic_mode,
+    device_generator,
+    divergence_message,
+    shuffle,
+)
 from tasks.training.schedules import SCHEDULES, schedule_of
 from tasks.workspace import Workspace
-
-# Divergence is checked every this many steps (and at every epoch's end): often enough to stop a
-# NaN run within a second, rarely enough that the GPU is not synchronised on every step.
-DIVERGENCE_CHECK_STEPS = 20
-# A loss above this is divergence even while it is finite: a 10-class classifier starts near
-# ln(10) = 2.3, and a too-large step sends it to 1e4..1e29 (measured: Adam at lr 1 and 10, SGD at
-# 10) where it stays at chance accuracy; NaN and infinity are caught by the same comparison.
-DIVERGENCE_LOSS = 100 * math.log(10)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrialDiverged(RuntimeError):
@@ -119,9 +119,9 @@ def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
     return checkpoint_key(spec, dataset)[:24]
 
 
-# torch's global RNG is shared by every thread; network initialisation is the one place that
-# draws from it, so it happens under a lock right after seeding.
-_init_lock = threading.Lock()
+# torch's global RNG is shared by every thread; network initialisation draws from it under a
+# lock right after seeding (as a pack's per-epoch reseeding does).
+_init_lock = RNG_LOCK
 
 
 def input_shape(dataset: DatasetRef) -> InputShape:
@@ -166,8 +166,7 @@ class Precision:
 
 def epoch_order(spec: TrialSpec, epoch: int, size: int, device) -> torch.Tensor:
     """The shuffle of one epoch: a function of (seed, epoch) alone, so resuming reproduces it."""
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-    return torch.randperm(size, generator=generator).to(device)
+    return shuffle(spec.seed, epoch, size, device)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -188,6 +187,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         history, resumed_from = header["history"], header["epoch"]
         first_epoch, seconds_before = header["epoch"] + 1, header["train_seconds"]
         precision.restore(header.get("scaler"))
+        if header["rng_state"] is not None:
+            device_generator(device).set_state(header["rng_state"])
         for record in history:  # the restored epochs are reported too (a W&B run starts at epoch 1)
             if on_epoch is not None:
                 on_epoch(record)
@@ -219,16 +220,11 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             # The running mean holds every step's loss, so a spike between checks is not missed.
             if step % DIVERGENCE_CHECK_STEPS == 0 and not (running := loss_sum.item() / seen) < DIVERGENCE_LOSS:
-                raise TrialDiverged(
-                    f"mean loss {running:.4g} at epoch {epoch}, step {step} (learning rate "
-                    f"{spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not finite; the "
-                    "trial was stopped", history)
+                raise TrialDiverged(divergence_message(running, epoch, spec.learning_rate, step), history)
         train_loss = loss_sum.item() / size
         step_seconds += time.perf_counter() - epoch_started
         if not train_loss < DIVERGENCE_LOSS:
-            raise TrialDiverged(f"mean training loss {train_loss:.4g} at epoch {epoch} (learning "
-                                f"rate {spec.learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not "
-                                "finite; the trial was stopped", history)
+            raise TrialDiverged(divergence_message(train_loss, epoch, spec.learning_rate), history)
         val_loss, val_accuracy = measure(model, eval_batches(splits, "val", eval_batch_size(splits.device)))
         record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": correct.item() / size,
                   "val_loss": val_loss, "val_accuracy": val_accuracy,
@@ -236,7 +232,8 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
         history.append(record)
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, spec, epoch, model, optimizer, history,
-                            seconds_before + time.perf_counter() - started, precision.state())
+                            seconds_before + time.perf_counter() - started, precision.state(),
+                            device_generator(device).get_state())
         if on_epoch is not None:
             on_epoch(record)
 
@@ -252,9 +249,18 @@ def train_trial(spec: TrialSpec, splits: Splits, device: str | torch.device,
 
 # --- one trial, end to end ----------------------------------------------------------------------
 
-def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult) -> dict:
+def engine_record(engine: str, pack: dict | None = None, reason: str | None = None) -> dict:
+    """How a trial was trained, for its outcome (summary.json) and its model's metadata: the engine
+    (eager | graph | packed | packed+graph), its pack ({id, size}) if any, why it trained otherwise
+    than planned (a model vmap cannot run, a step that could not be captured) and whether
+    deterministic algorithms were on."""
+    return {"engine": engine, "pack": pack, "engine_reason": reason, "deterministic": deterministic_mode()}
+
+
+def model_metadata(spec: TrialSpec, dataset: DatasetRef, sweep_id: str, key: str, result: TrainResult,
+                   engine: dict) -> dict:
     final = result.history[-1]
-    return {
+    return engine | {
         "architecture": spec.network.source().architecture(input_shape(dataset)),
         "model_source": spec.network.source().record(input_shape(dataset)),
         "training": spec.record(),
@@ -293,57 +299,74 @@ def no_progress(percent: float, status: str, **details) -> None:
     pass
 
 
+def run_config(spec: TrialSpec, dataset: DatasetRef, device: str, key: str) -> dict:
+    """A trial's W&B run config."""
+    return spec.record() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+                            "train_size": dataset.train_size, "device": device, "trial_key": key}
+
+
+def epoch_reporter(spec: TrialSpec, dataset: DatasetRef, run, device: str, log: Callable[[str], None],
+                   progress: Callable[[float, str], None]) -> Callable[[dict], None]:
+    """What a trial does after each epoch: its W&B run's curves, a log line, its progress."""
+    epoch_started = [time.perf_counter()]
+
+    def report_epoch(record: dict) -> None:
+        now = time.perf_counter()
+        images_per_second = dataset.train_size / (now - epoch_started[0])
+        epoch_started[0] = now
+        tracking.log_epoch(run, record)
+        log(f"[{spec.name}] epoch {record['epoch']}/{spec.training.epochs}: "
+            f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
+            f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
+        progress(100 * record["epoch"] / spec.training.epochs,
+                 f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
+                 f"val acc {record['val_accuracy']:.4f}",
+                 epoch=record["epoch"], record=record, images_per_second=images_per_second)
+
+    return report_epoch
+
+
+def store_trained(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, run, device: str,
+                  result: TrainResult, engine: dict, log: Callable[[str], None]) -> TrialOutcome:
+    """A trained trial's model stored in the registry and its W&B run; its outcome."""
+    metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result, engine)
+    aliases = (spec.name, f"sweep-{workspace.sweep_id}")
+    # With the wandb backend the registry logs the model as this run's artifact (lineage);
+    # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
+    ref = workspace.registry.open().log_model(workspace.collection, result.state_dict, metadata, aliases, run=run)
+    if workspace.registry.backend != "wandb":
+        paths = write_files(model_files(result.state_dict, metadata), workspace.sweep_dir / "models" / spec.name)
+        tracking.log_model_artifact(run, collection=workspace.collection, files=paths,
+                                    metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
+                                    aliases=list(aliases))
+    run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
+                        "digest": ref.digest, "train_seconds": result.train_seconds,
+                        "samples_per_second": result.samples_per_second, "engine": engine["engine"]})
+    log(f"[{spec.name}] stored {ref.short} ({result.samples_per_second:,.0f} images/s on {device}, "
+        f"{engine['engine']})")
+    return TrialOutcome(
+        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
+        history=result.history, train_seconds=result.train_seconds,
+        samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
+        device=device, wandb_run_dir=tracking.run_directory(run), wandb_url=tracking.run_url(run), **engine)
+
+
 def train_and_store(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, key: str, device: str,
                     checkpoint_dir: Path, log: Callable[[str], None],
                     progress: Callable[[float, str], None] = no_progress) -> TrialOutcome:
     """Train (or resume) on `device`, store the model, record all of it in the trial's W&B run."""
     started = time.perf_counter()
     splits = load_splits(dataset, device)
-    run_config = spec.record() | {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                                      "train_size": dataset.train_size, "device": device, "trial_key": key}
     wandb_started = time.perf_counter()
     with tracking.trial_run(workspace.tracking, group=workspace.sweep_id, name=spec.name,
-                            run_dir=workspace.sweep_dir, config=run_config) as run:
+                            run_dir=workspace.sweep_dir, config=run_config(spec, dataset, device, key)) as run:
         wandb_start_seconds = time.perf_counter() - wandb_started
-        epoch_started = [time.perf_counter()]
-
-        def report_epoch(record: dict) -> None:
-            now = time.perf_counter()
-            images_per_second = dataset.train_size / (now - epoch_started[0])
-            epoch_started[0] = now
-            tracking.log_epoch(run, record)
-            log(f"[{spec.name}] epoch {record['epoch']}/{spec.training.epochs}: "
-                f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-                f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}")
-            progress(100 * record["epoch"] / spec.training.epochs,
-                     f"epoch {record['epoch']}/{spec.training.epochs} on {device}, {images_per_second:,.0f} images/s, "
-                     f"val acc {record['val_accuracy']:.4f}",
-                     epoch=record["epoch"], record=record, images_per_second=images_per_second)
-
+        report_epoch = epoch_reporter(spec, dataset, run, device, log, progress)
         setup_seconds = time.perf_counter() - started  # data on the device, W&B run started
         with trial_stream(device):
             result = train_trial(spec, splits, device, checkpoint_dir, report_epoch)
-        metadata = model_metadata(spec, dataset, workspace.sweep_id, key, result)
-        aliases = (spec.name, f"sweep-{workspace.sweep_id}")
-        # With the wandb backend the registry logs the model as this run's artifact (lineage);
-        # with the local one the same bytes also go into the run (uploaded by `wandb sync`).
-        ref = workspace.registry.open().log_model(workspace.collection, result.state_dict, metadata, aliases, run=run)
-        if workspace.registry.backend != "wandb":
-            paths = write_files(model_files(result.state_dict, metadata), workspace.sweep_dir / "models" / spec.name)
-            tracking.log_model_artifact(run, collection=workspace.collection, files=paths,
-                                        metadata=metadata | {"registry_ref": str(ref), "digest": ref.digest},
-                                        aliases=list(aliases))
-        run.summary.update({**metadata["metrics"], "status": "completed", "model": str(ref),
-                            "digest": ref.digest, "train_seconds": result.train_seconds,
-                            "samples_per_second": result.samples_per_second})
-        run_dir, url = tracking.run_directory(run), tracking.run_url(run)
-    log(f"[{spec.name}] stored {ref.short} ({result.samples_per_second:,.0f} images/s on {device})")
-    return TrialOutcome(
-        learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=ref,
-        history=result.history, train_seconds=result.train_seconds,
-        samples_per_second=result.samples_per_second, resumed_from=result.resumed_from,
-        device=device, wandb_run_dir=run_dir, wandb_url=url, setup_seconds=setup_seconds,
-        wandb_start_seconds=wandb_start_seconds)
+        outcome = store_trained(spec, dataset, workspace, key, run, device, result, engine_record("eager"), log)
+    return outcome.model_copy(update={"setup_seconds": setup_seconds, "wandb_start_seconds": wandb_start_seconds})
 
 
 def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots: DeviceSlots,
@@ -439,6 +462,18 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
     trial ran, a link to its W&B run. `still_wanted`, called before training and after every
     epoch but the last, raises to stop a trial whose run was given up on (a dispatched trial's
     run, flows/trial.py)."""
+    try:
+        outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info,
+                            progress=progress_reporter(spec, still_wanted))
+    except Exception as error:
+        notify_ended(spec, failed_outcome(spec, error).status, f"{type(error).__name__}: {error}")
+        raise
+    publish_wandb_link(outcome, workspace)
+    return outcome
+
+
+def progress_reporter(spec: TrialSpec, still_wanted: Callable[[], None] | None = None) -> Callable[..., None]:
+    """A trial's progress(percent, status, **details): its progress artifact in the UI and the live view."""
     progress_id = create_progress_artifact(0.0, key=artifact_key("progress", spec.name),
                                            description=f"{spec.name}: starting")
 
@@ -452,15 +487,12 @@ def train_model(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slot
         if still_wanted is not None and percent < 100:
             still_wanted()
 
-    try:
-        outcome = run_trial(spec, dataset, workspace, slots, log=get_run_logger().info, progress=progress)
-    except Exception as error:
-        state = failed_outcome(spec, error).status
-        trial_progress.notify(spec.name, 100, f"{type(error).__name__}: {error}", state=state,
-                              learning_rate=spec.learning_rate, seed=spec.seed)
-        raise
-    publish_wandb_link(outcome, workspace)
-    return outcome
+    return progress
+
+
+def notify_ended(spec: TrialSpec, state: str, message: str) -> None:
+    """The live view hears how a trial that did not complete ended (failed, diverged)."""
+    trial_progress.notify(spec.name, 100, message, state=state, learning_rate=spec.learning_rate, seed=spec.seed)
 
 
 def publish_wandb_link(outcome: TrialOutcome, workspace: Workspace) -> None:
