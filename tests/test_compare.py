@@ -48,7 +48,7 @@ def test_welch_test_known_p_value():
 
 def test_overlapping_seeds_are_not_significant():
     result = significance([0.873, 0.861, 0.868], [0.870, 0.866, 0.859])
-    assert result["significant"] is False and "NOT larger" in result["note"]
+    assert result["significant"] is False and "not significant at 0.05" in result["note"]
 
 
 def test_one_seed_each_says_no_test_is_possible():
@@ -127,8 +127,9 @@ def test_verdict_clear_winner_states_figures_and_significance():
              [trial(0.0001, s, 0.80 + 0.001 * s, history=history(0.8, 0.80 + 0.001 * s)) for s in range(3)]
     text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
     assert "Learning rate 0.001 won" in text and "0.9010" in text
-    assert "lead of 0.1000 (10.00 points)" in text
-    assert "larger than the seed-to-seed spread" in text
+    assert "lead of 0.1000 (10.00 points), larger than either rate's seed-to-seed standard deviation " \
+        "(0.0010, 0.0010); and Welch's t-test on 3 seeds per rate gives p = " in text
+    assert ": significant at 0.05" in text
     assert "moved 'production' to c:v0" in text
 
 
@@ -136,7 +137,27 @@ def test_verdict_tie_says_the_rates_are_indistinguishable():
     trials = [trial(rate, seed, accuracy, history=history(0.85, accuracy))
               for rate, seed, accuracy in ((0.001, 0, 0.873), (0.001, 1, 0.861), (0.0005, 0, 0.870), (0.0005, 1, 0.862))]
     text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
-    assert "indistinguishable" in text and "less than the larger seed-to-seed standard deviation" in text
+    assert "within the larger seed-to-seed standard deviation of the two (0.0085); and Welch's t-test" in text
+    assert "not significant at 0.05, so these seeds cannot tell the two rates apart" in text
+
+
+def test_verdict_says_which_test_says_what_when_they_disagree():
+    """A lead larger than both spreads that two seeds cannot confirm: one sentence, joined by 'but'."""
+    trials = [trial(rate, seed, accuracy, history=history(0.7, accuracy))
+              for rate, seed, accuracy in ((0.001, 0, 0.80), (0.001, 1, 0.75), (0.0005, 0, 0.76), (0.0005, 1, 0.71))]
+    text = "\n".join(verdict(summary_for(trials), "val_accuracy"))
+    assert "a lead of 0.0400 (4.00 points), larger than either rate's seed-to-seed standard deviation " \
+           "(0.0354, 0.0354); but Welch's t-test on 2 seeds per rate gives p = 0.375: not significant at 0.05" in text
+    assert "NOT larger" not in text and "spread" not in text
+
+
+def test_verdict_says_a_one_epoch_train_accuracy_is_a_running_average():
+    """Train accuracy is averaged over the epoch while the model learns; validation is measured
+    after it. One epoch from scratch puts train 15 points below validation: the report says why."""
+    one_epoch = [{"epoch": 1, "train_loss": 1.2, "train_accuracy": 0.556, "val_loss": 0.80, "val_accuracy": 0.703}]
+    text = "\n".join(verdict(summary_for([trial(0.001, 0, 0.703, history=one_epoch)]), "val_accuracy"))
+    assert "train-val accuracy gap -14.70 points (train accuracy is the running average over epoch 1 " \
+           "while the model learned; validation accuracy is measured after it)" in text
 
 
 def test_verdict_flags_undertrained_and_overfitting_runs():

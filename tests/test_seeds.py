@@ -26,7 +26,7 @@ def test_seed_repeats_then_a_worse_challenger_keeps_the_champion(prefect_server,
     assert first["best"]["model"] == max(seeds_of_winner, key=lambda t: t["evaluation"]["val_accuracy"])["model"]
     assert first["promotion"]["promoted"] is True
     report = Path(first["files"]["report"]).read_text()
-    assert "## Per learning rate (over seeds)" in report and "Welch's t-test p = " in report
+    assert "## Per learning rate (over seeds)" in report and "Welch's t-test on 2 seeds per rate gives p = " in report
     assert Path(first["files"]["val_accuracy_vs_lr"]).exists()
 
     # A second sweep whose only rate is far too small: it trains, but must not take the alias.

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +21,13 @@ from models.errors import InputError
 from tasks.data.dataset import Splits
 from tasks.data.prepare import load_splits, train_batches
 from tasks.reporting import tracking
+from tasks.reporting.legends import legend_beside
 from tasks.results import TrialSpec
 from tasks.search.checks import check_int, check_lr_range
 from tasks.training.train import epoch_order, init_model, input_shape, make_optimizer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -156,14 +161,14 @@ def lr_range_test(spec: TrialSpec, splits: Splits, device: str | torch.device, *
                            beta=beta, divergence_factor=divergence_factor)
 
 
-def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
-    """The range test as a chart (raw and smoothed loss against the rate, log x axis, the
-    suggestion marked); conventionally `lr_find.png`. Uses the Agg canvas directly, so it sets
-    no global matplotlib backend and works on servers without a display."""
+def range_test_figure(result: RangeTestResult) -> Figure:
+    """The range test as a chart: raw and smoothed loss against the rate, log x axis, the
+    suggestion marked. Uses the Agg canvas directly, so it sets no global matplotlib backend and
+    works on servers without a display."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(9, 4.5), layout="constrained")  # wider by the legend beside it
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.plot(result.lrs, result.losses, color="0.7", linewidth=0.8, label="mini-batch loss")
@@ -176,13 +181,30 @@ def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (log scale)")
     axes.set_ylabel("training loss")
-    finite = [v for v in result.smoothed if math.isfinite(v)]
-    if finite:  # the blown-up tail would squash the interesting part of the curve
-        axes.set_ylim(min(finite) * 0.9, min(max(finite), result.smoothed[0] * 1.5) * 1.05)
+    axes.set_ylim(*loss_range(result))
     axes.set_title("LR range test" + (" (stopped: loss blew up)" if result.stopped_early else ""))
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
+    axes.grid(True, which="major", alpha=0.3)  # a line a decade: the minor ones were 8 a decade
+    legend_beside(axes)
+    return figure
+
+
+def loss_range(result: RangeTestResult) -> tuple[float, float]:
+    """The chart's y-limits: every raw mini-batch loss from its lowest up to the highest one of
+    the descent (the steps up to the smoothed loss's minimum, the part the suggestion is read
+    from), with a margin. Above that the loss climbs to the blow-up, whose values would squash
+    the rest of the curve."""
+    finite = [(raw, smooth) for raw, smooth in zip(result.losses, result.smoothed)
+              if math.isfinite(raw) and math.isfinite(smooth)]
+    lowest = min(min(pair) for pair in finite)
+    minimum = min(range(len(finite)), key=lambda step: finite[step][1])
+    highest = max(max(pair) for pair in finite[:minimum + 1])
+    margin = 0.05 * (highest - lowest)
+    return lowest - margin, highest + margin
+
+
+def plot_range_test(result: RangeTestResult, path: str | Path) -> Path:
+    """The range test's chart as a PNG file, conventionally `lr_find.png`."""
+    figure = range_test_figure(result)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
