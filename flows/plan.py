@@ -24,8 +24,8 @@ from tasks.data.prepare import prepare_data
 from tasks.data.spec import dataset_label
 from tasks.reporting import tracking
 from tasks.results import TrialSpec
+from tasks.training.determinism import configure_determinism
 from tasks.training.devices import DeviceSlots, configure_cpu_threads, resolve_devices, slots_per_device
-from tasks.training.packing import configure_determinism
 from tasks.workspace import RegistrySettings, TrackingSettings, Workspace
 
 CHECKPOINTS_FOLDER = "checkpoints"

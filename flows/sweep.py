@@ -32,8 +32,8 @@ from tasks.reporting.report import build_summary, ui_table, write_report_task
 from tasks.reporting.wandb_report import save_wandb_report_task
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.devices import DeviceSlots
+from tasks.training.pack_plan import pack_size, plan_packs
 from tasks.training.packed import train_pack_task
-from tasks.training.packing import pack_size, plan_packs
 from tasks.training.train import failed_outcome, train_model
 from tasks.workspace import Workspace
 
@@ -77,7 +77,7 @@ def collect_trials(specs: list[TrialSpec], futures: list[tuple[list[TrialSpec], 
 
 def train_grid(config: SweepConfig, specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace,
                slots: DeviceSlots) -> list[TrialOutcome]:
-    """The grid's trials, packed as `pack` and the device say (tasks/training/packing.py); a pack
+    """The grid's trials, packed as `pack` and the device say (tasks/training/pack_plan.py); a pack
     of one without a CUDA graph is the one-trial task the CPU always ran."""
     device_type = "cuda" if slots.devices[0].startswith("cuda") else "cpu"
     graphs = config.cuda_graphs == "auto" and device_type == "cuda"

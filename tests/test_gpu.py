@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from models.cnn import architecture, build_model
-from tasks.training.packing import MemberStart, PackedTrainer, configure_determinism, measure_pack, shuffle
+from tasks.training.determinism import configure_determinism, shuffle
+from tasks.training.packing import MemberStart, PackedTrainer, measure_pack
 
 # Before anything here initialises CUDA: cuBLAS reads its workspace setting once.
 configure_determinism(True)

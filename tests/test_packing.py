@@ -1,4 +1,4 @@
-"""Packed trials (tasks/packing.py): a member of a pack trains as the same trial alone, a diverged
+"""Packed trials (tasks/training/packing.py): a member of a pack trains as the same trial alone, a diverged
 member stops alone, a killed pack resumes exactly, a model vmap cannot run trains unpacked; and
 the default CPU path keeps its weights bit for bit."""
 
@@ -11,8 +11,10 @@ import torch
 
 from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.training.checkpoints import CHECKPOINT_FILE
+from tasks.training.determinism import configure_determinism
+from tasks.training.pack_plan import pack_key, pack_size, plan_packs
 from tasks.training.packed import train_pack
-from tasks.training.packing import PackedTrainer, Unpackable, configure_determinism, pack_key, pack_size, plan_packs
+from tasks.training.packing import PackedTrainer, Unpackable
 from tasks.training.train import init_model, input_shape, train_trial
 from tests.helpers import trial_spec
 

@@ -35,8 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Protocol, Sequence
@@ -44,6 +42,8 @@ from typing import Callable, Iterable, Literal, Protocol, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from tasks.training.determinism import RNG_LOCK, device_generator, shuffle
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +63,10 @@ SGD_MOMENTUM = 0.9
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}
 OPTIMIZERS = tuple(DEFAULT_WEIGHT_DECAY)
 
-# What members of one pack may differ in (besides their learning rate and seed): everything else of
-# a trial (model, data, batch size, epochs, schedule kind, precision, optimizer) shapes the one
-# vmapped step they share.
-MEMBER_TRAINING_FIELDS = ("warmup_epochs", "weight_decay")
-# `pack` auto on CUDA: at most this many members (27 small CNNs reached 752,000 images/s on an
-# H200; past ~32 a small model's pack is bound by the GPU's arithmetic, not by launches).
-PACK_CAP = 32
 # Masked steps run before a capture, so cuDNN/cuBLAS pick and allocate their kernels outside it.
 GRAPH_WARMUP_STEPS = 3
 
 Engine = Literal["eager", "graph", "packed", "packed+graph"]
-
-# torch's global generators are shared by every thread: a trial's network initialisation
-# (seeded, tasks/train.py) and a pack's per-epoch reseeding take this lock.
-RNG_LOCK = threading.Lock()
-
-
-def device_generator(device: torch.device) -> torch.Generator:
-    """The default generator that random ops (Dropout) on `device` draw from."""
-    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
-
 
 class RateSchedule(Protocol):
     """A trial's learning rate per global step (tasks/training/schedules)."""
@@ -102,58 +85,6 @@ def divergence_message(loss: float, epoch: int, learning_rate: float, step: int 
         f"mean training loss {loss:.4g} at epoch {epoch}"
     return (f"{where} (learning rate {learning_rate:g}) is past {DIVERGENCE_LOSS:.0f} or not finite; "
             "the trial was stopped")
-
-
-def shuffle(seed: int, epoch: int, size: int, device) -> torch.Tensor:
-    """The order of one epoch: a function of (seed, epoch) alone, so resuming reproduces it."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(size, generator=generator).to(device)
-
-
-def configure_determinism(deterministic: bool) -> None:
-    """Deterministic algorithms (and what they need) on or off for this process. Call it before
-    CUDA initialises: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle.
-
-    warn_only: an op with no deterministic kernel (e.g. AdaptiveAvgPool2d's CUDA backward in
-    torchvision's ResNets) warns instead of failing the trial; the mode is still recorded."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def deterministic_mode() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
-
-
-# --- which trials pack together -------------------------------------------------------------------
-
-def pack_key(spec) -> str:
-    """Trials with one key train in one pack: equal in everything but their learning rate, seed
-    and MEMBER_TRAINING_FIELDS (a TrialSpec's model and training groups)."""
-    training = {k: v for k, v in spec.training.model_dump().items() if k not in MEMBER_TRAINING_FIELDS}
-    return json.dumps({"training": training, "network": spec.network.model_dump()}, sort_keys=True, default=str)
-
-
-def pack_size(pack: Literal["auto", "off"] | int, device_type: str) -> int:
-    """How many members a pack may hold: `auto` fills a GPU (up to PACK_CAP; the engine's probe
-    may split it further) and trains one trial at a time on a CPU, where a pack is no faster."""
-    if pack == "off":
-        return 1
-    if pack == "auto":
-        return PACK_CAP if device_type == "cuda" else 1
-    return int(pack)
-
-
-def plan_packs(specs: Sequence, size: int) -> list[list]:
-    """The trials grouped into packs of at most `size` members of one pack key, in the order of
-    `specs` (the first trial of each key opens its first pack)."""
-    groups: dict[str, list] = {}
-    for spec in specs:
-        groups.setdefault(pack_key(spec), []).append(spec)
-    return [members[start:start + size] for members in groups.values()
-            for start in range(0, len(members), max(1, size))]
 
 
 def steps_per_epoch(size: int, batch_size: int) -> int:

@@ -38,17 +38,9 @@ from tasks.reporting import tracking
 from tasks.reporting.artifact_keys import artifact_key
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
+from tasks.training.determinism import RNG_LOCK, deterministic_mode, device_generator, shuffle
 from tasks.training.devices import DeviceSlots, trial_stream
-from tasks.training.packing import (
-    AUTOCAST_DTYPES,
-    DIVERGENCE_CHECK_STEPS,
-    DIVERGENCE_LOSS,
-    RNG_LOCK,
-    deterministic_mode,
-    device_generator,
-    divergence_message,
-    shuffle,
-)
+from tasks.training.packing import AUTOCAST_DTYPES, DIVERGENCE_CHECK_STEPS, DIVERGENCE_LOSS, divergence_message
 from tasks.training.schedules import SCHEDULES, schedule_of
 from tasks.workspace import Workspace
 
