@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
-    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers"])
+    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers",
+                                 "max_image_pixels"])
     data.set_defaults(handler=command_data)
 
     models = commands.add_parser("models", help="list the models of the registry")

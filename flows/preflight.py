@@ -52,7 +52,7 @@ def check_run(config, dry_run: bool = False):
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
     from tasks.data.config import DataConfig
-    from tasks.data.prepare import prepare_configured
+    from tasks.data.prepare import prepare_configured, store_dataset
     from tasks.data.spec import DatasetInputError
 
     check_machine(config, probe_device=not dry_run)
@@ -62,6 +62,11 @@ def check_run(config, dry_run: bool = False):
     except (SourceError, DatasetInputError) as error:
         raise InputError(error.field, str(error)) from None
     check_model(config, dataset)
+    if not dry_run:
+        try:
+            store_dataset(dataset)
+        except DatasetInputError as error:
+            raise InputError(error.field, str(error)) from None
     return dataset
 
 

@@ -211,11 +211,15 @@ def read(name: str, root: Path, image_size: int | None) -> SourceData:
 
 
 def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
+            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int) -> DatasetRef:
     root, fingerprint = locate_dataset(spec, data_dir, allow_download)
     located = Located("builtin", spec, Path(root).resolve(), fingerprint)
     return located_ref(spec, located, lambda: read(spec, located.root, image_size), data_dir, val_size, split_seed,
                        train_limit, image_size, num_workers)
+
+
+def store(ref: DatasetRef) -> None:
+    """Nothing to keep: the sources' own files are read as they are."""
 
 
 def splits(ref: DatasetRef, device: torch.device) -> Splits:
