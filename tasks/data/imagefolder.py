@@ -126,6 +126,9 @@ def scan_folder(root: Path) -> FolderScan:
     class_names = _class_folders(root / "train")
     if not class_names:
         raise refuse(f"{where}: train/ holds no class folders (PATH/train/CLASS/IMAGE)")
+    if len(class_names) < 2:
+        raise refuse(f"{where}: train/ holds a single class folder ({class_names[0]}): a classifier needs two "
+                     "classes at least, or there is nothing to tell apart")
     files: dict[str, tuple[tuple[str, int], ...]] = {}
     for split in SPLIT_FOLDERS:
         if not (root / split).is_dir():
