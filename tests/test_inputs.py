@@ -346,3 +346,9 @@ def test_a_folder_of_gifs_is_accepted(tmp_path, capsys):
                  "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs"),
                  "--registry-dir", str(tmp_path / "registry")]) == 0
     assert "would train" in capsys.readouterr().out and snapshot(tmp_path) == before
+
+
+def test_a_warmup_longer_than_the_epochs_is_refused(tmp_path, registry_with_production, capsys):
+    """Before: silently cut to the trial's length."""
+    run_refused(tmp_path, registry_with_production, ["--epochs", "2", "--warmup-epochs", "2.5"], "warmup_epochs",
+                "give at most 2", capsys)
