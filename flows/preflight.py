@@ -58,7 +58,7 @@ def check_run(config, dry_run: bool = False):
     check_machine(config, probe_device=not dry_run)
     check_model_code(config)
     try:
-        dataset = prepare_configured(DataConfig.of(config), allow_download=not dry_run)
+        dataset = prepare_configured(DataConfig.of(config), allow_download=not dry_run, write=not dry_run)
     except (SourceError, DatasetInputError) as error:
         raise InputError(error.field, str(error)) from None
     check_model(config, dataset)

@@ -267,8 +267,10 @@ class DataSource(Protocol):
     """What a data source module implements (builtin.py, imagefolder.py, function.py)."""
 
     def prepare(self, spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-                image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int) -> DatasetRef:
-        """Locate the data, fingerprint it and read it once, writing nothing: the sweep's DatasetRef."""
+                image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+                write: bool = True) -> DatasetRef:
+        """Locate the data, fingerprint it and read it once: the sweep's DatasetRef. Nothing is
+        written but a built-in's install, and with `write` False (a dry run) not even that."""
 
     def store(self, ref: DatasetRef) -> None:
         """Write what `prepare` read and keeps for later processes (a decoded cache), once every

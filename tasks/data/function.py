@@ -380,7 +380,8 @@ def loader_splits(ref, device: torch.device):
 # --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
 
 def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int) -> DatasetRef:
+            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+            write: bool = True) -> DatasetRef:
     return prepare_function(spec, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
 
 

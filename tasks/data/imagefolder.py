@@ -436,7 +436,8 @@ def cached_tensors(scan: FolderScan, fingerprint: str, data_dir: Path, decoding:
 # --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
 
 def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int) -> DatasetRef:
+            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+            write: bool = True) -> DatasetRef:
     scan = scan_folder(Path(parse_dataset_spec(spec).target))
     located = Located("imagefolder", dataset_label(spec), scan.root, folder_fingerprint(scan),
                       train_count=len(scan.files["train"]), val_folder="val" in scan.files)
