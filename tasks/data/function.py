@@ -149,11 +149,16 @@ def _images(spec: str, which: str, images: torch.Tensor) -> torch.Tensor:
                      "((N, C, H, W) with C, H, W >= 1)")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise refuse(spec, f"{which} images must be uint8 or float, got {images.dtype}")
+    _finite(spec, which, images)
+    return images.cpu()
+
+
+def _finite(spec: str, which: str, images: torch.Tensor, first_index: int = 0) -> None:
+    """NaN or inf pixels are the data's fault: refused here, not met as a diverged loss."""
     if images.is_floating_point() and not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).flatten(1).any(1).nonzero()[0])
+        bad = first_index + int((~torch.isfinite(images)).flatten(1).any(1).nonzero()[0])
         raise refuse(spec, f"{which} images hold NaN or infinite pixels (first: image {bad}): the data must be "
                      "finite numbers")
-    return images.cpu()
 
 
 def _labels(spec: str, which: str, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -312,6 +317,7 @@ def loader_ref(spec: str, result: FunctionResult, data_dir: Path, val_size: int 
     for which, dataset in (("train", pair.train), ("test", pair.test)):
         digest, start = hashlib.sha256(), 0
         for images, labels in _read_all(spec, Samples(dataset, image_size), num_workers):
+            _finite(spec, which, images, start)
             digest.update(images.contiguous().reshape(-1).view(torch.uint8).numpy())
             digest.update(labels.numpy())
             largest.append(labels)

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,9 +181,13 @@ def decode_image_bytes(data: bytes, name: str, decoding: Decoding) -> torch.Tens
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
 
-    Image.MAX_IMAGE_PIXELS = None  # the limit is max_image_pixels, checked here before decoding
-    with Image.open(io.BytesIO(data)) as header:
-        width, height = header.size
+    try:
+        with warnings.catch_warnings():  # PIL warns past its own limit; max_image_pixels decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except Image.DecompressionBombError as error:  # past twice PIL's limit, whatever ours says
+        raise _Refused(_Refusal("max_image_pixels", f"{name}: {error}")) from None
     if width * height > decoding.max_pixels:
         raise _Refused(_Refusal("max_image_pixels", f"{name} has {width}x{height} = {width * height:,} pixels, over "
                        f"max_image_pixels {decoding.max_pixels:,}: shrink it or raise max_image_pixels"))
