@@ -63,8 +63,9 @@ def test_a_dry_run_and_a_refused_run_write_no_cache(tmp_path, capsys):
     assert main(["run", "--dry-run", *common, "--model", f"{model}:build"]) == 2
     assert "model" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+    assert main(["data", "--dataset", f"imagefolder:{root}", "--data-dir", str(tmp_path / "data"),
+                 "--val-size", "1"]) == 0  # checked: `lr-sweep data` writes it, as a run past its checks
     ref = prepare_dataset(f"imagefolder:{root}", tmp_path / "data", 1, 0, None)
-    store_dataset(ref)  # what the run does once every check has passed
     assert imagefolder.cache_file(tmp_path / "data", ref.fingerprint, None).is_file()
 
 
