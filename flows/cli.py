@@ -266,12 +266,13 @@ def command_server(args: argparse.Namespace) -> int:
 def command_data(args: argparse.Namespace) -> int:
     """Locate (or install, or download) the dataset and verify its files; decode an image folder."""
     from tasks.data.config import DataConfig
-    from tasks.data.prepare import prepare_configured
+    from tasks.data.prepare import prepare_configured, store_dataset
     from tasks.data.spec import DatasetError, DatasetInputError
 
     config = parse_config(args)
     try:
         ref = prepare_configured(DataConfig.of(config))
+        store_dataset(ref)  # every check of this command has passed: later runs read the cache
     except DatasetInputError as error:
         raise InputError(error.field, str(error)) from None
     except DatasetError as error:
@@ -317,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=command_serve)
 
     data = commands.add_parser("data", help="fetch and verify the dataset files")
-    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers"])
+    add_config_arguments(data, ["dataset", "data_dir", "image_size", "val_size", "split_seed", "train_limit", "num_workers",
+                                 "max_image_pixels"])
     data.set_defaults(handler=command_data)
 
     models = commands.add_parser("models", help="list the models of the registry")

@@ -108,6 +108,17 @@ class SweepConfig(StorageConfig, TrackingConfig, DispatchConfig, DevicesConfig, 
                 flat[name] = item
         return flat
 
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_the_epochs(cls, warmup: float, info) -> float:
+        # A search's rung may be shorter than the warmup (its schedule is then cut, and so keyed);
+        # the sweep's own trials are not, or the warmup would silently never end.
+        epochs = info.data.get("epochs")
+        if epochs is not None and warmup > epochs:
+            raise ValueError(f"{warmup:g} warmup epochs is longer than the {epochs} epoch(s) of a trial: "
+                             f"give at most {epochs} (or more epochs)")
+        return warmup
+
     # --- what no one group can check alone ----------------------------------------------------
     @model_validator(mode="after")
     def _check_combination(self) -> SweepConfig:

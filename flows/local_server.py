@@ -35,6 +35,10 @@ HOST = "127.0.0.1"
 # `prefect server start` with a fresh database takes 10-20 s on 2 cores (migrations); an
 # existing one 6-10 s. Past this the start counts as failed and its log is shown.
 START_TIMEOUT_SECONDS = 180.0
+# Popen returns when exec closes its error pipe, before the kernel has set up the new program's
+# arguments: /proc/PID/cmdline reads empty for a few milliseconds (48 of 500 starts). A record
+# taken then would later be judged another process. Seconds to wait for it; it takes ~ms.
+COMMAND_LINE_WAIT_SECONDS = 5.0
 
 
 class ServerError(RuntimeError):
@@ -128,14 +132,31 @@ def launch(home: Path) -> LocalServer:
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://{HOST}:{free_port()}"
     log = home / "lr-sweep-server.log"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", url.rsplit(":", 1)[1]]
+    # The UI calls the API at PREFECT_SERVER_UI_API_URL, which otherwise stays at port 4200.
+    env = LOCAL_DEFAULTS | os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_API_URL": f"{url}/api"}
+    pid, identity = start_detached(command, log, env)
+    return LocalServer(url=url, pid=pid, log=str(log), identity=identity)
+
+
+def start_detached(command: list[str], log: Path, env: dict) -> tuple[int, dict | None]:
+    """Start `command` in a session of its own, its output appended to `log`; its PID and its
+    identity once /proc shows its command line."""
     with open(log, "ab") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", url.rsplit(":", 1)[1]],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-            # The UI calls the API at PREFECT_SERVER_UI_API_URL, which otherwise stays at port 4200.
-            env=LOCAL_DEFAULTS | os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_UI_API_URL": f"{url}/api"})
-    # Popen returns once the child has exec'd: /proc already shows the server's command line.
-    return LocalServer(url=url, pid=process.pid, log=str(log), identity=process_identity(process.pid))
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=env)
+    return process.pid, started_identity(process.pid)
+
+
+def started_identity(pid: int, timeout: float = COMMAND_LINE_WAIT_SECONDS) -> dict | None:
+    """process_identity(pid) of a process just started, once its command line is readable (see
+    COMMAND_LINE_WAIT_SECONDS); None when it is gone, or still has none after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (identity := process_identity(pid)) is not None and not identity["command"]:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
+    return identity
 
 
 def wait_until_healthy(server: LocalServer, timeout: float = START_TIMEOUT_SECONDS) -> None:

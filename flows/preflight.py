@@ -52,16 +52,21 @@ def check_run(config, dry_run: bool = False):
     the data source and the model source. Returns the dataset it found. A dry run does not probe
     the device (a GPU deployment's config is checked on a laptop) nor download a dataset."""
     from tasks.data.config import DataConfig
-    from tasks.data.prepare import prepare_configured
+    from tasks.data.prepare import prepare_configured, store_dataset
     from tasks.data.spec import DatasetInputError
 
     check_machine(config, probe_device=not dry_run)
     check_model_code(config)
     try:
-        dataset = prepare_configured(DataConfig.of(config), allow_download=not dry_run)
+        dataset = prepare_configured(DataConfig.of(config), allow_download=not dry_run, write=not dry_run)
     except (SourceError, DatasetInputError) as error:
         raise InputError(error.field, str(error)) from None
     check_model(config, dataset)
+    if not dry_run:
+        try:
+            store_dataset(dataset)
+        except DatasetInputError as error:
+            raise InputError(error.field, str(error)) from None
     return dataset
 
 

@@ -118,3 +118,28 @@ def test_real_fashion_mnist_is_verified(fashion_data_dir):
     ref = prepare_dataset("fashion-mnist", fashion_data_dir, 10000, 0, None, allow_download=False)
     assert (ref.train_size, ref.val_size, ref.test_size) == (50000, 10000, 10000)
     assert len(ref.fingerprint) == 64
+
+
+def test_a_dry_run_installs_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Issue 29: `lr-sweep run --dry-run` decompressed the system's archives into the data
+    directory and left its lock file there. Now it reads them from a scratch folder."""
+    import gzip
+    import hashlib
+
+    from flows.cli import main
+    from tasks.data import builtin as data
+
+    system = tmp_path / "system"
+    make_idx_dataset(system, train=300, test=100, compress=True)
+    known = {p.name[:-3]: hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() for p in system.iterdir()}
+    monkeypatch.setitem(data.SYSTEM_DIRS, "kmnist", [system])
+    monkeypatch.setitem(data.KNOWN_RAW_SHA256, "kmnist", known)
+    arguments = ["run", "--dry-run", "--dataset", "kmnist", "--val-size", "50", "--data-dir", str(tmp_path / "data"),
+                 "--output-dir", str(tmp_path / "runs"), "--registry-dir", str(tmp_path / "registry")]
+    assert main(arguments) == 0
+    assert "250 training images" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["system"]
+    installed = prepare_dataset("kmnist", tmp_path / "data", 50, 0, None, allow_download=False)
+    before = sorted(p for p in (tmp_path / "data").rglob("*"))
+    assert main(arguments) == 0 and sorted(p for p in (tmp_path / "data").rglob("*")) == before
+    assert installed.fingerprint == prepare_dataset("kmnist", tmp_path / "data", 50, 0, None, write=False).fingerprint

@@ -198,6 +198,18 @@ class Mixed(torch.utils.data.Dataset):
 
 def mixed_datasets():
     return Mixed(), Mixed()
+
+
+class WithNaN(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return torch.full((1, 4, 4), float("nan") if index == 5 else 0.5), index % 2
+
+
+def nan_datasets():
+    return WithNaN(), WithNaN()
 '''
 
 FUNCTION_CASES = [
@@ -216,6 +228,7 @@ FUNCTION_CASES = [
     ("mydata.py:other_test_size", "image_size", "train images are (1, 4, 4), test images (1, 5, 5)"),
     ("mydata.py:too_few_names", "dataset", "label 3 has no class name (2 given)"),
     ("mydata.py:mixed_datasets", "dataset", "give image_size N if its images differ in size"),
+    ("mydata.py:nan_datasets", "dataset", "train images hold NaN or infinite pixels (first: image 5)"),
 ]
 
 
@@ -231,3 +244,14 @@ def test_a_bad_dataset_function_is_refused_naming_the_field(spec, field, fragmen
     spec = spec if spec.startswith("no_such") else f"{code}/{spec}"
     monkeypatch.chdir(tmp_path)
     assert_refused_at_prepare(spec, tmp_path, field, fragment, capsys, num_workers=0)
+
+
+def test_nan_pixels_of_a_dataset_read_by_a_dataloader_are_refused(tmp_path, monkeypatch):
+    """The DataLoader path (a Dataset too large for memory) reads the images once for their
+    statistics: NaN pixels are refused there, as on the resident path."""
+    (tmp_path / "mydata.py").write_text(textwrap.dedent(FUNCTION_MODULE))
+    monkeypatch.setattr(user_data, "_results", {})
+    monkeypatch.setattr(user_data, "READ_BATCH", 4)
+    monkeypatch.setattr(user_data, "RESIDENT_LIMIT_BYTES", 0)
+    with pytest.raises(DatasetInputError, match=r"train images hold NaN or infinite pixels \(first: image 5\)"):
+        prepare_dataset(f"{tmp_path / 'mydata.py'}:nan_datasets", tmp_path / "data", 1, 0, None, num_workers=0)

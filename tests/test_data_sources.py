@@ -13,7 +13,7 @@ from tasks.data import function as user_data
 from tasks.data import imagefolder
 from tasks.data.builtin import read_raw
 from tasks.data.dataset import DatasetRef
-from tasks.data.prepare import eval_batches, load_splits, prepare_dataset, rescaling, train_batches
+from tasks.data.prepare import eval_batches, load_splits, prepare_dataset, rescaling, store_dataset, train_batches
 from tests.conftest import make_idx_dataset
 from tests.helpers import CLASSES, class_image, write_folder
 
@@ -21,13 +21,13 @@ from tests.helpers import CLASSES, class_image, write_folder
 @pytest.fixture
 def count_decodes(monkeypatch):
     calls = []
-    real = imagefolder.decode_image_file
+    real = imagefolder.decode_image_bytes
 
-    def counted(path):
-        calls.append(path)
-        return real(path)
+    def counted(data, name, decoding):
+        calls.append(name)
+        return real(data, name, decoding)
 
-    monkeypatch.setattr(imagefolder, "decode_image_file", counted)
+    monkeypatch.setattr(imagefolder, "decode_image_bytes", counted)
     return calls
 
 
@@ -40,7 +40,7 @@ def test_an_rgb_folder_of_mixed_sizes_with_image_size_and_its_own_val_folder(tmp
     assert len(ref.mean) == len(ref.std) == 3
     metadata = ref.as_metadata()
     assert metadata["class_names"] == list(CLASSES) and metadata["mean"] == list(ref.mean)
-    assert not {"root", "spec", "data_dir", "resident", "num_workers"} & set(metadata)
+    assert not {"root", "spec", "data_dir", "resident", "num_workers", "max_image_pixels"} & set(metadata)
     splits = load_splits(ref, "cpu")
     assert splits.train_x.shape == (12, 3, 8, 8) and splits.val_x.shape == (6, 3, 8, 8)
     assert sorted(splits.val_y.tolist()) == [0, 0, 1, 1, 2, 2] and splits.test_y.tolist() == [0, 0, 1, 1, 2, 2]
@@ -66,13 +66,16 @@ def test_the_cache_is_written_once_and_read_by_later_prepares(tmp_path, count_de
     first = prepare_dataset(spec, data_dir, 2, 0, None)
     assert len(count_decodes) == 12
     cache = imagefolder.cache_file(data_dir, first.fingerprint, None)
-    assert cache.is_file() and not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
+    assert not data_dir.exists()  # written once every check has passed, not by the prepare
+    store_dataset(first)
+    assert len(count_decodes) == 12 and cache.is_file() and not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
     written = cache.stat().st_mtime_ns
     second = prepare_dataset(spec, data_dir, 2, 0, None)  # another trial or sweep on this data dir
     load_splits(second, "cpu")
     assert second == first and len(count_decodes) == 12  # nothing decoded again
     assert cache.stat().st_mtime_ns == written
     resized = prepare_dataset(spec, data_dir, 2, 0, None, image_size=4)  # another size: its own file
+    load_splits(resized, "cpu")  # a trial writes it when the run's checks have not
     assert len(count_decodes) == 24 and resized.fingerprint == first.fingerprint
     assert imagefolder.cache_file(data_dir, first.fingerprint, 4).is_file()
 
@@ -93,9 +96,12 @@ def test_the_fingerprint_changes_when_a_file_changes(tmp_path, count_decodes):
 def test_cached_tensors_survive_a_damaged_cache_file(tmp_path, count_decodes):
     root = write_folder(tmp_path / "pets", {"train": 2, "test": 1})
     ref = prepare_dataset(f"imagefolder:{root}", tmp_path / "data", 1, 0, None)
+    store_dataset(ref)
     imagefolder.cache_file(tmp_path / "data", ref.fingerprint, None).write_bytes(b"not safetensors")
     assert prepare_dataset(f"imagefolder:{root}", tmp_path / "data", 1, 0, None) == ref
+    load_splits(ref, "cpu")
     assert len(count_decodes) == 18  # decoded again and rewritten
+    assert imagefolder.cache_file(tmp_path / "data", ref.fingerprint, None).read_bytes() != b"not safetensors"
 
 
 # --- dataset functions ---------------------------------------------------------------------------
@@ -338,11 +344,13 @@ def test_a_sweep_of_an_rgb_image_folder_trains_evaluates_and_promotes(prefect_se
 def test_worker_processes_decode_a_folder_as_this_process_does(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "pets", {"train": 5, "test": 2}, sizes=((8, 8), (10, 12)))
     scan = imagefolder.scan_folder(root)
-    here = imagefolder.decode_folder(scan, 8, num_workers=0)
+    decoding = imagefolder.Decoding(8, 10**8)
+    here, fingerprint = imagefolder.decode_folder(scan, decoding, num_workers=0)
+    assert fingerprint == imagefolder.folder_fingerprint(scan)  # the digest of the bytes decoded
     monkeypatch.setattr(imagefolder, "PARALLEL_FROM", 0)
     monkeypatch.setattr(imagefolder, "DECODE_BATCH", 4)  # batches of one shape and of two
-    there = imagefolder.decode_folder(scan, 8, num_workers=2)
+    there = imagefolder.decode_folder(scan, decoding, num_workers=2)[0]
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
     (root / "test" / "dog" / "001.png").write_bytes(b"not an image")
     with pytest.raises(imagefolder.DatasetInputError, match="cannot read image test/dog/001.png"):
-        imagefolder.decode_folder(imagefolder.scan_folder(root), 8, num_workers=2)
+        imagefolder.decode_folder(imagefolder.scan_folder(root), decoding, num_workers=2)

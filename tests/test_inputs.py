@@ -233,3 +233,122 @@ def test_bad_model_input_fails_early_and_changes_nothing(arguments, field, allow
                  "--dataset", "mnist", "--val-size", "200", "--data-dir", str(sweep_data_dir), *arguments])
     assert_refused(code, capsys.readouterr().err, field, allowed)
     assert snapshot(tmp_path) == before and not output.exists()
+
+
+# --- bad data (issue 29 §4): exit 2 naming the field, the registry and the output parent unchanged ---
+
+DATA_FUNCTIONS = '''
+import torch
+
+
+def images(count=8, dtype=torch.uint8, channels=1):
+    return torch.full((count, channels, 6, 6), 7, dtype=dtype)
+
+
+def labels(count=8):
+    return torch.arange(count) % 2
+
+
+def huge_labels():
+    return images(), torch.tensor([0, 1, 0, 1, 0, 1, 0, 10**12]), images(2), labels(2)
+
+
+def nan_pixels():
+    pixels = images(dtype=torch.float32)
+    pixels[3, 0, 2, 2] = float("nan")
+    return pixels, labels(), images(2), labels(2)
+
+
+def inf_pixels():
+    return images(), labels(), images(2, torch.float32) / 0, labels(2)
+
+
+def one_class():
+    return images(), torch.zeros(8, dtype=torch.int64), images(2), labels(2)
+
+
+def no_channels():
+    return images(channels=0), labels(), images(2, channels=0), labels(2)
+
+
+class Jittered(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(1, 6, 6), index % 2
+
+
+def random_augmentation():
+    return Jittered(), Jittered()
+'''
+
+DATA_INPUTS = [
+    ("huge_labels", "dataset", "labels are class indices 0..99999"),
+    ("nan_pixels", "dataset", "train images hold NaN or infinite pixels (first: image 3)"),
+    ("inf_pixels", "dataset", "test images hold NaN or infinite pixels"),
+    ("one_class", "dataset", "the train labels hold a single class (0)"),
+    ("no_channels", "dataset", "no channels or no pixels"),
+    ("random_augmentation", "dataset", "the dataset function must be deterministic"),
+]
+
+
+def run_refused(tmp_path: Path, registry: Path, arguments: list[str], field: str, allowed: str, capsys) -> None:
+    before = snapshot(tmp_path)
+    output = tmp_path / "runs"
+    code = main(["run", "--registry-dir", str(registry), "--output-dir", str(output), "--data-dir",
+                 str(tmp_path / "data"), "--num-workers", "0", *arguments])
+    assert_refused(code, capsys.readouterr().err, field, allowed)
+    assert snapshot(tmp_path) == before and not output.exists()
+
+
+@pytest.mark.parametrize("function, field, allowed", DATA_INPUTS, ids=[f for f, _, _ in DATA_INPUTS])
+def test_bad_data_fails_early_and_changes_nothing(function, field, allowed, tmp_path, registry_with_production,
+                                                  monkeypatch, capsys):
+    """Before: labels up to 1e12 tried to allocate terabytes; NaN/inf pixels were blamed on the
+    learning rate; one class was trained and promoted; 0 channels were blamed on `model`; a
+    random Dataset got a new fingerprint in every process."""
+    from tasks.data import function as user_data
+
+    monkeypatch.setattr(user_data, "_results", {})
+    code = tmp_path / "code" / "data.py"
+    code.parent.mkdir()
+    code.write_text(DATA_FUNCTIONS)
+    run_refused(tmp_path, registry_with_production, ["--dataset", f"{code}:{function}"], field, allowed, capsys)
+
+
+def test_a_full_disk_while_caching_images_is_refused_and_leaves_nothing(tmp_path, registry_with_production,
+                                                                        monkeypatch, capsys):
+    """Before: a traceback (OSError: No space left on device) and the cache's folders left."""
+    from tasks.data import imagefolder
+    from tests.helpers import write_folder
+    from tests.test_imagefolder_rules import full_disk
+
+    root = write_folder(tmp_path / "images", {"train": 2, "test": 1})
+    (tmp_path / "data").mkdir()
+    full_disk(tmp_path, monkeypatch)
+    run_refused(tmp_path, registry_with_production, ["--dataset", f"imagefolder:{root}", "--val-size", "1"],
+                "data_dir", "no space left on the device", capsys)
+    assert not (tmp_path / "data" / imagefolder.CACHE_FOLDER).exists()
+
+
+def test_a_folder_of_gifs_is_accepted(tmp_path, capsys):
+    """docs/data.md says GIFs count; before, the folder was refused as holding no images."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in range(2):
+            (tmp_path / "gifs" / split / str(label)).mkdir(parents=True)
+            for index in range(2):
+                Image.new("P", (6, 6), 3 * label + index).save(tmp_path / "gifs" / split / str(label) / f"{index}.gif")
+    before = snapshot(tmp_path)
+    assert main(["run", "--dry-run", "--dataset", f"imagefolder:{tmp_path / 'gifs'}", "--val-size", "1",
+                 "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs"),
+                 "--registry-dir", str(tmp_path / "registry")]) == 0
+    assert "would train" in capsys.readouterr().out and snapshot(tmp_path) == before
+
+
+def test_a_warmup_longer_than_the_epochs_is_refused(tmp_path, registry_with_production, capsys):
+    """Before: silently cut to the trial's length."""
+    run_refused(tmp_path, registry_with_production, ["--epochs", "2", "--warmup-epochs", "2.5"], "warmup_epochs",
+                "give at most 2", capsys)

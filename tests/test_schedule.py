@@ -4,6 +4,7 @@ with each of them."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.training.checkpoints import CheckpointRefused
 from tasks.training.config import TrainingConfig
 from tasks.training.schedules import SCHEDULES, schedule_of
-from tasks.training.train import make_optimizer, train_trial
+from tasks.training.train import checkpoint_folder, make_optimizer, train_trial
 from tests.helpers import trial_spec
 
 
@@ -105,6 +106,28 @@ def test_a_resumed_scheduled_trial_ends_with_the_weights_of_an_uninterrupted_one
     assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
     assert resumed.history[-1]["lr"] < spec.learning_rate / 10  # annealed
+
+
+def test_a_warmup_cut_to_a_shorter_run_is_not_resumed_by_a_longer_one(splits, tmp_path):
+    """Issue 29: a 1-epoch trial with a 2-epoch warmup (cut to 1: a search's rung) left its
+    checkpoint, and the 3-epoch trial resumed it, its first epochs on the other curve: weights
+    apart from an uninterrupted run. A warmup that fits keeps resuming across --epochs."""
+    short, fits, long = (trial_spec(epochs=epochs, warmup_epochs=2) for epochs in (1, 2, 3))
+
+    def trained(spec):  # in its checkpoint folder, as train_model places it
+        return train_trial(spec, splits, "cpu", checkpoint_dir=tmp_path / checkpoint_folder(spec, splits.dataset))
+
+    full = train_trial(long, splits, "cpu")
+    trained(short)
+    after_short = trained(long)
+    assert after_short.resumed_from is None
+    assert all(torch.equal(full.state_dict[k], after_short.state_dict[k]) for k in full.state_dict)
+    for path in tmp_path.iterdir():
+        shutil.rmtree(path)
+    trained(fits)
+    resumed = trained(long)
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
 
 
 def test_the_rate_of_each_epoch_is_recorded(splits):

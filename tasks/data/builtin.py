@@ -10,6 +10,10 @@ Sources, in order:
 The fingerprint of a dataset is the digest of its four raw files' SHA-256s. It goes into every
 model's metadata, so a model can always be traced to the exact bytes it was trained on. A
 SHA256SUMS file written next to the raw files catches later corruption before any training.
+
+A dry run (`write=False`) installs and writes nothing: installed files are verified as they
+are; the system's archives are decompressed into a scratch folder outside the data directory,
+read, and removed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import gzip
 import math
 import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -210,12 +215,44 @@ def read(name: str, root: Path, image_size: int | None) -> SourceData:
                       resize(test_images.unsqueeze(1), image_size), test_labels)
 
 
+def _installed(name: str, data_dir: Path) -> bool:
+    return all((raw_dir(name, data_dir) / n).exists() for n in raw_file_names(name))
+
+
+def _verified(name: str, data_dir: Path) -> tuple[Path, str]:
+    """Installed files checked against their known or recorded SHA-256s, nothing written."""
+    directory = raw_dir(name, data_dir)
+    hashes = {n: file_digest(directory / n) for n in raw_file_names(name)}
+    recorded = KNOWN_RAW_SHA256.get(name) or _read_checksums(directory) or hashes
+    bad = [n for n in hashes if recorded.get(n) != hashes[n]]
+    if bad:
+        raise DatasetError(f"dataset files {', '.join(bad)} in {directory} do not match {CHECKSUM_FILE}: "
+                           f"they are corrupt or were changed; delete {directory} to fetch them again")
+    return Path(data_dir), manifest_digest(hashes)
+
+
 def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
-    root, fingerprint = locate_dataset(spec, data_dir, allow_download)
+            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+            write: bool = True) -> DatasetRef:
+    if not write and _installed(spec, data_dir):
+        root, fingerprint = _verified(spec, data_dir)
+    elif not write:  # the system's archives, read from a scratch folder: the data directory stays as it is
+        with tempfile.TemporaryDirectory(prefix="lr-sweep-dry-run-") as scratch:
+            if not _install_from_system(spec, raw_dir(spec, Path(scratch))):
+                raise DatasetError(f"dataset {spec!r} is not installed in {raw_dir(spec, data_dir)} and a dry run "
+                                   "downloads nothing: run without --dry-run, or `lr-sweep data`, to fetch it")
+            ref = prepare(spec, Path(scratch), val_size, split_seed, train_limit, image_size, num_workers,
+                          False, max_image_pixels, write=False)
+        return replace(ref, root=str(Path(data_dir).resolve()), data_dir=str(Path(data_dir).resolve()))
+    else:
+        root, fingerprint = locate_dataset(spec, data_dir, allow_download)
     located = Located("builtin", spec, Path(root).resolve(), fingerprint)
     return located_ref(spec, located, lambda: read(spec, located.root, image_size), data_dir, val_size, split_seed,
                        train_limit, image_size, num_workers)
+
+
+def store(ref: DatasetRef) -> None:
+    """Nothing to keep: the sources' own files are read as they are."""
 
 
 def splits(ref: DatasetRef, device: torch.device) -> Splits:

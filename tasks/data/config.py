@@ -36,6 +36,10 @@ class DataConfig(ConfigGroup):
         title="data loader workers", default=2, ge=0, le=64,
         description="Worker processes that decode an image folder the first time (4,096 files or more) and "
         "read a Dataset too large for memory (0-64; 0 = in the process itself).")
+    max_image_pixels: int = Field(
+        title="image pixel limit", default=100_000_000, ge=1,
+        description="An image folder's image with more pixels (width x height) is refused before it is "
+        "decoded (a decompression bomb); >= 1.")
     data_dir: Path = Field(
         title="data directory", default=Path("data"),
         description="Dataset cache directory (downloads, decoded image folders).")

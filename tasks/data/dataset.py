@@ -49,6 +49,7 @@ class DatasetRef:
     data_dir: str = ""
     resident: bool = True  # the splits live on the device as tensors; False: read by a DataLoader
     num_workers: int = 2
+    max_image_pixels: int | None = None  # an image folder's pixel limit per image, while decoding
 
     @property
     def image_size(self) -> int | tuple[int, int]:
@@ -58,7 +59,7 @@ class DatasetRef:
     def as_metadata(self) -> dict:
         data = asdict(self)
         # Where the files sit on one machine, and how it reads them, say nothing about the model.
-        for local in ("root", "spec", "data_dir", "resident", "num_workers"):
+        for local in ("root", "spec", "data_dir", "resident", "num_workers", "max_image_pixels"):
             data.pop(local)
         for field in ("mean", "std", "class_names"):
             data[field] = None if data[field] is None else list(data[field])
@@ -266,8 +267,14 @@ class DataSource(Protocol):
     """What a data source module implements (builtin.py, imagefolder.py, function.py)."""
 
     def prepare(self, spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-                image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
-        """Locate the data, fingerprint it and read it once: the sweep's DatasetRef."""
+                image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+                write: bool = True) -> DatasetRef:
+        """Locate the data, fingerprint it and read it once: the sweep's DatasetRef. Nothing is
+        written but a built-in's install, and with `write` False (a dry run) not even that."""
+
+    def store(self, ref: DatasetRef) -> None:
+        """Write what `prepare` read and keeps for later processes (a decoded cache), once every
+        check of the run has passed."""
 
     def splits(self, ref: DatasetRef, device: torch.device) -> Splits:
         """The data of a prepared `ref`, read again in this process, on `device`."""

@@ -51,6 +51,9 @@ from tasks.data.spec import DatasetError, DatasetInputError, dataset_label
 # the DataLoader path. Fashion-MNIST is 0.2 GiB.
 RESIDENT_LIMIT_BYTES = 4 << 30
 READ_BATCH = 512  # images per DataLoader batch when a Dataset is read once (materialised, or its statistics)
+# Labels are class indices: the output layer has one unit per class up to the largest label, so a
+# label of 1e12 would ask for terabytes. 100,000 classes is more than any image dataset has.
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -118,10 +121,22 @@ def _check_result(spec: str, returned, image_size: int | None):
         if not len(train) or not len(test):
             raise refuse(spec, "the train and test Datasets must each hold at least one image")
         names = _class_names(spec, parts[2] if len(parts) == 3 else getattr(train, "classes", None))
-        image, _ = Samples(train, image_size)[0]
+        image = _deterministic_first_item(spec, Samples(train, image_size))
         return DatasetPair(train, test, names, tuple(image.shape))
     raise refuse(spec, f"returned {len(parts)} value(s) of types {', '.join(type(p).__name__ for p in parts)}; "
                  f"expected {expected}")
+
+
+def _deterministic_first_item(spec: str, samples: "Samples") -> torch.Tensor:
+    """The first training item, read twice: a Dataset that gives another image each time is
+    refused, since the data's fingerprint would change in every process (no trial reused,
+    resumed or dispatched) and the cache would freeze its first draw."""
+    (image, label), (again, label_again) = samples[0], samples[0]
+    if label != label_again or image.shape != again.shape or not torch.equal(image, again):
+        raise refuse(spec, "item 0 of the train Dataset differs between two reads: the dataset function must be "
+                     "deterministic (random augmentation is not supported: the data is read once, fingerprinted "
+                     "and cached, so every trial would train on a first draw frozen under a new fingerprint)")
+    return image
 
 
 def _images(spec: str, which: str, images: torch.Tensor) -> torch.Tensor:
@@ -129,9 +144,21 @@ def _images(spec: str, which: str, images: torch.Tensor) -> torch.Tensor:
         images = images.unsqueeze(1)
     if images.ndim != 4 or not len(images):
         raise refuse(spec, f"{which} images must be (N, H, W) or (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
+    if 0 in images.shape[1:]:
+        raise refuse(spec, f"{which} images have shape {tuple(images.shape)}: no channels or no pixels "
+                     "((N, C, H, W) with C, H, W >= 1)")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise refuse(spec, f"{which} images must be uint8 or float, got {images.dtype}")
+    _finite(spec, which, images)
     return images.cpu()
+
+
+def _finite(spec: str, which: str, images: torch.Tensor, first_index: int = 0) -> None:
+    """NaN or inf pixels are the data's fault: refused here, not met as a diverged loss."""
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = first_index + int((~torch.isfinite(images)).flatten(1).any(1).nonzero()[0])
+        raise refuse(spec, f"{which} images hold NaN or infinite pixels (first: image {bad}): the data must be "
+                     "finite numbers")
 
 
 def _labels(spec: str, which: str, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -153,9 +180,18 @@ def _class_names(spec: str, names) -> tuple[str, ...] | None:
 
 
 def _check_names(spec: str, names: tuple[str, ...] | None, *labels: torch.Tensor) -> None:
+    """Labels are class indices 0..classes-1, with a name each when names are given, and there
+    are two classes at least (the first labels are the training split's)."""
     largest = max(int(part.max()) for part in labels)
     if names is not None and largest >= len(names):
         raise refuse(spec, f"label {largest} has no class name ({len(names)} given)")
+    if largest >= MAX_CLASSES:
+        raise refuse(spec, f"labels go up to {largest}: labels are class indices 0..{MAX_CLASSES - 1} "
+                     f"(at most {MAX_CLASSES:,} classes)")
+    classes = torch.unique(labels[0])
+    if len(classes) < 2:
+        raise refuse(spec, f"the train labels hold a single class ({int(classes[0])}): a classifier needs two "
+                     "classes at least, or there is nothing to tell apart")
 
 
 class Samples(torch.utils.data.Dataset):
@@ -281,6 +317,7 @@ def loader_ref(spec: str, result: FunctionResult, data_dir: Path, val_size: int 
     for which, dataset in (("train", pair.train), ("test", pair.test)):
         digest, start = hashlib.sha256(), 0
         for images, labels in _read_all(spec, Samples(dataset, image_size), num_workers):
+            _finite(spec, which, images, start)
             digest.update(images.contiguous().reshape(-1).view(torch.uint8).numpy())
             digest.update(labels.numpy())
             largest.append(labels)
@@ -349,8 +386,13 @@ def loader_splits(ref, device: torch.device):
 # --- the data-source protocol (tasks/data/dataset.py) ------------------------------------------
 
 def prepare(spec: str, data_dir: Path, val_size: int | None, split_seed: int, train_limit: int | None,
-            image_size: int | None, num_workers: int, allow_download: bool) -> DatasetRef:
+            image_size: int | None, num_workers: int, allow_download: bool, max_image_pixels: int,
+            write: bool = True) -> DatasetRef:
     return prepare_function(spec, data_dir, val_size, split_seed, train_limit, image_size, num_workers)
+
+
+def store(ref: DatasetRef) -> None:
+    """Nothing to keep: the sources' own files are read as they are."""
 
 
 def splits(ref: DatasetRef, device: torch.device) -> Splits:

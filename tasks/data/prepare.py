@@ -36,12 +36,22 @@ SOURCES: dict[str, DataSource] = {"builtin": builtin, "imagefolder": imagefolder
 
 def prepare_dataset(name: str, data_dir: Path, val_size: int | None, split_seed: int,
                     train_limit: int | None, allow_download: bool = True, *, image_size: int | None = None,
-                    num_workers: int = 2) -> DatasetRef:
+                    num_workers: int = 2,
+                    max_image_pixels: int = DataConfig.model_fields["max_image_pixels"].default,
+                    write: bool = True) -> DatasetRef:
     """Locate and verify the source `name` (a --dataset spec), fix the split and the per-channel
-    normalisation: the sweep's DatasetRef. Bad input raises DatasetInputError naming the field."""
+    normalisation: the sweep's DatasetRef. Bad input raises DatasetInputError naming the field.
+    Nothing is written but a built-in's install (`store_dataset` writes the rest); with `write`
+    False (a dry run), nothing at all."""
     source = SOURCES[parse_dataset_spec(name).kind]
     return source.prepare(name, Path(data_dir), val_size, split_seed, train_limit, image_size, num_workers,
-                          allow_download)
+                          allow_download, max_image_pixels, write)
+
+
+def store_dataset(ref: DatasetRef) -> None:
+    """What preparing `ref` decoded, written for later trials and processes (an image folder's
+    cache): once every check of the run has passed."""
+    SOURCES[ref.source].store(ref)
 
 
 _splits_cache: dict[tuple, Splits] = {}
@@ -116,10 +126,11 @@ def prepare_recorded(recorded: dict, spec: str | None, data_dir: Path) -> Datase
                            recorded["train_limit"], image_size=recorded.get("resize"))
 
 
-def prepare_configured(data: DataConfig, allow_download: bool = True) -> DatasetRef:
+def prepare_configured(data: DataConfig, allow_download: bool = True, write: bool = True) -> DatasetRef:
     """The DatasetRef of a config's data group: the one place its fields become arguments."""
     return prepare_dataset(data.dataset, data.data_dir, data.val_size, data.split_seed, data.train_limit,
-                           allow_download, image_size=data.image_size, num_workers=data.num_workers)
+                           allow_download, image_size=data.image_size, num_workers=data.num_workers,
+                           max_image_pixels=data.max_image_pixels, write=write)
 
 
 @task(name="prepare_data", task_run_name="prepare {data.dataset}", cache_policy=NO_CACHE)

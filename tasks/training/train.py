@@ -41,7 +41,7 @@ from tasks.training.checkpoints import checkpointed_history, load_checkpoint, sa
 from tasks.training.determinism import RNG_LOCK, deterministic_mode, device_generator, shuffle
 from tasks.training.devices import DeviceSlots, trial_stream
 from tasks.training.packing import AUTOCAST_DTYPES, DIVERGENCE_CHECK_STEPS, DIVERGENCE_LOSS, divergence_message
-from tasks.training.schedules import SCHEDULES, schedule_of
+from tasks.training.schedules import depends_on_length, schedule_of
 from tasks.workspace import Workspace
 
 
@@ -98,12 +98,15 @@ def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
 
 
 def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's trajectory. A schedule whose rates do not depend on the number of
-    steps (constant, step) gives the same key for every number of epochs, so a trial stopped at
-    epoch E of a search, or killed there, continues from its checkpoint to any later epoch with the
-    weights of an uninterrupted run; one that does (cosine, onecycle) keeps the epochs in the key."""
-    independent = SCHEDULES[spec.training.lr_schedule].DEPENDS_ON_LENGTH is False
-    return trial_key(spec.but(epochs=1) if independent else spec, dataset)
+    """Identity of a trial's trajectory: everything that shapes its schedule. A schedule whose
+    rates do not depend on the number of steps (constant, step, with a warmup that fits) gives the
+    same key for every number of epochs, so a trial stopped at epoch E of a search, or killed
+    there, continues from its checkpoint to any later epoch with the weights of an uninterrupted
+    run; one that does (cosine, onecycle, a warmup cut to the trial's length) keeps the epochs."""
+    if depends_on_length(spec.training):
+        return trial_key(spec, dataset)
+    # One length stands for all: the shortest the warmup fits in, so that no cut trial shares it.
+    return trial_key(spec.but(epochs=max(1, math.ceil(spec.training.warmup_epochs))), dataset)
 
 
 def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:

@@ -16,6 +16,13 @@ from tasks.training.schedules.step import Step
 SCHEDULES: dict[str, type[Schedule]] = {kind.NAME: kind for kind in (Constant, Cosine, OneCycle, Step)}
 
 
+def depends_on_length(training) -> bool:
+    """Whether a trial's rates depend on its number of epochs: the kind's own curve does
+    (DEPENDS_ON_LENGTH), or a warmup longer than the trial, which Schedule.make cuts to its length
+    (a search's rung shorter than the warmup). Otherwise every --epochs gives the same curve."""
+    return SCHEDULES[training.lr_schedule].DEPENDS_ON_LENGTH or training.warmup_epochs > training.epochs
+
+
 def schedule_of(training, peak: float, steps_per_epoch: int) -> Schedule:
     """The schedule of one trial: its training group's kind at the trial's rate."""
     return SCHEDULES[training.lr_schedule].make(training, peak, steps_per_epoch)
