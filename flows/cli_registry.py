@@ -84,7 +84,8 @@ def command_promote(args: argparse.Namespace) -> int:
             print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
                   "(e.g. a rollback)", file=sys.stderr)
             return 1
-        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
+        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder,
+                            metrics=promotion.challenger_evaluation.model_dump())
         print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
     announce_promotion(events_url, promotion, registry, stored.metadata)
     return 0
@@ -122,18 +123,20 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
+    from models.config import ModelConfig
     from tasks.data.spec import DatasetError
     from tasks.reporting.tracking import WandbUnavailable
 
     try:
-        plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
+        config = parse_config(args)
+        plan = plan_publish(args.sweep_id, config.output_dir, registry_dir=args.sweeps_registry_dir,
                             project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
                             registry_collection=args.sweeps_wandb_registry_collection,
                             data_dir=args.sweeps_data_dir)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
-        result = publish(plan, force=args.force)
+        result = publish(plan, force=args.force, allowed=ModelConfig.of(config).source(), dataset_spec=config.dataset)
     except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1

@@ -28,12 +28,20 @@ import torch
 from torch import nn
 
 from models.cnn import ARCHITECTURE_NAME, architecture, build_model
+from models.errors import InputError
 from models.source_spec import ARGS_FIELD, FIELD, TORCHVISION_PREFIX, source_kind
 from models.user_code import CodeRef, SourceError, code_digest, load_callable, parse_code_spec
 
 
-class ModelCodeChanged(RuntimeError):
-    """A stored model's code digest differs from the code that would rebuild it."""
+class ModelCodeChanged(InputError):
+    """A stored model's code digest differs from the code that would rebuild it: the command's
+    model flags name other code than the model's (exit 2, one line naming both digests)."""
+
+    def __init__(self, message: str):
+        super().__init__(FIELD, message)
+
+    def __reduce__(self):
+        return type(self), (str(self),)
 
 
 @dataclass(frozen=True)
