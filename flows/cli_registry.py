@@ -50,7 +50,6 @@ def command_promote(args: argparse.Namespace) -> int:
     the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
     automation exports what a rollback rolled back to."""
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
-    from models.config import ModelConfig
     from models.local_registry import LocalRegistry
     from models.registry import split_name
     from tasks.data.spec import DatasetError, DatasetInputError
@@ -73,7 +72,7 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelConfig.of(config).source(),  # the only user code it may import
+                allowed=current_source(config),  # the only user code it may import
                 dataset_spec=config.dataset)
         except DatasetInputError:
             raise  # bad input (exit 2, the field named), not missing files
@@ -89,6 +88,16 @@ def command_promote(args: argparse.Namespace) -> int:
         print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
     announce_promotion(events_url, promotion, registry, stored.metadata)
     return 0
+
+
+def current_source(config):
+    """The command's own model source, its code as the files hold it now (a process that
+    imported it before, as a test does, imports it again if it changed)."""
+    from models.config import ModelConfig
+
+    source = ModelConfig.of(config).source()
+    source.refresh()
+    return source
 
 
 def promotion_event_server() -> str | None:
@@ -123,7 +132,6 @@ def announce_promotion(events_url: str | None, promotion, registry, metadata: di
 def command_publish(args: argparse.Namespace) -> int:
     """Upload an offline sweep's W&B runs, then give the alias in W&B to the model it promoted."""
     from flows.publish import PublishError, plan_publish, publish
-    from models.config import ModelConfig
     from tasks.data.spec import DatasetError
     from tasks.reporting.tracking import WandbUnavailable
 
@@ -136,7 +144,7 @@ def command_publish(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
-        result = publish(plan, force=args.force, allowed=ModelConfig.of(config).source(), dataset_spec=config.dataset)
+        result = publish(plan, force=args.force, allowed=current_source(config), dataset_spec=config.dataset)
     except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1

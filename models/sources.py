@@ -30,7 +30,7 @@ from torch import nn
 from models.cnn import ARCHITECTURE_NAME, architecture, build_model
 from models.errors import InputError
 from models.source_spec import ARGS_FIELD, FIELD, TORCHVISION_PREFIX, source_kind
-from models.user_code import CodeRef, SourceError, code_digest, load_callable, parse_code_spec
+from models.user_code import CodeRef, SourceError, load, load_callable, parse_code_spec
 
 
 class ModelCodeChanged(InputError):
@@ -67,14 +67,21 @@ class ModelSource:
         return parse_code_spec(self.spec, FIELD)
 
     def digest(self) -> str:
-        """The code digest of this source as it is on this machine now."""
+        """The code digest of this source: for user code, of the bytes this process imported
+        (models/user_code.py load), not of what the files hold by now."""
         if self.kind == "cnn":
             return "sha256:" + hashlib.sha256(Path(__file__).with_name("cnn.py").read_bytes()).hexdigest()
         if self.kind == "torchvision":
             import torchvision
 
             return f"torchvision=={torchvision.__version__}"
-        return "sha256:" + code_digest(self.code(), FIELD)
+        return "sha256:" + load(self.code(), FIELD).digest
+
+    def refresh(self) -> None:
+        """At a sweep's start: user code imported again if a file that counts changed since this
+        process imported it (a long-lived `lr-sweep serve`, an edit between two runs)."""
+        if self.kind == "user":
+            load(self.code(), FIELD, fresh=True)
 
     def build(self, shape: InputShape) -> nn.Module:
         """A new network for `shape` (initialised from torch's global RNG: seed it first)."""
@@ -92,8 +99,11 @@ class ModelSource:
 
     def record(self, shape: InputShape) -> dict:
         """What a stored model says about its source (metadata key `model_source`)."""
-        return {"spec": self.spec, "kind": self.kind, "args": self.args, "shape": vars(shape),
-                "code_digest": self.digest()}
+        record = {"spec": self.spec, "kind": self.kind, "args": self.args, "shape": vars(shape),
+                  "code_digest": self.digest()}
+        if self.kind == "user":  # which files counted, so a changed digest says which file changed
+            record["code_files"] = load(self.code(), FIELD).files
+        return record
 
 
 class GreyToRGB(nn.Module):

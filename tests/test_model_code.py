@@ -4,12 +4,14 @@ says which code trained a model (the bytes imported, what they imported, the pac
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from flows.cli import main
 from models.local_registry import LocalRegistry
+from models.sources import InputShape
 
 NET = '''import torch
 from torch import nn
@@ -66,3 +68,86 @@ def test_an_edited_model_is_gated_on_the_holders_recorded_test_accuracy(server_e
     assert code == 2 and "Traceback" not in err, err
     [line] = [line for line in err.splitlines() if "sha256:" in line]
     assert recorded["model_source"]["code_digest"] in line and line.count("sha256:") == 2, err
+
+
+# --- the code digest: the bytes imported, what they import, the package's data ----------------
+
+HELPED = '''import {helper}
+from torch import nn
+
+
+def build(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, {helper}.WIDTH), nn.ReLU(),
+                         nn.Linear({helper}.WIDTH, num_classes))
+'''
+
+
+def test_a_changed_helper_module_changes_the_digest(tmp_path, monkeypatch):
+    """A helper beside the model file, imported by it, counts (before: only the file itself)."""
+    from models.sources import ModelSource
+
+    helper = f"helper_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "net.py").write_text(HELPED.format(helper=helper))
+    (tmp_path / f"{helper}.py").write_text("WIDTH = 8\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = ModelSource(f"{tmp_path / 'net.py'}:build")
+    source.refresh()
+    before = source.record(InputShape(1, 28, 10))
+    assert f"{helper}.py" in before["code_files"] and "net.py" in before["code_files"]
+    (tmp_path / f"{helper}.py").write_text("WIDTH = 9\n")
+    source.refresh()
+    assert source.digest() != before["code_digest"]
+    assert source.build(InputShape(1, 28, 10))[1].out_features == 9
+
+
+def test_a_packages_data_file_counts_and_no_bytecode_is_written(tmp_path, monkeypatch):
+    """A JSON of layer sizes in the model's package counts; no .pyc is read or written (a stale
+    one could run old code under the new file's digest)."""
+    from models.sources import ModelSource
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    package = tmp_path / f"pkg_{tmp_path.name.replace('-', '_')}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "sizes.json").write_text('{"width": 8}')
+    (package / "net.py").write_text(NET)
+    source = ModelSource(f"{package / 'net.py'}:build")
+    source.refresh()
+    before = source.digest()
+    (package / "sizes.json").write_text('{"width": 16}')
+    source.refresh()
+    assert source.digest() != before
+    assert not list(tmp_path.rglob("*.pyc"))
+
+
+def test_the_digest_is_of_the_code_imported_not_of_a_file_saved_later(tmp_path):
+    """A file saved while the sweep trains is not recorded as the code that trained the model:
+    the digest is taken from the bytes imported, before training."""
+    from models.sources import ModelSource
+
+    net = tmp_path / "saved_later.py"
+    net.write_text(NET)
+    source = ModelSource(f"{net}:build")
+    source.refresh()
+    imported = source.digest()
+    net.write_text(NET.replace("width=4", "width=6"))  # saved while it trains
+    assert source.digest() == imported
+    assert source.build(InputShape(1, 28, 10))[0].out_channels == 4  # the code imported runs
+    source.refresh()  # the next sweep takes the new code
+    assert source.digest() != imported
+
+
+@pytest.mark.parametrize("body", ["import sys\nsys.exit(0)\n",
+                                  "import argparse\nargparse.ArgumentParser().parse_args(['--nope'])\n"])
+def test_a_model_file_that_exits_at_import_is_exit_2(body, tmp_path, capsys):
+    """Before: sys.exit(0) made `lr-sweep run` exit 0 having trained nothing; an argument parser
+    at import printed its own usage as lr-sweep's error."""
+    net = tmp_path / "code" / "exits.py"
+    net.parent.mkdir()
+    net.write_text(body + NET)
+    code = main(["run", "--model", f"{net}:build", "--dry-run", "--output-dir", str(tmp_path / "runs"),
+                 "--registry-dir", str(tmp_path / "registry"), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the model file exited while being imported" in err and "Traceback" not in err, err
+    assert "\nmodel: " in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
