@@ -97,6 +97,11 @@ def _module_origin(ref: CodeRef, field: str) -> Path:
     if found is None:
         raise SourceError(field, f"cannot import {ref.module!r} for {ref.spec!r}: no module named {top!r} "
                                  "(is its package installed, or on PYTHONPATH?)")
+    if found.origin is None and found.submodule_search_locations:
+        folders = ", ".join(map(str, found.submodule_search_locations))
+        raise SourceError(field, f"{ref.spec!r}: {top!r} is a namespace package (a folder without __init__.py: "
+                                 f"{folders}); lr-sweep counts a package's files in the model's code digest, so "
+                                 "make it a regular package: add an __init__.py")
     if found.origin in (None, "built-in", "frozen") or _in_standard_library(found.origin):
         raise SourceError(field, f"{ref.spec!r} names Python's standard library: it is not a model constructor "
                                  "in a user module (give package.module:function or path/to/file.py:function "
