@@ -151,3 +151,24 @@ def test_a_model_file_that_exits_at_import_is_exit_2(body, tmp_path, capsys):
     assert code == 2 and "the model file exited while being imported" in err and "Traceback" not in err, err
     assert "\nmodel: " in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "registry").exists()
+
+
+def test_a_rerun_marks_its_trials_reused_not_completed(server_env, tmp_path, sweep_data_dir, capsys):
+    """A rerun's trials are the earlier run's models: 'reused', 0 s trained now, from vN, in the
+    table, summary.json, the report and the line view. Before: 'completed' with the original
+    seconds, as if trained again."""
+    net = tmp_path / "m" / "net.py"
+    net.parent.mkdir()
+    net.write_text(NET)
+    assert run_sweep(f"{net}:build", tmp_path, sweep_data_dir) == 0
+    capsys.readouterr()
+    assert run_sweep(f"{net}:build", tmp_path, sweep_data_dir) == 0
+    out = capsys.readouterr().out
+    assert "lr0.01-seed0 reused: 0 s trained now, from mnist-build:v0" in out, out  # the view, no terminal
+    [row] = [line for line in out.splitlines() if line.strip().startswith("0.01 ")]
+    assert row.split()[2] == "reused" and row.split()[-3:] == ["0.0", "from", "mnist-build:v0"], row
+    summaries = sorted((tmp_path / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    [trial] = json.loads(summaries[-1].read_text())["trials"]
+    assert (trial["status"], trial["reused_from"], trial["train_seconds"]) == ("reused", "mnist-build:v0", 0.0)
+    assert trial["evaluation"] is not None  # measured and compared as any trained model
+    assert "| reused | from mnist-build:v0 |" in (summaries[-1].parent / "report.md").read_text()
