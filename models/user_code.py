@@ -5,13 +5,14 @@ A model factory or a dataset function of the user's is found here, and nowhere e
 - A file is loaded with importlib under a module name of its own (`lr_sweep_user.<stem>_<hash>`),
   and its folder is not put on `sys.path`: a user's `models/` or `tasks/` folder next to the file
   never shadows ours, and ours never shadows theirs.
-- Code is imported only when the running command's own configuration names it. The digest of the
-  code (`code_digest`) is computed from the files, without importing them, so a caller can refuse
-  a mismatch before any of that code runs.
+- Code is imported only when the running command's own configuration names it.
 
-The code digest of a file is the SHA-256 of the file and of every `.py` file of the package it
-sits in (the folders above it that hold an `__init__.py`); of a module, the same over its
-top-level package (or its single file).
+A model's code digest (`load`) is of the code as imported: the file's bytes as they ran, every
+module that importing it pulled in from outside the standard library, site-packages and
+lr-sweep (loaded from their bytes too, without a bytecode cache), and every file of the package
+it sits in (the folders above it that hold an `__init__.py`), data files included. A dataset
+function's digest (`code_digest`) is still taken from the files, before any of them runs: it is
+part of the data's fingerprint, checked before the data is read.
 """
 
 from __future__ import annotations
