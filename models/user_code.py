@@ -200,7 +200,7 @@ def _counted_files(source: Path, imported: dict[Path, str]) -> tuple[dict[str, s
     package's folder (or the file's), so the same code elsewhere has the same digest."""
     root = _package_root(source)
     base = source.parent if root is None else root.parent
-    on_disk = [] if root is None else sorted(
+    on_disk = [source] if root is None else sorted(
         p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
     files, paths = {}, {}
     for path in [*on_disk, *imported]:
@@ -233,6 +233,10 @@ def _import(ref: CodeRef, source: Path, field: str) -> Loaded:
     """Import the code a spec names with the recorder active; every failure a SourceError."""
     recorder = _Recorder()
     kind = "model" if field == "model" else field
+    for earlier in _loaded.values():  # a helper another user import loaded is imported (and recorded) anew
+        for name in earlier.names:
+            if not name.startswith(f"{USER_PACKAGE}."):  # a file's own module: a name of its own
+                sys.modules.pop(name, None)
     sys.meta_path.insert(0, recorder)
     try:
         if ref.file is not None:

@@ -172,3 +172,18 @@ def test_a_rerun_marks_its_trials_reused_not_completed(server_env, tmp_path, swe
     assert (trial["status"], trial["reused_from"], trial["train_seconds"]) == ("reused", "mnist-build:v0", 0.0)
     assert trial["evaluation"] is not None  # measured and compared as any trained model
     assert "| reused | from mnist-build:v0 |" in (summaries[-1].parent / "report.md").read_text()
+
+
+def test_a_helper_shared_by_two_model_files_counts_for_both(tmp_path, monkeypatch):
+    """The second file's import finds the helper already imported by the first: it is imported
+    (and recorded) again, not left out of the second model's digest."""
+    from models.sources import ModelSource
+
+    helper = f"shared_{tmp_path.name.replace('-', '_')}"
+    for stem in ("first", "second"):
+        (tmp_path / f"{stem}.py").write_text(HELPED.format(helper=helper))
+    (tmp_path / f"{helper}.py").write_text("WIDTH = 8\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ModelSource(f"{tmp_path / 'first.py'}:build").refresh()
+    second = ModelSource(f"{tmp_path / 'second.py'}:build")
+    assert f"{helper}.py" in second.record(InputShape(1, 28, 10))["code_files"]
