@@ -187,3 +187,42 @@ def test_a_helper_shared_by_two_model_files_counts_for_both(tmp_path, monkeypatc
     ModelSource(f"{tmp_path / 'first.py'}:build").refresh()
     second = ModelSource(f"{tmp_path / 'second.py'}:build")
     assert f"{helper}.py" in second.record(InputShape(1, 28, 10))["code_files"]
+
+
+def holder_and_candidate(tmp_path, holder_fingerprint="data-a", metrics=None):
+    from tests.helpers import tiny_model
+
+    registry = LocalRegistry(tmp_path / "registry")
+    holder = registry.log_model("mnist-build", *tiny_model(0, dataset={"fingerprint": holder_fingerprint}))
+    registry.move_alias(holder, "production", metrics=metrics)
+    candidate = registry.log_model("mnist-build", *tiny_model(1, dataset={"fingerprint": "data-a"}))
+    return registry, candidate
+
+
+def other_code(ref):
+    from models.sources import ModelCodeChanged
+
+    raise ModelCodeChanged(f"the model code changed since {ref} was trained: ... was sha256:1, it is sha256:2 now")
+
+
+@pytest.mark.parametrize("fingerprint, metrics, promoted, says", [
+    ("data-a", {"val_loss": 0.5, "val_accuracy": 0.8, "test_loss": 0.5, "test_accuracy": 0.80}, True,
+     "v0 was trained with other model code: compared on its recorded test accuracy; better than the holder"),
+    ("data-a", {"val_loss": 0.5, "val_accuracy": 0.8, "test_loss": 0.5, "test_accuracy": 0.95}, False,
+     "v0 was trained with other model code: compared on its recorded test accuracy; not better"),
+    ("data-a", None, False, "no test accuracy was recorded when it took the alias: the alias stays"),
+    ("data-b", {"val_loss": 0.5, "val_accuracy": 0.8, "test_loss": 0.5, "test_accuracy": 0.80}, False,
+     "its recorded test accuracy was measured on other data: the alias stays"),
+    ("data-a", {"test_accuracy": "n/a"}, False, "its recorded metrics cannot be read"),
+])
+def test_the_gate_on_a_holder_with_other_code(tmp_path, fingerprint, metrics, promoted, says):
+    """The gate never raises on a holder it cannot rebuild: it decides on the recorded metrics,
+    or keeps the alias and says why."""
+    from tasks.evaluation.compare import decide_promotion
+    from tasks.results import Evaluation
+
+    registry, candidate = holder_and_candidate(tmp_path, fingerprint, metrics)
+    challenger = Evaluation(val_loss=0.4, val_accuracy=0.9, test_loss=0.4, test_accuracy=0.90)
+    promotion, holder = decide_promotion(registry, candidate, challenger, "production", 0.0, other_code)
+    assert (promotion.promoted, holder.version) == (promoted, "v0")
+    assert says in promotion.reason, promotion.reason

@@ -245,7 +245,12 @@ def gate_on_record(registry: ModelRegistry, candidate: ModelRef, holder: ModelRe
         return Promotion(**decided, promoted=False, reason=(
             f"{other_code}, and its recorded test accuracy was measured on other data: the alias stays "
             "(use `lr-sweep promote ... --force` to move it anyway)"))
-    champion = Evaluation(**{name: recorded[name] for name in Evaluation.model_fields})
+    try:
+        champion = Evaluation(**{name: recorded[name] for name in Evaluation.model_fields})
+    except (KeyError, TypeError, ValueError) as error:  # a record written by hand, or damaged
+        return Promotion(**decided, promoted=False, reason=(
+            f"{other_code}, and its recorded metrics cannot be read ({type(error).__name__}: {error}): "
+            "the alias stays"))
     promote, reason = gate(evaluation, champion, margin)
     return Promotion(**decided, promoted=promote, holder_evaluation=champion,
                      reason=f"{other_code}: compared on its recorded test accuracy; {reason}")
