@@ -2,7 +2,8 @@
 
 A model factory or a dataset function of the user's is found here, and nowhere else. Two rules:
 
-- A file is loaded with importlib under a module name of its own (`lr_sweep_user.<stem>_<hash>`),
+- A file is loaded with importlib under a module name of its own (`lr_sweep_user.<stem>_<hash>`;
+  in a package, as a module of that package under a name of its own, so relative imports work),
   and its folder is not put on `sys.path`: a user's `models/` or `tasks/` folder next to the file
   never shadows ours, and ours never shadows theirs.
 - Code is imported only when the running command's own configuration names it.
@@ -184,6 +185,7 @@ class Loaded:
     """User code as this process imported it: the module, the files that count, their digest."""
 
     module: object
+    main: str  # the module's name (a file's: a name of its own, lr_sweep_user.*)
     names: tuple[str, ...]  # the modules the import put in sys.modules (removed on a reload)
     files: dict[str, str]  # the name a file is recorded under -> SHA-256 of its bytes
     paths: dict[str, Path]
@@ -235,17 +237,12 @@ def _import(ref: CodeRef, source: Path, field: str) -> Loaded:
     kind = "model" if field == "model" else field
     for earlier in _loaded.values():  # a helper another user import loaded is imported (and recorded) anew
         for name in earlier.names:
-            if not name.startswith(f"{USER_PACKAGE}."):  # a file's own module: a name of its own
+            if name != earlier.main:
                 sys.modules.pop(name, None)
     sys.meta_path.insert(0, recorder)
     try:
         if ref.file is not None:
-            name = _module_name(source)
-            spec = importlib.util.spec_from_file_location(name, source, loader=_SourceBytesLoader(source, recorder.imported))
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            recorder.names.append(name)
-            spec.loader.exec_module(module)
+            module = _exec_file(source, recorder)
         else:
             module = importlib.import_module(ref.module)
     except BaseException as error:
@@ -262,7 +259,44 @@ def _import(ref: CodeRef, source: Path, field: str) -> Loaded:
     finally:
         sys.meta_path.remove(recorder)
     files, paths = _counted_files(source, recorder.imported)
-    return Loaded(module, tuple(recorder.names), files, paths, _digest_of(files))
+    return Loaded(module, module.__name__, tuple(recorder.names), files, paths, _digest_of(files))
+
+
+def _exec_file(source: Path, recorder: _Recorder):
+    """Run a user file under a name of its own. A file in a package runs as a module of that
+    package, itself under a name of its own (`lr_sweep_user.<package>_<hash>.<module>`), so its
+    relative imports (`from . import layers`) find the package's modules, recorded as they load."""
+    if USER_PACKAGE not in sys.modules:  # the parent of every user module: a package of nothing
+        sys.modules[USER_PACKAGE] = importlib.util.module_from_spec(
+            importlib.machinery.ModuleSpec(USER_PACKAGE, None, is_package=True))
+    root = _package_root(source)
+    chain = [] if root is None else [root, *(root / Path(*parts) for parts in
+                                             _prefixes(source.parent.relative_to(root).parts))]
+    name = _module_name(source if root is None else root)
+    for index, folder in enumerate(chain):  # the package, then each subpackage down to the file's
+        package = name if index == 0 else f"{name}.{'.'.join(folder.relative_to(root).parts)}"
+        _exec_as(package, folder / "__init__.py", recorder, folder)
+    if root is None:
+        return _exec_as(name, source, recorder)
+    parts = source.relative_to(root).with_suffix("").parts
+    module = ".".join([name, *(parts[:-1] if source.name == "__init__.py" else parts)])
+    # a package's __init__ that imports the file (`from .net import build`) has run it already
+    return sys.modules[module] if module in sys.modules else _exec_as(module, source, recorder)
+
+
+def _prefixes(parts: tuple[str, ...]) -> list[tuple[str, ...]]:
+    return [parts[:end] for end in range(1, len(parts) + 1)]
+
+
+def _exec_as(name: str, path: Path, recorder: _Recorder, package: Path | None = None):
+    spec = importlib.util.spec_from_file_location(
+        name, path, loader=_SourceBytesLoader(path, recorder.imported),
+        submodule_search_locations=None if package is None else [str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    recorder.names.append(name)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(ref: CodeRef, field: str, fresh: bool = False) -> Loaded:

@@ -226,3 +226,25 @@ def test_the_gate_on_a_holder_with_other_code(tmp_path, fingerprint, metrics, pr
     promotion, holder = decide_promotion(registry, candidate, challenger, "production", 0.0, other_code)
     assert (promotion.promoted, holder.version) == (promoted, "v0")
     assert says in promotion.reason, promotion.reason
+
+
+def test_a_model_file_in_a_package_imports_its_siblings_relatively(tmp_path):
+    """`from . import layers` in a package's model file works (before: "attempted relative import
+    with no known parent package"), the sibling is recorded, and a change to it is a new digest."""
+    from models.sources import ModelSource
+
+    package = tmp_path / "mynets" / "vision"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from .net import build  # the package's own import of the file\n")
+    (package / "layers.py").write_text("WIDTH = 8\n")
+    (package / "net.py").write_text(HELPED.format(helper="layers").replace("import layers", "from . import layers"))
+    source = ModelSource(f"{package / 'net.py'}:build")
+    source.refresh()
+    record = source.record(InputShape(1, 28, 10))
+    assert {"mynets/vision/layers.py", "mynets/vision/net.py", "mynets/__init__.py"} <= set(record["code_files"])
+    assert source.build(InputShape(1, 28, 10))[1].out_features == 8
+    (package / "layers.py").write_text("WIDTH = 9\n")
+    source.refresh()
+    assert source.digest() != record["code_digest"]
+    assert source.build(InputShape(1, 28, 10))[1].out_features == 9
