@@ -148,6 +148,8 @@ def _user_model(factory, spec: str, args: dict, shape: InputShape) -> nn.Module:
         raise SourceError(ARGS_FIELD, f"{spec} refused its arguments {args}: {error}") from None
     except Exception as error:
         raise SourceError(FIELD, f"{spec} failed: {type(error).__name__}: {error}") from None
+    except SystemExit as error:  # else `lr-sweep run` would end with the factory's exit code
+        raise SourceError(FIELD, f"{spec} exited while building the network (SystemExit({error.code!r}))") from None
     if not isinstance(network, nn.Module):
         raise SourceError(FIELD, f"{spec} returned a {type(network).__name__}, not a torch.nn.Module")
     return network

@@ -248,3 +248,16 @@ def test_a_model_file_in_a_package_imports_its_siblings_relatively(tmp_path):
     source.refresh()
     assert source.digest() != record["code_digest"]
     assert source.build(InputShape(1, 28, 10))[1].out_features == 9
+
+
+def test_a_factory_that_exits_while_building_is_exit_2(tmp_path, sweep_data_dir, capsys):
+    """sys.exit inside the factory: before, `lr-sweep run --dry-run` ended with the factory's exit
+    code (0) at the pre-flight's build."""
+    net = tmp_path / "code" / "quits.py"
+    net.parent.mkdir()
+    net.write_text("import sys\ndef build(num_classes, in_channels, image_size):\n    sys.exit(0)\n")
+    code = main(["run", "--model", f"{net}:build", "--dataset", "mnist", "--val-size", "200", "--dry-run",
+                 "--output-dir", str(tmp_path / "runs"), "--registry-dir", str(tmp_path / "registry"),
+                 "--data-dir", str(sweep_data_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "exited while building the network" in err and "\nmodel: " in err, err
