@@ -18,6 +18,7 @@ part of the data's fingerprint, checked before the data is read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.abc
@@ -129,6 +130,7 @@ def code_digest(ref: CodeRef, field: str) -> str:
     return _files_digest(_source_file(ref, field))
 
 
+@functools.cache
 def _outside_user_code() -> tuple[Path, ...]:
     """Folders whose modules are not the user's: the standard library, site-packages, ours."""
     paths = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
