@@ -31,7 +31,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from flows import local_server
-from flows.cli_flags import PRESET_HELP, add_config_arguments, find_fields, flag, parse_config
+from flows.cli_flags import PRESET_HELP, add_config_arguments, find_fields, flag, parse_config, rebuild_fields
 from flows.cli_registry import command_models, command_promote, command_publish
 from flows.config import SweepConfig, describe_validation_error
 from flows.environment import apply_local_defaults
@@ -330,13 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote = commands.add_parser("promote", help="move an alias to a model (manual promotion, rollback)")
     promote.add_argument("version", metavar="MODEL", help="COLLECTION:vN (or COLLECTION:ALIAS)")
-    add_config_arguments(promote, ["alias", "promotion_margin", "registry_dir", "data_dir", "model", "model_args"])
+    add_config_arguments(promote, ["alias", "promotion_margin", "registry_dir", *rebuild_fields()])
     promote.add_argument("--force", action="store_true", help="skip the champion/challenger gate")
     promote.set_defaults(handler=command_promote)
 
     publish = commands.add_parser("publish", help="upload an offline sweep to W&B and apply its promotion there")
     publish.add_argument("sweep_id", help="the sweep to publish (its folder under the output directory)")
-    add_config_arguments(publish, ["output_dir"])
+    # data_dir defaults to the sweep's (below); the model's code only as this command names it
+    add_config_arguments(publish, ["output_dir", *rebuild_fields("data_dir")])
     # These default to what the sweep recorded in its summary.json, not to SweepConfig's defaults.
     publish.add_argument("--registry-dir", dest="sweeps_registry_dir", default=None,
                          help="local registry that recorded the promotion; default: the sweep's")

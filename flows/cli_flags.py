@@ -36,6 +36,17 @@ NOT_FOR_FIND = {"learning_rates", "epochs", "collection", "registry", "registry_
 FIND_GROUPS = (GridConfig, TrainingConfig, ModelConfig, DataConfig, TrackingConfig, StorageConfig)
 
 
+# What rebuilds a stored model and reads its test set: a command that does (promote, publish)
+# takes these flags as `run` does, so that it may import the user code and read the data they name.
+REBUILD_GROUPS = (ModelConfig, DataConfig)
+
+
+def rebuild_fields(*leave_out: str) -> list[str]:
+    """The flags of the model and data groups, in SweepConfig's order."""
+    wanted = {name for group in REBUILD_GROUPS for name in group.model_fields} - set(leave_out)
+    return [name for name in SweepConfig.model_fields if name in wanted]
+
+
 def help_group(name: str) -> str:
     """The help's group of a field: its config group's section, without its number."""
     return SECTION_OF[name].split(" ", 1)[1]

@@ -50,7 +50,6 @@ def command_promote(args: argparse.Namespace) -> int:
     the move is announced with the sweep's `lr-sweep.model.promoted` event, so the export
     automation exports what a rollback rolled back to."""
     events_url = promotion_event_server()  # before Prefect is imported: it reads PREFECT_API_URL then
-    from models.config import ModelConfig
     from models.local_registry import LocalRegistry
     from models.registry import split_name
     from tasks.data.spec import DatasetError, DatasetInputError
@@ -73,7 +72,7 @@ def command_promote(args: argparse.Namespace) -> int:
         try:
             promotion, holder = decide_against_holder(
                 registry, ref, stored.metadata, config.alias, config.promotion_margin, config.data_dir,
-                allowed=ModelConfig.of(config).source(),  # the only user code it may import
+                allowed=current_source(config),  # the only user code it may import
                 dataset_spec=config.dataset)
         except DatasetInputError:
             raise  # bad input (exit 2, the field named), not missing files
@@ -84,10 +83,21 @@ def command_promote(args: argparse.Namespace) -> int:
             print(f"lr-sweep: not promoted: {promotion.reason}; use --force to promote anyway "
                   "(e.g. a rollback)", file=sys.stderr)
             return 1
-        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder)
+        registry.move_alias(ref, config.alias, reason=f"manual promotion: {promotion.reason}", expected_holder=holder,
+                            metrics=promotion.challenger_evaluation.model_dump())
         print(f"'{config.alias}' -> {ref} (was {holder or 'unset'}): {promotion.reason}")
     announce_promotion(events_url, promotion, registry, stored.metadata)
     return 0
+
+
+def current_source(config):
+    """The command's own model source, its code as the files hold it now (a process that
+    imported it before, as a test does, imports it again if it changed)."""
+    from models.config import ModelConfig
+
+    source = ModelConfig.of(config).source()
+    source.refresh()
+    return source
 
 
 def promotion_event_server() -> str | None:
@@ -126,14 +136,15 @@ def command_publish(args: argparse.Namespace) -> int:
     from tasks.reporting.tracking import WandbUnavailable
 
     try:
-        plan = plan_publish(args.sweep_id, parse_config(args).output_dir, registry_dir=args.sweeps_registry_dir,
+        config = parse_config(args)
+        plan = plan_publish(args.sweep_id, config.output_dir, registry_dir=args.sweeps_registry_dir,
                             project=args.sweeps_wandb_project, entity=args.sweeps_wandb_entity,
                             registry_collection=args.sweeps_wandb_registry_collection,
                             data_dir=args.sweeps_data_dir)
         if args.dry_run:
             print(json.dumps(plan.as_dict(), indent=2))
             return 0
-        result = publish(plan, force=args.force)
+        result = publish(plan, force=args.force, allowed=current_source(config), dataset_spec=config.dataset)
     except (PublishError, WandbUnavailable, DatasetError) as error:  # DatasetError: the gate's test set
         print(f"lr-sweep: {error}", file=sys.stderr)
         return 1

@@ -161,6 +161,11 @@ def _is_union_branch(part) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool"))
 
 
+def shorten(text: str, limit: int = 120) -> str:
+    """A value as an error line shows it: a 6,000-character --model-args is not read back."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """One line per problem: the field, the value it got and what is allowed. A value that fits
     no member of a union (learning_rates: numbers or 'auto') gets one line with every option."""
@@ -171,7 +176,7 @@ def describe_validation_error(error: ValidationError) -> str:
         field = field.lstrip(".") or "config"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {shorten(repr(value))})"
         lines.setdefault(field.split("[")[0] if any(map(_is_union_branch, problem["loc"])) else field, []).append(
             f"{message}{shown}")
     return "\n".join(f"{field}: {' - or - '.join(messages)}" for field, messages in lines.items())

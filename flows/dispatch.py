@@ -207,7 +207,7 @@ def require_shared_registry(trials: list[TrialOutcome], registry: ModelRegistry,
     """Every completed trial's model must be in the sweep's registry with the trial's digest, and
     (given the specs submitted) be a model trained with that trial's spec."""
     for index, trial in enumerate(trials):
-        if trial.status != "completed":
+        if not trial.has_model:
             continue
         found = registry.resolve(trial.model.collection, trial.model.version)
         if found is None or found.digest != trial.model.digest:

@@ -55,9 +55,10 @@ def export_model(collection: str, alias: str, digest: str | None, config: SweepC
     logger = get_run_logger()
     registry = open_registry(config.registry, config.registry_dir, project=config.wandb_project,
                              entity=config.wandb_entity, registry_collection=None)
+    allowed = ModelConfig.of(config).source()
+    allowed.refresh()  # a long-lived worker exports with the code as it is now, not as first imported
     try:
-        bundle = export_bundle(registry, collection, alias, digest, output_dir,
-                               allowed=ModelConfig.of(config).source())
+        bundle = export_bundle(registry, collection, alias, digest, output_dir, allowed=allowed)
     except NotInThisRegistry as error:
         logger.info("not exported: %s", error)
         return {"exported": False, "reason": str(error)}

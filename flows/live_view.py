@@ -164,7 +164,7 @@ def clock_time(seconds: float | None) -> str:
 
 def status_text(row: Row) -> str:
     words = {"waiting": "waiting for a device", "done": f"done -> {row.model}" if row.model else "done",
-             "reused": f"reused {row.model}, 0 s trained now" if row.model else "reused"}
+             "reused": f"reused: 0 s trained now, from {row.model}" if row.model else "reused"}
     return words.get(row.state, row.state)
 
 

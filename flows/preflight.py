@@ -77,7 +77,7 @@ def check_model_code(config) -> None:
     source = ModelConfig.of(config).source()
     if source.kind == "user":
         try:
-            load_callable(source.code(), "model")
+            load_callable(source.code(), "model", fresh=True)
         except SourceError as error:
             raise InputError(error.field, str(error)) from None
 
@@ -87,7 +87,9 @@ def check_model(config, dataset) -> None:
     from models.sources import check_source
     from tasks.training.train import input_shape
 
+    source = ModelConfig.of(config).source()
     try:
-        check_source(ModelConfig.of(config).source(), input_shape(dataset))
+        source.refresh()  # the code as it is now, if it changed since this process imported it
+        check_source(source, input_shape(dataset))
     except SourceError as error:
         raise InputError(error.field, str(error)) from None

@@ -235,7 +235,8 @@ def verified_version(plan: PublishPlan, registry, *, attempts: int = FIND_ATTEMP
 
 
 def apply_promotion(plan: PublishPlan, registry, *, force: bool = False, attempts: int = FIND_ATTEMPTS,
-                    interval_seconds: float = FIND_INTERVAL_SECONDS) -> dict:
+                    interval_seconds: float = FIND_INTERVAL_SECONDS, allowed=None,
+                    dataset_spec: str | None = None) -> dict:
     """Give the plan's alias to the verified W&B version of the promoted model, if it beats W&B's
     holder (or with `force`); returns what happened."""
     if plan.skip_reason or plan.alias is None:
@@ -253,18 +254,23 @@ def apply_promotion(plan: PublishPlan, registry, *, force: bool = False, attempt
     from tasks.evaluation.manual_promotion import decide_against_holder  # torch and the data: only when gating
 
     promotion, holder = decide_against_holder(registry, ref, stored.metadata, plan.alias, plan.promotion_margin,
-                                              plan.data_dir or SweepConfig.model_fields["data_dir"].default)
+                                              plan.data_dir or SweepConfig.model_fields["data_dir"].default,
+                                              allowed=allowed, dataset_spec=dataset_spec)
     if not promotion.promoted:
         return {"moved": False, "reason": f"W&B's '{plan.alias}' stays on {holder}: {promotion.reason} "
                 "(publish --force moves it anyway)"}
-    previous = registry.move_alias(ref, plan.alias, reason=f"{reason}; {promotion.reason}", expected_holder=holder)
+    previous = registry.move_alias(ref, plan.alias, reason=f"{reason}; {promotion.reason}", expected_holder=holder,
+                                   metrics=promotion.challenger_evaluation.model_dump())
     return {"moved": True, "forced": False, "alias": plan.alias, "model": str(ref),
             "previous": str(previous) if previous else None, "gate": promotion.reason}
 
 
 def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str, str | None], str] = sync_runs,
-            log: Callable[[str], None] = print, force: bool = False) -> dict:
-    """Sync the plan's runs, apply its promotion in W&B, then save the sweep's W&B report."""
+            log: Callable[[str], None] = print, force: bool = False, allowed=None,
+            dataset_spec: str | None = None) -> dict:
+    """Sync the plan's runs, apply its promotion in W&B, then save the sweep's W&B report.
+    `allowed`, `dataset_spec`: the command's own model source and --dataset, what the gate may
+    import and read (manual_promotion.decide_against_holder)."""
     tracking.require_online_access(plan.project, plan.entity)
     log(f"syncing {len(plan.runs_to_sync)} run(s) of sweep {plan.sweep_id} to {plan.entity or '(default entity)'}"
         f"/{plan.project} ({len(plan.runs_already_synced)} already synced)")
@@ -272,7 +278,7 @@ def publish(plan: PublishPlan, *, registry=None, sync: Callable[[list[Path], str
     if registry is None:
         registry = WandbRegistry(project=plan.project, entity=plan.entity,
                                  registry_collection=plan.registry_collection)
-    result = apply_promotion(plan, registry, force=force)
+    result = apply_promotion(plan, registry, force=force, allowed=allowed, dataset_spec=dataset_spec)
     try:
         report_url = save_wandb_report(read_summary(plan.sweep_dir), plan.sweep_dir, plan.project, plan.entity)
     except Exception as error:  # the runs and the alias are in W&B by now: say so, and how to retry

@@ -96,11 +96,11 @@ def evaluate_trials(trials: list[TrialOutcome], dataset: DatasetRef, workspace: 
     are keyed by digest: one model is measured once, and two models are never taken for one."""
     futures = {}
     for trial in trials:
-        if trial.status == "completed" and trial.model.digest not in futures:
+        if trial.has_model and trial.model.digest not in futures:
             futures[trial.model.digest] = evaluate_model.submit(trial, dataset, workspace, slots)
     evaluated = []
     for trial in trials:
-        if trial.status != "completed":
+        if not trial.has_model:
             evaluated.append(trial)
             continue
         result = futures[trial.model.digest].result(raise_on_failure=False)

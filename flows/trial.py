@@ -328,7 +328,7 @@ def lr_sweep_trial(config: SweepConfig, spec: TrialSpec, dataset_fingerprint: st
         logger.error(f"trial {spec.name} did not finish: {type(error).__name__}: {error}")
         outcome = failed_outcome(spec, error)
     data = outcome.model_copy(update=placement).model_dump(mode="json")
-    if outcome.status != "completed":  # shown as Failed in the UI, its outcome still stored as JSON
+    if not outcome.has_model:  # shown as Failed in the UI, its outcome still stored as JSON
         return Failed(message=f"trial {spec.name} {outcome.status}: {outcome.error}", data=data,
                       name=TRIAL_FAILED_STATE)
     return data

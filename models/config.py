@@ -14,6 +14,23 @@ if TYPE_CHECKING:
     from models.sources import ModelSource
 
 
+# Builder arguments are a few sizes and names; past this depth they are a mistake, and recording,
+# hashing and printing them would recurse past Python's stack.
+MAX_ARGS_DEPTH = 32
+
+
+def nesting(value) -> int:
+    """How deep lists and dicts nest in `value` (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_ARGS_DEPTH:  # enough to know it is too deep
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 class ModelConfig(ConfigGroup):
     SECTION = "1 Experiment"
 
@@ -43,8 +60,12 @@ class ModelConfig(ConfigGroup):
                 value = json.loads(value)
             except json.JSONDecodeError as error:
                 raise ValueError(f"not JSON ({error.msg}): give a JSON object, e.g. {{\"width\": 64}}") from None
+            except RecursionError:  # deeper than the parser's stack: far past the limit below
+                raise ValueError(f"nested deeper than {MAX_ARGS_DEPTH} levels: give a flatter JSON object") from None
         if not isinstance(value, dict):
             raise ValueError(f"{value!r} is not a JSON object: give one, e.g. {{\"width\": 64}}")
+        if nesting(value) > MAX_ARGS_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_ARGS_DEPTH} levels: give a flatter JSON object")
         return value
 
     def source(self) -> ModelSource:

@@ -35,6 +35,7 @@ from models.registry import (
     StoredModel,
     VersionInfo,
     check_expected_holder,
+    latest_metrics,
     require_digest,
     split_name,
 )
@@ -213,7 +214,8 @@ class LocalRegistry:
         )
 
     def move_alias(self, ref: ModelRef, alias: str, reason: str = "",
-                   expected_holder: ModelRef | None | object = ANY_HOLDER) -> ModelRef | None:
+                   expected_holder: ModelRef | None | object = ANY_HOLDER,
+                   metrics: dict | None = None) -> ModelRef | None:
         """Give `alias` to `ref` (taking it from its holder); returns the previous holder.
 
         The alias must name a stored version with ref's digest. With `expected_holder` the move is
@@ -233,12 +235,18 @@ class LocalRegistry:
             check_expected_holder(ref.collection, alias, previous_version, expected_holder)
             record = {"time": time.time(), "alias": alias, "version": ref.version, "digest": ref.digest,
                       "previous": previous_version, "reason": reason}
+            if metrics is not None:
+                record["metrics"] = metrics
             with open(directory / PROMOTIONS_FILE, "a") as log:  # the log first: see the module doc
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
             self._write_aliases(directory, table | {alias: ref.version})
         return None if previous_version is None else self.resolve(ref.collection, previous_version)
+
+    def recorded_metrics(self, ref: ModelRef) -> dict | None:
+        records = self._promotions(self._collection_dir(ref.collection))
+        return latest_metrics(records, ref)
 
     def versions(self, collection: str) -> list[VersionInfo]:
         directory = self._collection_dir(collection)

@@ -102,6 +102,15 @@ def require_digest(ref: ModelRef, found_digest: str, where: str) -> None:
             "registry='wandb'); refusing to use it")
 
 
+def latest_metrics(records: list[dict], ref: ModelRef) -> dict | None:
+    """The metrics of the last promotion record that moved an alias to `ref` with metrics."""
+    for record in reversed(records):
+        if record.get("version") == ref.version and record.get("digest", ref.digest) == ref.digest \
+                and isinstance(record.get("metrics"), dict):
+            return record["metrics"]
+    return None
+
+
 class ModelRegistry(Protocol):
     """What the tasks see of a registry; both backends implement it."""
 
@@ -118,6 +127,12 @@ class ModelRegistry(Protocol):
     def find_by_digest(self, collection: str, digest: str) -> ModelRef | None: ...
 
     def move_alias(self, ref: ModelRef, alias: str, reason: str = "",
-                   expected_holder: ModelRef | None | object = ANY_HOLDER) -> ModelRef | None: ...
+                   expected_holder: ModelRef | None | object = ANY_HOLDER,
+                   metrics: dict | None = None) -> ModelRef | None:
+        """`metrics`: what the gate measured `ref` at (its Evaluation), kept with the move so a
+        later gate that cannot rebuild the holder (its code changed) compares on them."""
+
+    def recorded_metrics(self, ref: ModelRef) -> dict | None:
+        """The metrics the latest move of an alias to `ref` recorded, None if none did."""
 
     def versions(self, collection: str) -> list[VersionInfo]: ...

@@ -28,12 +28,20 @@ import torch
 from torch import nn
 
 from models.cnn import ARCHITECTURE_NAME, architecture, build_model
+from models.errors import InputError
 from models.source_spec import ARGS_FIELD, FIELD, TORCHVISION_PREFIX, source_kind
-from models.user_code import CodeRef, SourceError, code_digest, load_callable, parse_code_spec
+from models.user_code import CodeRef, SourceError, load, load_callable, parse_code_spec
 
 
-class ModelCodeChanged(RuntimeError):
-    """A stored model's code digest differs from the code that would rebuild it."""
+class ModelCodeChanged(InputError):
+    """A stored model's code digest differs from the code that would rebuild it: the command's
+    model flags name other code than the model's (exit 2, one line naming both digests)."""
+
+    def __init__(self, message: str):
+        super().__init__(FIELD, message)
+
+    def __reduce__(self):
+        return type(self), (str(self),)
 
 
 @dataclass(frozen=True)
@@ -59,14 +67,21 @@ class ModelSource:
         return parse_code_spec(self.spec, FIELD)
 
     def digest(self) -> str:
-        """The code digest of this source as it is on this machine now."""
+        """The code digest of this source: for user code, of the bytes this process imported
+        (models/user_code.py load), not of what the files hold by now."""
         if self.kind == "cnn":
             return "sha256:" + hashlib.sha256(Path(__file__).with_name("cnn.py").read_bytes()).hexdigest()
         if self.kind == "torchvision":
             import torchvision
 
             return f"torchvision=={torchvision.__version__}"
-        return "sha256:" + code_digest(self.code(), FIELD)
+        return "sha256:" + load(self.code(), FIELD).digest
+
+    def refresh(self) -> None:
+        """At a sweep's start: user code imported again if a file that counts changed since this
+        process imported it (a long-lived `lr-sweep serve`, an edit between two runs)."""
+        if self.kind == "user":
+            load(self.code(), FIELD, fresh=True)
 
     def build(self, shape: InputShape) -> nn.Module:
         """A new network for `shape` (initialised from torch's global RNG: seed it first)."""
@@ -84,8 +99,11 @@ class ModelSource:
 
     def record(self, shape: InputShape) -> dict:
         """What a stored model says about its source (metadata key `model_source`)."""
-        return {"spec": self.spec, "kind": self.kind, "args": self.args, "shape": vars(shape),
-                "code_digest": self.digest()}
+        record = {"spec": self.spec, "kind": self.kind, "args": self.args, "shape": vars(shape),
+                  "code_digest": self.digest()}
+        if self.kind == "user":  # which files counted, so a changed digest says which file changed
+            record["code_files"] = load(self.code(), FIELD).files
+        return record
 
 
 class GreyToRGB(nn.Module):
@@ -130,6 +148,8 @@ def _user_model(factory, spec: str, args: dict, shape: InputShape) -> nn.Module:
         raise SourceError(ARGS_FIELD, f"{spec} refused its arguments {args}: {error}") from None
     except Exception as error:
         raise SourceError(FIELD, f"{spec} failed: {type(error).__name__}: {error}") from None
+    except SystemExit as error:  # else `lr-sweep run` would end with the factory's exit code
+        raise SourceError(FIELD, f"{spec} exited while building the network (SystemExit({error.code!r}))") from None
     if not isinstance(network, nn.Module):
         raise SourceError(FIELD, f"{spec} returned a {type(network).__name__}, not a torch.nn.Module")
     return network

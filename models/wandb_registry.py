@@ -48,6 +48,7 @@ from models.registry import (
     StoredModel,
     VersionInfo,
     check_expected_holder,
+    latest_metrics,
     require_digest,
     split_name,
 )
@@ -267,7 +268,8 @@ class WandbRegistry:
         )
 
     def move_alias(self, ref: ModelRef, alias: str, reason: str = "",
-                   expected_holder: ModelRef | None | object = ANY_HOLDER) -> ModelRef | None:
+                   expected_holder: ModelRef | None | object = ANY_HOLDER,
+                   metrics: dict | None = None) -> ModelRef | None:
         """Give `alias` to `ref` in W&B (and link it into the Registry collection, if one is named).
 
         Returns the previous holder. W&B moves an alias within a collection by itself; the old
@@ -284,7 +286,9 @@ class WandbRegistry:
                                  f"version, not {ref.digest}; the alias is not moved")
         if alias not in target.aliases:
             record = {"time": time.time(), "alias": alias, "previous": holder.version if holder else None,
-                      "reason": reason}
+                      "reason": reason, "version": ref.version, "digest": ref.digest}
+            if metrics is not None:
+                record["metrics"] = metrics
             target.aliases = [*target.aliases, alias]
             target.metadata = target.metadata | {
                 PROMOTIONS_KEY: [*target.metadata.get(PROMOTIONS_KEY, []), record]}
@@ -300,6 +304,12 @@ class WandbRegistry:
             else:
                 target.link(self.registry_collection, aliases=[alias])
         return holder
+
+    def recorded_metrics(self, ref: ModelRef) -> dict | None:
+        artifact = self._artifact(ref.collection, ref.version)
+        if artifact is None or artifact.metadata.get(DIGEST_KEY) != ref.digest:
+            return None
+        return latest_metrics(artifact.metadata.get(PROMOTIONS_KEY, []), ref)
 
     def versions(self, collection: str) -> list[VersionInfo]:
         api = self._api()

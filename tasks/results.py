@@ -18,7 +18,8 @@ from models.names import trial_name
 from models.registry import ModelRef
 from tasks.training.config import TrainingConfig
 
-TrialStatus = Literal["completed", "failed", "diverged", "stopped"]
+# reused: an earlier run stored this exact trial's model (same trial key); nothing trained now
+TrialStatus = Literal["completed", "reused", "failed", "diverged", "stopped"]
 
 
 class Frozen(BaseModel):
@@ -77,7 +78,7 @@ class Evaluation(Frozen):
 
 
 class TrialOutcome(Frozen):
-    """What one trial produced; `model` is set exactly when status is 'completed'."""
+    """What one trial produced; `model` is set exactly when it has one (`has_model`)."""
 
     learning_rate: float
     seed: int
@@ -89,6 +90,7 @@ class TrialOutcome(Frozen):
     train_seconds: float | None = None
     samples_per_second: float | None = None
     cached: bool = False
+    reused_from: str | None = None  # reused: the registry version it is, e.g. fashion-mnist-cnn:v0
     resumed_from: int | None = None
     device: str | None = None
     wandb_run_dir: str | None = None
@@ -112,8 +114,13 @@ class TrialOutcome(Frozen):
         return trial_name(self.learning_rate, self.seed)
 
     @property
+    def has_model(self) -> bool:
+        """Trained now or reused: a stored model to evaluate and compare."""
+        return self.status in ("completed", "reused")
+
+    @property
     def usable(self) -> bool:
-        return self.status == "completed" and self.evaluation is not None
+        return self.has_model and self.evaluation is not None
 
 
 class Promotion(Frozen):

@@ -416,7 +416,7 @@ def test_a_second_sweep_reuses_the_registry_volume_and_the_alias_stays(stack, wo
     run_sweep(stack, config, stack.job_variables())
     runs, registry = stack.snapshot(stack.volume("runs")), stack.snapshot(stack.volume("registry"))
     summary = summary_of(runs, config["sweep_id"])
-    assert [(t["status"], t["cached"]) for t in summary["trials"]] == [("completed", True), ("completed", True)]
+    assert [(t["status"], t["cached"]) for t in summary["trials"]] == [("reused", True), ("reused", True)]
     assert summary["promotion"]["promoted"] is False
     holder = LocalRegistry(registry.path).resolve(COLLECTION, ALIAS)
     assert holder == stack.first_holder

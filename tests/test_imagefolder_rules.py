@@ -1,4 +1,4 @@
-"""The image-folder cache's rules (issue 29 §3): images decoded and resized one by one, a pixel
+"""The image-folder cache's rules: images decoded and resized one by one, a pixel
 limit, the cache written only from the bytes that were fingerprinted and only once every check has
 passed, symbolic links followed each folder once, GIFs read, a full disk refused. Small synthetic
 folders written here with PIL and torchvision."""
@@ -27,7 +27,7 @@ def test_an_image_over_the_pixel_limit_is_refused_naming_the_field_and_the_file(
 
 
 def test_each_image_is_resized_as_it_is_decoded(tmp_path):
-    """Memory is the cache's size: no image is kept at its native size (issue 29: 992 MB for a
+    """Memory is the cache's size: no image is kept at its native size (992 MB for a
     small test folder, decoded whole before the resize)."""
     root = write_folder(tmp_path / "images", {"train": 2, "test": 1}, sizes=((64, 48),))
     paths = [path for entries in imagefolder.scan_folder(root).files.values() for path, _ in entries]

@@ -235,7 +235,7 @@ def test_bad_model_input_fails_early_and_changes_nothing(arguments, field, allow
     assert snapshot(tmp_path) == before and not output.exists()
 
 
-# --- bad data (issue 29 §4): exit 2 naming the field, the registry and the output parent unchanged ---
+# --- bad data: exit 2 naming the field, the registry and the output parent unchanged ---
 
 DATA_FUNCTIONS = '''
 import torch
@@ -352,3 +352,39 @@ def test_a_warmup_longer_than_the_epochs_is_refused(tmp_path, registry_with_prod
     """Before: silently cut to the trial's length."""
     run_refused(tmp_path, registry_with_production, ["--epochs", "2", "--warmup-epochs", "2.5"], "warmup_epochs",
                 "give at most 2", capsys)
+
+# --- model inputs that were a traceback or a misleading message ------
+
+NAMESPACE_NET = '''from torch import nn
+def build(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+'''
+TRUST_MODEL_INPUTS = [
+    # RecursionError before
+    (["--model-args", '{"a": ' * 3000 + "1" + "}" * 3000], "model_args", "nested deeper than 32 levels"),
+    (["--model-args", '{"a": ' * 33 + "1" + "}" * 33], "model_args", "nested deeper than 32 levels"),
+    # "no module named 'os'" before
+    (["--model", "os:getcwd"], "model", "not a model constructor in a user module"),
+    (["--model", "json.decoder:JSONDecoder"], "model", "not a model constructor in a user module"),
+    # "no module named" before: a folder without __init__.py on the path
+    (["--model", "{namespace}.net:build"], "model", "is a namespace package (a folder without __init__.py"),
+]
+
+
+@pytest.mark.parametrize("arguments, field, allowed", TRUST_MODEL_INPUTS,
+                         ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(TRUST_MODEL_INPUTS)])
+def test_bad_model_code_input_fails_early_and_changes_nothing(arguments, field, allowed, tmp_path, sweep_data_dir,
+                                                              registry_with_production, monkeypatch, capsys):
+    namespace = f"nspkg_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "path" / namespace).mkdir(parents=True)
+    (tmp_path / "path" / namespace / "net.py").write_text(NAMESPACE_NET)
+    monkeypatch.syspath_prepend(str(tmp_path / "path"))
+    arguments = [a.replace("{namespace}", namespace) for a in arguments]
+    before = snapshot(tmp_path)
+    output = tmp_path / "runs"
+    code = main(["run", "--registry-dir", str(registry_with_production), "--output-dir", str(output),
+                 "--dataset", "mnist", "--val-size", "200", "--data-dir", str(sweep_data_dir), *arguments])
+    err = capsys.readouterr().err
+    assert_refused(code, err, field, allowed)
+    assert max(map(len, err.splitlines())) < 400, err[:600]  # one readable line, not the input echoed
+    assert snapshot(tmp_path) == before and not output.exists()

@@ -141,6 +141,7 @@ def test_a_changed_model_file_is_refused_naming_both_digests(user_sweep):
     original = model_file.read_text()
     try:
         model_file.write_text(original + "\n# tuned after training\n")
+        ModelSource(config.model).refresh()  # as a new command would import it
         with pytest.raises(ModelCodeChanged) as caught:
             rebuild(stored.metadata, ModelSource(config.model, config.model_args), name=summary["best"]["model"])
         message = str(caught.value)
@@ -148,6 +149,7 @@ def test_a_changed_model_file_is_refused_naming_both_digests(user_sweep):
         assert ModelSource(config.model).digest() in message
     finally:
         model_file.write_text(original)
+        ModelSource(config.model).refresh()
 
 
 def test_torchvision_resnet18_trains_on_grey_images(synthetic_data_dir):

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
+from models.sources import ModelCodeChanged
 from tasks.data.dataset import DatasetRef
 from tasks.evaluation.evaluate import DatasetMismatch, evaluate_on_free_device
 from tasks.evaluation.ranking import higher_is_better, order_key
@@ -188,7 +189,8 @@ def compare_and_promote(registry: ModelRegistry, trials: list[TrialOutcome], *, 
         if not promotion.promoted:
             break
         try:
-            registry.move_alias(best.model, alias, reason=promotion.reason, expected_holder=holder)
+            registry.move_alias(best.model, alias, reason=promotion.reason, expected_holder=holder,
+                                metrics=best.evaluation.model_dump())
             break
         except AliasConflict:
             continue  # another sweep promoted meanwhile: judge again against its model
@@ -220,8 +222,38 @@ def decide_promotion(registry: ModelRegistry, candidate: ModelRef, evaluation: E
         # A holder that fails its digest check cannot be served; it is no reason to keep it.
         return Promotion(**decided, promoted=True, holder_error=str(error),
                          reason=f"the holder {holder} could not be evaluated ({error})"), holder
+    except ModelCodeChanged:
+        return gate_on_record(registry, candidate, holder, decided, evaluation, margin), holder
     promote, reason = gate(evaluation, champion, margin)
     return Promotion(**decided, promoted=promote, reason=reason, holder_evaluation=champion), holder
+
+
+def gate_on_record(registry: ModelRegistry, candidate: ModelRef, holder: ModelRef, decided: dict,
+                   evaluation: Evaluation, margin: float) -> Promotion:
+    """The gate against a holder this code cannot rebuild (it was trained with other model code:
+    the user edited the model between sweeps): on the test metrics recorded when it took the
+    alias, if they were measured on the same data; otherwise the alias stays."""
+    other_code = f"{holder.version} was trained with other model code"
+    recorded = registry.recorded_metrics(holder)
+    if recorded is None:
+        return Promotion(**decided, promoted=False, reason=(
+            f"{other_code} and no test accuracy was recorded when it took the alias: the alias stays "
+            f"(`lr-sweep promote {candidate} --alias {decided['alias']} --force` moves it)"))
+    fingerprints = {str(ref): (registry.fetch(ref).metadata.get("dataset") or {}).get("fingerprint")
+                    for ref in (holder, candidate)}
+    if len(set(fingerprints.values())) != 1:
+        return Promotion(**decided, promoted=False, reason=(
+            f"{other_code}, and its recorded test accuracy was measured on other data: the alias stays "
+            "(use `lr-sweep promote ... --force` to move it anyway)"))
+    try:
+        champion = Evaluation(**{name: recorded[name] for name in Evaluation.model_fields})
+    except (KeyError, TypeError, ValueError) as error:  # a record written by hand, or damaged
+        return Promotion(**decided, promoted=False, reason=(
+            f"{other_code}, and its recorded metrics cannot be read ({type(error).__name__}: {error}): "
+            "the alias stays"))
+    promote, reason = gate(evaluation, champion, margin)
+    return Promotion(**decided, promoted=promote, holder_evaluation=champion,
+                     reason=f"{other_code}: compared on its recorded test accuracy; {reason}")
 
 
 def promotion_line(promotion: Promotion, limited: bool) -> str:

@@ -149,7 +149,9 @@ def trial_table(trials: list[dict]) -> list[dict]:
             "test_accuracy": ev.get("test_accuracy"), "train_loss": last.get("train_loss"),
             "val_loss": ev.get("val_loss"), "test_loss": ev.get("test_loss"),
             "epochs": len(t["history"]), "train_seconds": t.get("train_seconds"),
-            "images_per_second": t.get("samples_per_second"), "model": t.get("model"),
+            "images_per_second": t.get("samples_per_second"),
+            # a reused trial's model is an earlier run's version: say so where the model is named
+            "model": f"from {t['reused_from']}" if t.get("reused_from") else t.get("model"),
         })
     return rows
 
@@ -200,7 +202,7 @@ def verdict(summary: dict, metric: str) -> list[str]:
             lines.append(f"{label} was stopped by the search at epoch {trial['stopped_at']} (validation "
                          f"accuracy {_fmt(last.get('val_accuracy'))} there, not among the best of its rung).")
             continue
-        if trial["status"] != "completed":
+        if trial["status"] not in ("completed", "reused"):
             lines.append(f"{label} {trial['status']}: {trial.get('error') or 'no detail'}.")
             continue
         obs = observations(trial["history"])

@@ -50,6 +50,7 @@ from tasks.training.train import (
     progress_reporter,
     publish_wandb_link,
     reuse_finished,
+    reused_status,
     run_config,
     store_trained,
     train_trial,
@@ -272,7 +273,7 @@ def run_pack(specs: list[TrialSpec], dataset: DatasetRef, workspace: Workspace, 
             if (reused := reuse_finished(spec, registry, workspace.collection, key)) is not None:
                 log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
                     "same config, data and code")
-                progress[index](100, f"reused {reused.model.short}")
+                progress[index](100, reused_status(reused), state="reused", model=reused.model.short)
                 outcomes[index] = reused
         members = [index for index in range(len(specs)) if index not in outcomes]
         if members:
@@ -302,7 +303,7 @@ def train_pack_task(specs: list[TrialSpec], dataset: DatasetRef, workspace: Work
             notify_ended(spec, failed_outcome(spec, error).status, f"{type(error).__name__}: {error}")
         raise
     for spec, outcome in zip(specs, outcomes):
-        if outcome.status != "completed":
+        if not outcome.has_model:
             notify_ended(spec, outcome.status, outcome.error)
         publish_wandb_link(outcome, workspace)
     return outcomes

@@ -284,10 +284,15 @@ def reuse_finished(spec: TrialSpec, registry: ModelRegistry, collection: str, ke
         except RegistryError:
             continue
         return TrialOutcome(
-            learning_rate=spec.learning_rate, seed=spec.seed, status="completed", model=stored.ref,
-            history=stored.metadata["history"], train_seconds=stored.metadata["train_seconds"],
-            samples_per_second=stored.metadata["samples_per_second"], cached=True)
+            learning_rate=spec.learning_rate, seed=spec.seed, status="reused", model=stored.ref,
+            history=stored.metadata["history"], train_seconds=0.0,  # trained now: nothing (its own seconds
+            cached=True, reused_from=str(stored.ref))  # are in the stored version's metadata)
     return None
+
+
+def reused_status(reused: TrialOutcome) -> str:
+    """What the UI's progress and the live view say of a reused trial."""
+    return f"0 s trained now, from {reused.reused_from}"
 
 
 def no_progress(percent: float, status: str, **details) -> None:
@@ -378,7 +383,7 @@ def run_trial(spec: TrialSpec, dataset: DatasetRef, workspace: Workspace, slots:
         if (reused := reuse_finished(spec, workspace.registry.open(), workspace.collection, key)) is not None:
             log(f"[{spec.name}] reusing {reused.model.short}: this trial already finished with the "
                 "same config, data and code")
-            progress(100, f"reused {reused.model.short}", state="reused", model=reused.model.short)
+            progress(100, reused_status(reused), state="reused", model=reused.model.short)
             return reused
         progress(0, "waiting for a device slot", state="waiting")
         with slots.take() as device:
