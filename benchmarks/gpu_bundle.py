@@ -92,34 +92,40 @@ def target_environment(python_version: str) -> dict[str, str]:
     return environment
 
 
-def requirements(name: str, environment: dict[str, str]) -> list[str]:
-    """The names an installed distribution requires on the node (no extras)."""
+def requirements(name: str, environment: dict[str, str], extras: frozenset[str] = frozenset()) -> list[Requirement]:
+    """What an installed distribution requires on the node, with the extras asked of it (Prefect
+    asks for sqlalchemy[asyncio], which brings greenlet)."""
     found = []
     for line in metadata.requires(name) or []:
         requirement = Requirement(line)
-        if requirement.marker is None or requirement.marker.evaluate(environment | {"extra": ""}):
-            found.append(canonical(requirement.name))
+        if requirement.marker is None or any(requirement.marker.evaluate(environment | {"extra": extra})
+                                             for extra in {"", *extras}):
+            found.append(requirement)
     return found
+
+
+def wanted(requirement: Requirement) -> tuple[str, frozenset[str]]:
+    return canonical(requirement.name), frozenset(requirement.extras)
 
 
 def closure(roots: list[str], environment: dict[str, str], missing_ok: bool = False) -> set[str]:
     """Every distribution `roots` need, themselves included, as installed here (`missing_ok`:
     one not installed here counts, without what it would require)."""
-    seen: set[str] = set()
-    todo = [canonical(name) for name in roots]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [wanted(Requirement(root)) for root in roots]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        item = todo.pop()
+        if item in seen:
             continue
-        seen.add(name)
+        seen.add(item)
         try:
-            todo += requirements(name, environment)
+            todo += [wanted(requirement) for requirement in requirements(item[0], environment, item[1])]
         except metadata.PackageNotFoundError:
             if missing_ok:
                 continue
-            raise SystemExit(f"gpu_bundle: {name} is required on Python {environment['python_version']} but not "
+            raise SystemExit(f"gpu_bundle: {item[0]} is required on Python {environment['python_version']} but not "
                              "installed here, so there is no tested version to pin; install it in this environment first")
-    return seen
+    return {name for name, _ in seen}
 
 
 def project_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
@@ -142,28 +148,28 @@ def pinned_list(python_version: str, node_provides: list[str] = (), roots: list[
 
 def unmet_requirements(roots: list[str] | None = None) -> list[str]:
     """What the project's dependencies require and this environment does not hold, as imports
-    would find it (on the node: the bundle's tree over the node's own packages)."""
-    environment = default_environment() | {"extra": ""}
-    problems, seen = [], set()
-    todo = [canonical(name) for name in (roots if roots is not None else project_dependencies())]
+    would find it (on the node: the bundle's tree over the node's own packages). OMIT's
+    distributions are left out on purpose and not reported."""
+    environment = default_environment()
+    problems, seen = set(), set()
+    todo = [wanted(Requirement(root)) for root in (roots if roots is not None else project_dependencies())]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        item = todo.pop()
+        if item in seen:
             continue
-        seen.add(name)
-        for line in metadata.requires(name) or []:
-            requirement = Requirement(line)
-            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+        seen.add(item)
+        for requirement in requirements(item[0], environment, item[1]):
+            if canonical(requirement.name) in OMIT:
                 continue
             try:
                 version = metadata.version(requirement.name)
             except metadata.PackageNotFoundError:
-                problems.append(f"{name} requires {requirement}: missing")
+                problems.add(f"{item[0]} requires {requirement}: missing")
                 continue
             if not requirement.specifier.contains(version, prereleases=True):
-                problems.append(f"{name} requires {requirement}: {version} found")
-            todo.append(canonical(requirement.name))
-    return sorted(set(problems))
+                problems.add(f"{item[0]} requires {requirement}: {version} found")
+            todo.append(wanted(requirement))
+    return sorted(problems)
 
 
 def install(pins: list[str], site: Path, python_version: str) -> None:

@@ -431,6 +431,8 @@ def main(argv=None) -> int:
                 report["runs"][name] = run_one(run, args, env, workdir, sampler, left)
             figures = report.get("seed_way") if run is None else report["runs"][name]
             print(f"{name}: {json.dumps({k: v for k, v in figures.items() if k != 'log_tail'})}", flush=True)
+            if "error" in figures:
+                print(figures["log_tail"], flush=True)
             write(report, out)
     finally:
         timed(cli("server", "stop"), env, workdir / "server-stop.log", 60)

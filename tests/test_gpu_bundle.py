@@ -36,6 +36,7 @@ def test_the_pinned_list_leaves_out_torch_and_what_the_node_brings_with_it():
     assert not found & {"torch", "torchvision", "numpy", "pillow", "sympy", "jinja2", "filelock", "typing-extensions"}
     assert not [name for name in found if name.startswith(("nvidia-", "cuda-", "triton"))]
     assert not found & gpu_bundle.OMIT
+    assert "greenlet" in found  # Prefect asks for sqlalchemy[asyncio]: an extra's requirements count
     # pinned to what this environment runs
     from importlib import metadata
     assert f"prefect=={metadata.version('prefect')}" in pins
