@@ -8,7 +8,8 @@ network (models/cnn.py, the same seeded initial weights), measures:
    mnist/main.py (a torchvision Dataset with ToTensor + Normalize, a DataLoader of batch 64,
    `num_workers=0`), one epoch each, the same thread count; and the validation accuracy of both
    after that epoch, so speed is not bought with accuracy;
-2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set);
+2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set); packs of 3 and 9
+   trials (`train_pack`) against the same trials one at a time;
 3. a whole sweep through the real Prefect flow (`flows.sweep.lr_sweep`, W&B offline, local
    registry, evaluation, report) under Prefect's temporary server, in a fresh process: its wall
    time against the sum of its trials' `train_seconds` (the orchestration overhead), and the peak
@@ -21,7 +22,7 @@ them; every figure is from one run).
 
     make bench                                        # CPU, about 5 minutes on 2 cores
     .venv/bin/python -m flows.environment .venv/bin/python -m benchmarks.bench --help
-    benchmarks/gpu_check.sh                           # on a GPU node: default sweep, 3 trials per GPU
+    benchmarks/gpu_check.sh                           # on a GPU node: whole sweeps in each engine mode
 """
 
 from __future__ import annotations
