@@ -111,40 +111,50 @@ def plan(device: str, quick: bool) -> list[Run]:
 # --- the GPU's utilisation ----------------------------------------------------------------------
 
 class GpuSampler:
-    """nvidia-smi once a second in the background: (unix time, utilisation %, memory used MiB)."""
+    """nvidia-smi once a second, each call read whole (a long-running `nvidia-smi -l` writing into
+    a file buffers its lines): (unix time, utilisation %, memory used MiB), all GPUs averaged."""
 
-    QUERY = ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-l", "1"]
+    QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.process = None
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.found: list[tuple[float, float, float]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self) -> GpuSampler:
-        try:
-            self.process = subprocess.Popen(self.QUERY, stdout=open(self.path, "w"), stderr=subprocess.DEVNULL)
-        except OSError:  # no nvidia-smi: utilisation null
-            self.process = None
+        if shutil.which(self.QUERY[0]):  # no nvidia-smi: utilisation null
+            self.thread.start()
         return self
 
+    def _loop(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                output = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            sample = parse_sample(time.time(), output)
+            if sample:
+                self.found.append(sample)
+
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait()
+        self.done.set()
 
     def samples(self) -> list[tuple[float, float, float]]:
-        return parse_samples(self.path.read_text() if self.path.exists() else "")
+        return list(self.found)
 
 
-def parse_samples(text: str) -> list[tuple[float, float, float]]:
-    samples = []
-    for line in text.splitlines():
-        parts = [part.strip() for part in line.split(",")]
+def parse_sample(stamp: float, output: str) -> tuple[float, float, float] | None:
+    """One nvidia-smi answer, a line per GPU: their mean utilisation and summed memory."""
+    rows = []
+    for line in output.splitlines():
         try:
-            stamp = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            samples.append((stamp, float(parts[1]), float(parts[2])))
-        except (ValueError, IndexError):
-            continue  # "[N/A]" or a line cut short
-    return samples
+            rows.append([float(part) for part in line.split(",")])
+        except ValueError:
+            continue  # "[N/A]"
+    if not rows:
+        return None
+    return stamp, sum(row[0] for row in rows) / len(rows), sum(row[1] for row in rows)
 
 
 def window_mean(samples: list[tuple[float, float, float]], start: float, end: float) -> tuple[float | None, int]:
@@ -409,7 +419,7 @@ def main(argv=None) -> int:
     report: dict = {"machine": machine(args.device), "quick": args.quick, "runs": {}, "skipped": []}
     for problem in report["machine"]["unmet_requirements"]:
         print(f"gpu_check: warning: {problem}", flush=True)
-    sampler = GpuSampler(workdir / "nvidia-smi.csv").start()
+    sampler = GpuSampler().start()
     try:
         report["server_start"] = timed(cli("server", "start"), env, workdir / "server.log", 120)
         warm_up = ["--learning-rates", "0.001", "--epochs", "1", "--train-limit", "1000", "--device", args.device,

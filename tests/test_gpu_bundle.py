@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import venv
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -174,16 +176,38 @@ def test_a_target_not_measured_is_null_not_missed():
 
 
 def test_gpu_utilisation_is_the_mean_over_the_trials_phase():
-    samples = gpu_check.parse_samples("2026/12/05 10:00:00.000, 5, 600\n2026/12/05 10:00:01.000, 80, 900\n"
-                                      "2026/12/05 10:00:02.000, 90, 900\n2026/12/05 10:00:03.000, [N/A], 0\n"
-                                      "2026/12/05 10:00:04.000, 10, 700\n")
-    assert len(samples) == 4
+    assert gpu_check.parse_sample(7.0, "50, 600\n70, 800\n") == (7.0, 60.0, 1400.0)  # two GPUs
+    assert gpu_check.parse_sample(7.0, "[N/A], [N/A]\n") is None
+    start = datetime(2026, 12, 5, 10, 0, 0).timestamp()
+    samples = [(start + offset, utilisation, 900.0) for offset, utilisation in ((0, 5), (1, 80), (2, 90), (4, 10))]
     log = "2026-12-05 10:00:00,500 INFO    prefect.flow_runs: Beginning flow run 'lr-sweep x' for flow 'lr-sweep'\n"
     window = gpu_check.trials_window(log, {"prepare_data": 0.4, "trials": 2.0})
     assert window[1] - window[0] == pytest.approx(2.0)
     assert gpu_check.window_mean(samples, *window) == (pytest.approx(85.0), 2)
     assert gpu_check.window_mean(samples, 0, 1) == (None, 0)
     assert gpu_check.trials_window("no flow here", {"prepare_data": 0, "trials": 1}) is None
+
+
+def test_the_sampler_reads_nvidia_smi_once_a_tick(monkeypatch, tmp_path):
+    fake = touch(tmp_path / "bin" / "nvidia-smi", "#!/bin/sh\necho '42, 1000'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    sampler = gpu_check.GpuSampler(interval=0.05).start()
+    try:
+        for _ in range(100):
+            if len(sampler.samples()) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        sampler.stop()
+    assert [sample[1:] for sample in sampler.samples()[:2]] == [(42.0, 1000.0), (42.0, 1000.0)]
+
+
+def test_without_nvidia_smi_the_sampler_samples_nothing(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    sampler = gpu_check.GpuSampler(interval=0.01).start()
+    sampler.stop()
+    assert sampler.samples() == []
 
 
 def test_the_plan_runs_every_mode_of_both_sweeps_and_cuts_only_the_eager_27():
@@ -218,12 +242,12 @@ def index_reachable() -> bool:
         return False
 
 
-def torch_only_interpreter(where: Path) -> Path:
-    """A venv without this one's site-packages: only torch, torchvision and what they require,
-    linked in, as a GPU node with nothing else installed has them."""
+def torch_only_interpreter(where: Path, node_provides: list[str]) -> Path:
+    """A venv without this one's site-packages: only torch, torchvision, `node_provides` and what
+    they require, linked in, as a GPU node with nothing else installed has them."""
     venv.EnvBuilder(with_pip=False, symlinks=True).create(where)
     site = next(where.glob("lib/python*/site-packages"))
-    provided = gpu_bundle.closure(list(gpu_bundle.NODE_PROVIDES), gpu_bundle.target_environment(
+    provided = gpu_bundle.closure([*gpu_bundle.NODE_PROVIDES, *node_provides], gpu_bundle.target_environment(
         f"{sys.version_info.major}.{sys.version_info.minor}"))
     from importlib import metadata
     tops = set()
@@ -238,14 +262,16 @@ def torch_only_interpreter(where: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_bundle_runs_the_check_on_a_cpu_with_only_torch_installed(tmp_path):
+@pytest.mark.parametrize("node_provides", [[], ["scipy", "matplotlib"]], ids=["full", "node-has-scipy-matplotlib"])
+def test_the_bundle_runs_the_check_on_a_cpu_with_only_torch_installed(tmp_path, node_provides):
     if not index_reachable():
         pytest.skip("pip cannot reach the package index")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     bundle = tmp_path / "bundle.tar.xz"
     subprocess.run([sys.executable, "-m", "benchmarks.gpu_bundle", "--python-version", version, "--xz-preset", "0",
-                    "--output", str(bundle)], cwd=ROOT, check=True)
-    python = torch_only_interpreter(tmp_path / "node")
+                    "--output", str(bundle), *(["--node-provides", *node_provides] if node_provides else [])],
+                   cwd=ROOT, check=True)
+    python = torch_only_interpreter(tmp_path / "node", node_provides)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "PREFECT_", "VIRTUAL_ENV"))}
     env |= {"PYTHON": str(python), "PYTHONNOUSERSITE": "1", "PATH": "/usr/bin:/bin"}
     isolated = subprocess.run([str(python), "-c", "import prefect"], env=env, capture_output=True, text=True)
@@ -259,6 +285,8 @@ def test_the_bundle_runs_the_check_on_a_cpu_with_only_torch_installed(tmp_path):
     assert not [name for name, f in report["runs"].items() if "error" in f]
     assert report["runs"]["grid27-packed"]["largest_pack"] == 9 and report["runs"]["default-eager"]["largest_pack"] == 1
     assert report["seed_way"]["images"] > 0 and report["skipped"] == []
-    assert "/lr-sweep-gpu/site/" in report["machine"]["imported_from"]["prefect"]
+    imported_from = report["machine"]["imported_from"]
+    assert "/lr-sweep-gpu/site/" in imported_from["prefect"]
+    assert ("/lr-sweep-gpu/site/" in imported_from["scipy"]) is not bool(node_provides)
     assert report["machine"]["unmet_requirements"] == []
     shutil.rmtree(tmp_path / "node")
