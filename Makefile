@@ -135,6 +135,21 @@ test-docker: install
 BENCH_JSON ?= bench.json
 export BENCH_JSON
 
+# One tarball for a GPU node without internet (benchmarks/gpu_bundle.py): the project, the
+# dependencies a node with Python, torch and torchvision lacks, built for PYTHON_VERSION, and
+# Fashion-MNIST; run it there with `benchmarks/gpu_check.sh --bundle FILE`. NODE_PROVIDES names
+# what the node has besides (e.g. "scipy matplotlib" on the H200 image) to leave it out.
+PYTHON_VERSION ?= 3.12
+GPU_BUNDLE ?= dist/gpu-bundle.tar.xz
+NODE_PROVIDES ?=
+
+.PHONY: gpu-bundle
+gpu-bundle: install
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+	$(BIN)/python -m benchmarks.gpu_bundle --python-version $(PYTHON_VERSION) --output $(GPU_BUNDLE) \
+		$(if $(NODE_PROVIDES),--node-provides $(NODE_PROVIDES))
+
 .PHONY: bench bench-search
 bench: data
 	$(QUIET) $(BIN)/python -m benchmarks.bench --json $(BENCH_JSON)

@@ -8,7 +8,8 @@ network (models/cnn.py, the same seeded initial weights), measures:
    mnist/main.py (a torchvision Dataset with ToTensor + Normalize, a DataLoader of batch 64,
    `num_workers=0`), one epoch each, the same thread count; and the validation accuracy of both
    after that epoch, so speed is not bought with accuracy;
-2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set);
+2. evaluation images/s (`tasks.evaluation.evaluate.measure` over the test set); packs of 3 and 9
+   trials (`train_pack`) against the same trials one at a time;
 3. a whole sweep through the real Prefect flow (`flows.sweep.lr_sweep`, W&B offline, local
    registry, evaluation, report) under Prefect's temporary server, in a fresh process: its wall
    time against the sum of its trials' `train_seconds` (the orchestration overhead), and the peak
@@ -21,7 +22,7 @@ them; every figure is from one run).
 
     make bench                                        # CPU, about 5 minutes on 2 cores
     .venv/bin/python -m flows.environment .venv/bin/python -m benchmarks.bench --help
-    benchmarks/gpu_check.sh                           # on a GPU node: default sweep, 3 trials per GPU
+    benchmarks/gpu_check.sh                           # on a GPU node: whole sweeps in each engine mode
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from tasks.data.prepare import load_splits, prepare_dataset, tensor_batches
 from tasks.evaluation.evaluate import eval_batch_size, measure, place_model
 from tasks.results import TrialSpec
 from tasks.training.devices import configure_cpu_threads, resolve_devices
+from tasks.training.packed import train_pack
 from tasks.training.train import make_optimizer, train_trial
 
 # The targets, checked and reported (a miss is printed, the exit code stays 0: a
@@ -212,6 +214,38 @@ def evaluation_speed(spec: TrialSpec, state_dict: dict, splits: Splits, device: 
     return len(splits.test_x) / statistics.median(times)
 
 
+# --- 2b. a pack against its trials one after the other ---------------------------------------------
+
+def sliced(splits: Splits, images: int) -> Splits:
+    return Splits(splits.dataset, splits.train_x[:images], splits.train_y[:images], splits.val_x[:1000],
+                  splits.val_y[:1000], splits.test_x[:1000], splits.test_y[:1000])
+
+
+def pack_speed(spec: TrialSpec, splits: Splits, device: str, sizes: list[int], images: int) -> dict:
+    """N trials (rates halving from the first, seed 0, one epoch on `images` training images and
+    1,000 validation images): one packed engine call (tasks.training.packed.train_pack, a CUDA graph
+    on a GPU) against the same trials one after the other (train_trial), wall time of each."""
+    small = sliced(splits, images)
+    graphs = device.startswith("cuda")
+    train_pack([spec, spec.but(seed=1)], sliced(splits, 256), device, graphs=graphs, say=lambda _: None)  # warm-up
+    figures = {}
+    for size in sizes:
+        specs = [spec.but(learning_rate=spec.learning_rate * 0.5 ** i) for i in range(size)]
+        synchronize(device)
+        started = time.perf_counter()
+        for member in specs:
+            train_trial(member, small, device)
+        synchronize(device)
+        one_by_one = time.perf_counter() - started
+        started = time.perf_counter()
+        run = train_pack(specs, small, device, graphs=graphs, say=lambda _: None)
+        synchronize(device)
+        packed = time.perf_counter() - started
+        figures[str(size)] = {"one_at_a_time_images_per_s": size * images / one_by_one, "engine": run.engine,
+                              "packed_images_per_s": size * images / packed, "packed_vs_one_at_a_time": one_by_one / packed}
+    return figures
+
+
 # --- 3. the whole sweep through Prefect, in a fresh process ----------------------------------------
 
 def sweep_overrides(args, config: SweepConfig, engine_images_per_s: float, workdir: Path) -> dict:
@@ -355,6 +389,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Time the default sweep (all data, default epochs) instead of a sized slice.")
     parser.add_argument("--trials-per-device", type=int, default=1,
                         help="Concurrent trials per GPU in the timed sweep (CPU: always 1). Default: 1.")
+    parser.add_argument("--pack-sizes", type=int, nargs="*", default=[3, 9],
+                        help="Packs to time against their trials one at a time (none: skip). Default: 3 9.")
+    parser.add_argument("--pack-images", type=int, default=2048,
+                        help="Training images of each trial in the pack timing. Default: %(default)s.")
     parser.add_argument("--keep", action="store_true", help="Keep the timed sweep's output directory.")
     parser.add_argument("--sweep-child", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -389,7 +427,12 @@ def main(argv=None) -> int:
           f"{tuned['val_accuracy']:.4f}", flush=True)
     eval_speed = evaluation_speed(spec, engine["state_dict"], splits, device)
     print(f"  evaluation: {eval_speed:9,.0f} images/s (test set, median of {EVAL_REPEATS})", flush=True)
+    packs = pack_speed(spec, splits, device, args.pack_sizes, args.pack_images) if args.pack_sizes else {}
+    for size, pack in packs.items():
+        print(f"  pack of {size} ({pack['engine']}): {pack['packed_images_per_s']:9,.0f} images/s against "
+              f"{pack['one_at_a_time_images_per_s']:,.0f} one at a time ({pack['packed_vs_one_at_a_time']:.2f}x)", flush=True)
     figures.update(
+        packs=packs, pack_images=args.pack_images,
         engine_images_per_s=engine["images_per_s"], dataloader_images_per_s=baseline["images_per_s"],
         engine_vs_dataloader=engine["images_per_s"] / baseline["images_per_s"],
         engine_val_accuracy=engine["val_accuracy"], dataloader_val_accuracy=baseline["val_accuracy"],
@@ -458,6 +501,9 @@ def print_summary(f: dict, path: str) -> None:
         f"{f['dataloader_val_accuracy']:.4f} | DataLoader, engine's set-up {f['dataloader_engine_model_val_accuracy']:.4f} "
         "(same seed, same split, same initial weights)",
         f"evaluation:                     {f['eval_images_per_s']:,.0f} images/s",
+        *([f"packs, {f['pack_images']:,} images each, one epoch: " + " | ".join(
+            f"{size} trials {p['packed_images_per_s']:,.0f} against {p['one_at_a_time_images_per_s']:,.0f} images/s one at a "
+            f"time ({p['packed_vs_one_at_a_time']:.2f}x)" for size, p in f["packs"].items())] if f["packs"] else []),
         f"sweep through Prefect:          {len(s['trial_train_seconds'])} trials x {s['config']['epochs']} epochs x "
         f"{s['train_size']:,} images, {s['config']['trials_per_device']} at a time per device",
         f"  wall {f['sweep_wall_s']:.1f} s (server start-up {s['server_start_s']:.1f} s excluded) | trials' training "

@@ -1,61 +1,52 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU (under 5 minutes on one GPU):
-# the default sweep (all of Fashion-MNIST, 5 epochs, 3 learning rates) through the Prefect flow on
-# the GPU with TRIALS_PER_DEVICE trials at a time on each GPU, after our engine against the
-# DataLoader loop on the same GPU. Prints the aggregate training images/s of the sweep, its wall
-# time, the same ratios as `make bench`, and the GPU's mean utilisation while it ran.
+# The GPU check (issue 28), under 5 minutes on one H200: the default sweep and a 27-trial sweep
+# through `lr-sweep run`, each one trial at a time eager, as CUDA graphs and packed, and the seed's
+# DataLoader loop; a table on stdout, the figures in OUT/gpu-check.json (benchmarks/gpu_check.py).
 #
-#   benchmarks/gpu_check.sh                      # from anywhere; uses .venv/bin/python
-#   PYTHON=python3 TRIALS_PER_DEVICE=4 BENCH_JSON=/tmp/gpu.json benchmarks/gpu_check.sh
+#   benchmarks/gpu_check.sh                                  # from this checkout (.venv, data/)
+#   benchmarks/gpu_check.sh --bundle gpu-bundle.tar.xz      # on a node with only Python, torch and torchvision
+#   benchmarks/gpu_check.sh --bundle B --out DIR --quick     # a CPU smoke run (tiny sweeps)
 #
-# Needs the project installed (`make install`) and Fashion-MNIST in DATA_DIR (default data/),
-# in /usr/share/datasets/fashion-mnist, or reachable for torchvision's download.
+# --bundle unpacks `make gpu-bundle`'s tarball into a temporary folder and runs from it: its
+# dependency tree and the project on PYTHONPATH, its Fashion-MNIST as the data directory. Other
+# options go to gpu_check.py (--quick, --device, --deadline-s, --workdir). --out defaults to $OUT.
+# PYTHON picks the interpreter (default: python3 with --bundle, else .venv/bin/python).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-.venv/bin/python}
-TRIALS_PER_DEVICE=${TRIALS_PER_DEVICE:-3}
-DATA_DIR=${DATA_DIR:-data}
-export BENCH_JSON=${BENCH_JSON:-bench-gpu.json}
-export PREFECT_HOME=${PREFECT_HOME:-$(mktemp -d)}
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 WANDB_SILENT=true
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+bundle=""
+out="${OUT:-}"
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bundle) bundle="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        *) extra+=("$1"); shift ;;
+    esac
+done
 
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: torch sees no CUDA GPU here; run it on a GPU node (make bench is the CPU check)" >&2
-    exit 1
+if [ -n "$bundle" ]; then
+    case "$bundle" in /*) ;; *) bundle="$PWD/$bundle" ;; esac
+    PYTHON=${PYTHON:-python3}
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    started=$(date +%s)
+    "$PYTHON" - "$bundle" "$work" <<'EOF'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    # The data filter where this Python has it: nothing outside the folder, no device files.
+    tar.extractall(sys.argv[2], **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+EOF
+    root="$work/lr-sweep-gpu"
+    echo "gpu_check: bundle unpacked in $(( $(date +%s) - started )) s ($(du -sm "$root" | cut -f1) MB)"
+    export PYTHONPATH="$root/site:$root/project${PYTHONPATH:+:$PYTHONPATH}"
+    data="$root/data"
+    cd "$root/project"
+else
+    cd "$(dirname "$0")/.."
+    PYTHON=${PYTHON:-.venv/bin/python}
+    data=${DATA_DIR:-data}
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-
-# Sample the GPU's utilisation once a second while the benchmark runs.
-samples=$(mktemp)
-sampler=""
-if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 >"$samples" 2>/dev/null &
-    sampler=$!
-fi
-stop_sampler() { if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; fi; }
-trap 'stop_sampler; rm -f "$samples"' EXIT
 
 status=0
-timeout 290 "$PYTHON" -m flows.environment "$PYTHON" -m benchmarks.bench --device cuda --default-sweep \
-    --trials-per-device "$TRIALS_PER_DEVICE" --data-dir "$DATA_DIR" --json "$BENCH_JSON" || status=$?
-stop_sampler
-
-if [ -s "$samples" ]; then
-    awk '{ sum += $1; n += 1; if ($1 > max) max = $1 }
-         END { if (n) printf "GPU utilisation over the run: mean %.0f%%, max %.0f%% (%d one-second samples, all GPUs)\n", sum / n, max, n }' "$samples"
-fi
-if [ "$status" -ne 0 ]; then
-    echo "gpu_check: the benchmark failed or ran past 290 s (exit $status)" >&2
-    exit "$status"
-fi
-"$PYTHON" - "$BENCH_JSON" <<'EOF'
-import json, sys
-f = json.load(open(sys.argv[1]))
-s = f["sweep"]
-print(f"GPU sweep: {len(s['trial_train_seconds'])} trials, {s['config']['trials_per_device']} per GPU: "
-      f"{f['sweep_aggregate_images_per_s']:,.0f} images/s aggregate, wall {f['sweep_wall_s']:.1f} s, "
-      f"trials' training {f['sweep_train_seconds_sum']:.1f} s (concurrency {f['sweep_concurrency']:.2f}x), "
-      f"flow overhead {f['flow_overhead']:+.1%}; engine/DataLoader {f['engine_vs_dataloader']:.2f}x")
-EOF
+"$PYTHON" -m benchmarks.gpu_check --data-dir "$data" ${out:+--out "$out"} ${extra[@]+"${extra[@]}"} || status=$?
+exit "$status"
