@@ -113,8 +113,21 @@ def _module_origin(ref: CodeRef, field: str) -> Path:
 
 
 def _in_standard_library(origin: str) -> bool:
+    """In the standard library's folders and not in site-packages: in a virtual environment
+    `platstdlib` is the venv's own lib/pythonX.Y, which holds its site-packages too."""
     path = Path(origin).resolve()
-    return any(path.is_relative_to(Path(sysconfig.get_path(name)).resolve()) for name in ("stdlib", "platstdlib"))
+    return (any(path.is_relative_to(folder) for folder in _python_folders("stdlib", "platstdlib"))
+            and not any(path.is_relative_to(folder) for folder in _site_packages()))
+
+
+def _python_folders(*names: str) -> tuple[Path, ...]:
+    return tuple(Path(sysconfig.get_path(name)).resolve() for name in names)
+
+
+@functools.cache
+def _site_packages() -> tuple[Path, ...]:
+    paths = set(site.getsitepackages()) | {site.getusersitepackages()}
+    return _python_folders("purelib", "platlib") + tuple(Path(p).resolve() for p in paths if p)
 
 
 def _source_file(ref: CodeRef, field: str) -> Path:
@@ -133,10 +146,9 @@ def code_digest(ref: CodeRef, field: str) -> str:
 @functools.cache
 def _outside_user_code() -> tuple[Path, ...]:
     """Folders whose modules are not the user's: the standard library, site-packages, ours."""
-    paths = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths |= set(site.getsitepackages()) | {site.getusersitepackages()}
     ours = Path(__file__).resolve().parent.parent
-    return tuple(Path(p).resolve() for p in paths if p) + tuple(ours / name for name in ("models", "tasks", "flows"))
+    return (_python_folders("stdlib", "platstdlib") + _site_packages()
+            + tuple(ours / name for name in ("models", "tasks", "flows")))
 
 
 def _is_user_file(origin: str | None) -> bool:

@@ -261,3 +261,26 @@ def test_a_factory_that_exits_while_building_is_exit_2(tmp_path, sweep_data_dir,
                  "--data-dir", str(sweep_data_dir)])
     err = capsys.readouterr().err
     assert code == 2 and "exited while building the network" in err and "\nmodel: " in err, err
+
+
+def test_a_model_package_installed_in_site_packages_is_user_code(tmp_path):
+    """`pip install` of the user's package (examples/Dockerfile) puts it in the venv's
+    site-packages, which lies inside the venv's `platstdlib` folder: it is the user's model, not
+    Python's standard library (before: refused as the standard library in the Docker image)."""
+    import shutil
+    import sysconfig
+
+    from models.sources import ModelSource
+
+    name = f"installed_pkg_{tmp_path.name.replace('-', '_')}"
+    installed = Path(sysconfig.get_path("purelib")) / name
+    installed.mkdir()
+    try:
+        (installed / "__init__.py").write_text("")
+        (installed / "net.py").write_text(NET)
+        source = ModelSource(f"{name}.net:build")
+        source.refresh()
+        assert any(file.endswith("net.py") for file in source.record(InputShape(1, 28, 10))["code_files"])
+        assert source.build(InputShape(1, 28, 10))[-1].out_features == 10
+    finally:
+        shutil.rmtree(installed)
