@@ -138,7 +138,7 @@ export BENCH_JSON
 # One tarball for a GPU node without internet (benchmarks/gpu_bundle.py): the project, the
 # dependencies a node with Python, torch and torchvision lacks, built for PYTHON_VERSION, and
 # Fashion-MNIST; run it there with `benchmarks/gpu_check.sh --bundle FILE`. NODE_PROVIDES names
-# what the node has besides (e.g. "scipy matplotlib" on the H200 image) to leave it out.
+# what the node has besides (e.g. "matplotlib" on the H200 image) to leave it out.
 PYTHON_VERSION ?= 3.12
 GPU_BUNDLE ?= dist/gpu-bundle.tar.xz
 NODE_PROVIDES ?=

@@ -62,10 +62,9 @@ STRIP_SUFFIXES = (".pyi", ".pyc", ".pyx", ".pxd", ".c", ".cpp", ".h")
 # Paths no process of the check reads (its CPU run from the bundle, tests/test_gpu_bundle.py,
 # proves it for the code paths it takes): Prefect's UI, whose server gpu_check.sh starts with
 # PREFECT_UI_ENABLED=false (17 MB); W&B's parquet reader, for reading history back through its API
-# (10 MB); scipy's subpackages that scipy.stats does not import; matplotlib's PDF/PS fonts and
-# sample data; console scripts written for this machine's interpreter.
+# (10 MB); matplotlib's PDF/PS fonts and sample data; console scripts written for this machine's
+# interpreter.
 STRIP_PATHS = ("prefect/server/ui", "prefect/server/ui-v2", "wandb/bin/librust_parquet_ffi.so", "bin",
-               *(f"scipy/{name}" for name in ("io", "signal", "cluster", "odr", "datasets", "misc")),
                *(f"matplotlib/mpl-data/{name}" for name in ("sample_data", "fonts/afm", "fonts/pdfcorefonts")))
 # Distributions no process of the check imports: Prefect's notification blocks' (8 MB).
 OMIT = {"apprise"}
@@ -294,7 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="The node's Python, MAJOR.MINOR. Default: this one's, %(default)s.")
     parser.add_argument("--node-provides", nargs="+", default=[], metavar="NAME",
                         help="Distributions the node has besides torch and torchvision, left out with what they "
-                        "require (e.g. scipy matplotlib: the H200 image has them); the node's versions then run.")
+                        "require (e.g. matplotlib: the H200 image has it); the node's versions then run.")
     parser.add_argument("--xz-preset", type=int, choices=range(10), default=None,
                         help="xz's preset, 0-9 (default: 9, extreme); lower is faster and larger.")
     parser.add_argument("--pins", action="store_true", help="Print the pinned list for that Python and stop.")

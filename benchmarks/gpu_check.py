@@ -61,7 +61,7 @@ TARGETS = {"default_packed_train_s_max": 3.0, "default_packed_wall_s_max": 15.0,
 MIN_RUN_S = 40.0
 FLOW_START = "Beginning flow run"
 # Where these come from is recorded: a bundle's tree, or the node's own packages.
-IMPORTED_FROM = ("torch", "prefect", "wandb", "scipy", "matplotlib")
+IMPORTED_FROM = ("torch", "prefect", "wandb", "matplotlib")
 
 
 @dataclass

@@ -5,6 +5,7 @@ import pytest
 
 from models.local_registry import LocalRegistry
 from models.registry import DigestMismatch, ModelRef
+from tasks.evaluation import student_t
 from tasks.evaluation.compare import aggregate_by_rate, compare_and_promote, describe, gate, select, significance
 from tasks.reporting.report import observations, trial_record, verdict
 from tasks.results import Evaluation, TrialOutcome
@@ -44,6 +45,30 @@ def test_welch_test_known_p_value():
     assert result["test"] == "welch_t"
     assert result["p_value"] == pytest.approx(2.55e-4, rel=0.01)
     assert result["significant"] is True
+
+
+# scipy 1.17's stats.t.ppf(0.975, df) and stats.ttest_ind(a, b, equal_var=False).pvalue, taken
+# once: student_t replaces them and must agree to well below any digit a report prints.
+T_QUANTILES = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.1824463052837078, 4: 2.7764451051977934,
+               9: 2.262157162798205, 30: 2.0422724563012378, 1000: 1.9623390808264083}
+WELCH_P_VALUES = [
+    ([0.91, 0.92, 0.915], [0.88, 0.885, 0.879], 0.0012842824215231817),
+    ([0.5, 0.52], [0.49, 0.53], 1.0),
+    ([1.0, 2.0, 3.0, 4.0], [1.5, 1.6], 0.23754208349369624),  # fractional df
+    ([0.8123, 0.8124, 0.8125], [0.8123, 0.8124, 0.81251], 0.9701572051720609),
+    ([10, 11, 12, 13, 14], [30, 35, 20, 25, 40, 31, 32], 0.00018113239143561637),
+]
+
+
+@pytest.mark.parametrize("df, expected", T_QUANTILES.items())
+def test_the_t_quantile_agrees_with_scipy(df, expected):
+    assert student_t.quantile(0.975, df) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("first, second, expected", WELCH_P_VALUES)
+def test_welch_p_value_agrees_with_scipy(first, second, expected):
+    assert student_t.welch_p_value(first, second) == pytest.approx(expected, rel=1e-10, abs=1e-15)
+    assert student_t.welch_p_value(second, first) == pytest.approx(expected, rel=1e-10, abs=1e-15)
 
 
 def test_overlapping_seeds_are_not_significant():

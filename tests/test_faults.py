@@ -136,8 +136,8 @@ def test_two_processes_promoting_at_once_leave_the_best_single_holder(tmp_path):
     refs = [registry.log_model(COLLECTION, state, metadata | {"n": n}) for n in range(2 * ROUNDS)]
     mine = [r.version for r in refs[0::2]]
     theirs = [r.version for r in refs[1::2]]
-    # fork: the two promoters start with this process's imports (spawn re-imported torch, Prefect
-    # and scipy in each child, most of this test's time); they use files and locks only.
+    # fork: the two promoters start with this process's imports (spawn re-imported torch and
+    # Prefect in each child, most of this test's time); they use files and locks only.
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(2)
     processes = [context.Process(target=promoter, args=(str(tmp_path), versions, barrier))

@@ -33,11 +33,12 @@ def names(pins: list[str]) -> set[str]:
 def test_the_pinned_list_leaves_out_torch_and_what_the_node_brings_with_it():
     pins = gpu_bundle.pinned_list("3.12")
     found = names(pins)
-    assert {"prefect", "wandb", "pydantic", "pydantic-settings", "safetensors", "scipy", "matplotlib"} <= found
+    assert {"prefect", "wandb", "pydantic", "pydantic-settings", "safetensors", "matplotlib"} <= found
     # torch, torchvision, and what they require: the node has those
     assert not found & {"torch", "torchvision", "numpy", "pillow", "sympy", "jinja2", "filelock", "typing-extensions"}
     assert not [name for name in found if name.startswith(("nvidia-", "cuda-", "triton"))]
     assert not found & gpu_bundle.OMIT
+    assert "scipy" not in found  # the t-test is plain Python (tasks/evaluation/student_t.py)
     assert "greenlet" in found  # Prefect asks for sqlalchemy[asyncio]: an extra's requirements count
     # pinned to what this environment runs
     from importlib import metadata
@@ -46,8 +47,8 @@ def test_the_pinned_list_leaves_out_torch_and_what_the_node_brings_with_it():
 
 
 def test_what_the_node_provides_leaves_with_everything_it_requires():
-    found = names(gpu_bundle.pinned_list("3.12", ["scipy", "matplotlib", "not-installed-here"]))
-    assert not found & {"scipy", "matplotlib", "fonttools", "kiwisolver", "contourpy", "cycler"}
+    found = names(gpu_bundle.pinned_list("3.12", ["matplotlib", "not-installed-here"]))
+    assert not found & {"matplotlib", "fonttools", "kiwisolver", "contourpy", "cycler"}
     assert {"prefect", "wandb"} <= found
 
 
@@ -77,8 +78,7 @@ def test_strip_removes_what_no_import_reads_and_keeps_modules(tmp_path):
             touch(site / "pkg-1.0.dist-info" / "METADATA"), touch(site / "wandb" / "bin" / "wandb-core")]
     gone = [touch(site / "pkg" / "tests" / "test_a.py"), touch(site / "pkg" / "__pycache__" / "m.cpython-312.pyc"),
             touch(site / "pkg" / "module.pyi"), touch(site / "prefect" / "server" / "ui" / "index.html"),
-            touch(site / "wandb" / "bin" / "librust_parquet_ffi.so"), touch(site / "bin" / "prefect"),
-            touch(site / "scipy" / "io" / "__init__.py")]
+            touch(site / "wandb" / "bin" / "librust_parquet_ffi.so"), touch(site / "bin" / "prefect")]
     removed = gpu_bundle.strip(site)
     assert all(path.exists() for path in kept)
     assert not any(path.exists() for path in gone)
@@ -262,7 +262,7 @@ def torch_only_interpreter(where: Path, node_provides: list[str]) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("node_provides", [[], ["scipy", "matplotlib"]], ids=["full", "node-has-scipy-matplotlib"])
+@pytest.mark.parametrize("node_provides", [[], ["matplotlib"]], ids=["full", "node-has-matplotlib"])
 def test_the_bundle_runs_the_check_on_a_cpu_with_only_torch_installed(tmp_path, node_provides):
     if not index_reachable():
         pytest.skip("pip cannot reach the package index")
@@ -287,6 +287,6 @@ def test_the_bundle_runs_the_check_on_a_cpu_with_only_torch_installed(tmp_path, 
     assert report["seed_way"]["images"] > 0 and report["skipped"] == []
     imported_from = report["machine"]["imported_from"]
     assert "/lr-sweep-gpu/site/" in imported_from["prefect"]
-    assert ("/lr-sweep-gpu/site/" in imported_from["scipy"]) is not bool(node_provides)
+    assert ("/lr-sweep-gpu/site/" in imported_from["matplotlib"]) is not bool(node_provides)
     assert report["machine"]["unmet_requirements"] == []
     shutil.rmtree(tmp_path / "node")

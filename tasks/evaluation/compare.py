@@ -16,7 +16,6 @@ Rules (also stated in every report):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from statistics import mean, stdev
 from typing import Callable
@@ -28,6 +27,7 @@ from prefect.events import emit_event
 from models.registry import AliasConflict, ModelRef, ModelRegistry, RegistryError
 from models.sources import ModelCodeChanged
 from tasks.data.dataset import DatasetRef
+from tasks.evaluation import student_t
 from tasks.evaluation.evaluate import DatasetMismatch, evaluate_on_free_device
 from tasks.evaluation.ranking import higher_is_better, order_key
 from tasks.results import Evaluation, Promotion, TrialOutcome
@@ -51,9 +51,7 @@ def describe(values: list[float]) -> dict:
     spread = stdev(values) if n > 1 else 0.0
     half_width = None
     if n > 1:
-        from scipy import stats  # 0.8 s of import, needed only with several seeds
-
-        half_width = stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n)
+        half_width = student_t.quantile(0.975, n - 1) * spread / math.sqrt(n)
     return {
         "n": n, "mean": centre, "std": spread,
         "ci95": [centre - half_width, centre + half_width] if half_width is not None else None,
@@ -99,11 +97,7 @@ def significance(winner: list[float], runner_up: list[float]) -> dict:
         # undefined; identical values are no lead, different ones are a certain one.
         p_value = 1.0 if mean(winner) == mean(runner_up) else 0.0
     else:
-        from scipy import stats  # 0.8 s of import, needed only with several seeds
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # scipy's precision note for tiny spreads
-            p_value = float(stats.ttest_ind(winner, runner_up, equal_var=False).pvalue)
+        p_value = student_t.welch_p_value(winner, runner_up)
     significant = p_value < ALPHA
     # What the test says, and nothing about the spread: the verdict compares the lead with the
     # standard deviations itself, and a lead above both can still fail the test on few seeds.
