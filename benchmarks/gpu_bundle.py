@@ -41,6 +41,8 @@ import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
+from deploy.pins import NOT_INSTALLED, unsatisfied
+
 ROOT = Path(__file__).resolve().parent.parent
 TOP = "lr-sweep-gpu"
 MAX_BUNDLE_MIB = 60
@@ -160,13 +162,11 @@ def unmet_requirements(roots: list[str] | None = None) -> list[str]:
         for requirement in requirements(item[0], environment, item[1]):
             if canonical(requirement.name) in OMIT:
                 continue
-            try:
-                version = metadata.version(requirement.name)
-            except metadata.PackageNotFoundError:
+            if (found := unsatisfied(requirement)) == NOT_INSTALLED:
                 problems.add(f"{item[0]} requires {requirement}: missing")
                 continue
-            if not requirement.specifier.contains(version, prereleases=True):
-                problems.add(f"{item[0]} requires {requirement}: {version} found")
+            if found is not None:
+                problems.add(f"{item[0]} requires {requirement}: {found} found")
             todo.append(wanted(requirement))
     return sorted(problems)
 

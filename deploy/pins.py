@@ -24,22 +24,31 @@ def pinned_requirements(pyproject: Path) -> list[str]:
         return list(tomllib.load(handle)["project"]["dependencies"])
 
 
-def pin_mismatches(requirements: list[str]) -> list[str]:
-    """One line per requirement that the installed distributions do not satisfy.
+NOT_INSTALLED = "not installed"
 
-    As in pip, a local version label is ignored: torch 2.14.1+cu130 satisfies torch==2.14.1."""
+
+def unsatisfied(requirement) -> str | None:
+    """None when an installed distribution satisfies the `packaging` Requirement; otherwise
+    NOT_INSTALLED or the version that is installed. As in pip, a local version label is ignored:
+    torch 2.14.1+cu130 satisfies torch==2.14.1."""
+    try:
+        installed = metadata.version(requirement.name)
+    except metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+    return None if requirement.specifier.contains(installed, prereleases=True) else installed
+
+
+def pin_mismatches(requirements: list[str]) -> list[str]:
+    """One line per requirement that the installed distributions do not satisfy."""
     from packaging.requirements import Requirement  # installed with the dependencies
 
     problems = []
     for text in requirements:
         requirement = Requirement(text)
-        try:
-            installed = metadata.version(requirement.name)
-        except metadata.PackageNotFoundError:
+        if (found := unsatisfied(requirement)) == NOT_INSTALLED:
             problems.append(f"{requirement.name}: not installed (pyproject.toml wants {text})")
-            continue
-        if not requirement.specifier.contains(installed, prereleases=True):
-            problems.append(f"{requirement.name}: {installed} installed, pyproject.toml wants {text}")
+        elif found is not None:
+            problems.append(f"{requirement.name}: {found} installed, pyproject.toml wants {text}")
     return problems
 
 
