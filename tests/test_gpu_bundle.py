@@ -99,12 +99,15 @@ def test_the_tarball_holds_project_site_data_and_manifest_under_one_folder(tmp_p
     output = tmp_path / "dist" / "bundle.tar.xz"
     gpu_bundle.write_tarball(staging, output, preset=0)
     with tarfile.open(output) as tar:
+        order = tar.getmembers()
         members = set(tar.getnames())
         raw = f"{gpu_bundle.TOP}/{gpu_bundle.DATASET_RAW}"
         assert tar.extractfile(f"{raw}/train-images-idx3-ubyte").read() == b"train-images-idx3-ubyte"  # decompressed
     assert {f"{gpu_bundle.TOP}/project/flows/cli.py", f"{gpu_bundle.TOP}/site/prefect/__init__.py",
             f"{gpu_bundle.TOP}/bundle.json", f"{raw}/t10k-labels-idx1-ubyte"} <= members
     assert not output.with_name("bundle.tar.xz.partial").exists()
+    kinds = [member.isdir() for member in order]
+    assert kinds == sorted(kinds, reverse=True)  # every folder before the first file
 
 
 def test_the_project_part_is_the_tracked_files():
