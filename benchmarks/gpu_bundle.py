@@ -68,12 +68,13 @@ STRIP_SUFFIXES = (".pyi", ".pyc", ".pyx", ".pxd", ".c", ".cpp", ".h")
 # Paths no process of the check reads (its CPU run from the bundle, tests/test_gpu_bundle.py,
 # proves it for the code paths it takes): Prefect's UI, whose server gpu_check.sh starts with
 # PREFECT_UI_ENABLED=false (17 MB); W&B's parquet reader, for reading history back through its API
-# (10 MB); matplotlib's PDF/PS fonts and sample data and its DejaVu Serif fonts (the charts use the default sans-serif
-# and mathtext's DejaVu Sans, STIX and Computer Modern, kept); console scripts written for this
-# machine's interpreter.
+# (10 MB); matplotlib's PDF/PS fonts, sample data and DejaVu Serif fonts (the charts use the
+# default sans-serif and mathtext's DejaVu Sans, STIX and Computer Modern, kept); console scripts
+# written for this machine's interpreter.
+MATPLOTLIB_UNREAD = ("sample_data", "fonts/afm", "fonts/pdfcorefonts",
+                     *(f"fonts/ttf/DejaVuSerif{style}.ttf" for style in ("", "-Bold", "-BoldItalic", "-Italic", "Display")))
 STRIP_PATHS = ("prefect/server/ui", "prefect/server/ui-v2", "wandb/bin/librust_parquet_ffi.so", "bin",
-               *(f"matplotlib/mpl-data/{name}" for name in ("sample_data", "fonts/afm", "fonts/pdfcorefonts", *(f"fonts/ttf/DejaVuSerif{style}.ttf" for style in
-                  ("", "-Bold", "-BoldItalic", "-Italic", "Display")))))
+               *(f"matplotlib/mpl-data/{name}" for name in MATPLOTLIB_UNREAD))
 # Distributions no process of the check imports: Prefect's notification blocks' (8 MB).
 OMIT = {"apprise"}
 # Shared objects keep their dynamic symbols; their debug sections go (about 57 MB of 180). The
