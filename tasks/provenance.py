@@ -11,16 +11,28 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The files whose content decides what a trained model is; a change to any of them means a
-# cached model of the same configuration is no longer the model this code would train.
+# cached model of the same configuration is no longer the model this code would train. A folder
+# stands for every module below it: the training engine (loop, packs, graphs, determinism,
+# schedules, checkpoints) is all of tasks/training.
 TRAINING_SOURCES = ("models/cnn.py", "tasks/data/prepare.py", "tasks/data/builtin.py", "tasks/data/imagefolder.py",
-                    "tasks/data/function.py", "tasks/training/train.py", "tasks/evaluation/evaluate.py")
+                    "tasks/data/function.py", "tasks/training", "tasks/evaluation/evaluate.py")
 PACKAGES = ("torch", "torchvision", "prefect", "wandb", "pydantic", "safetensors")
+
+
+def training_source_files() -> list[str]:
+    """TRAINING_SOURCES as files, relative to the project, folders expanded, in a fixed order."""
+    files = []
+    for relative in TRAINING_SOURCES:
+        path = PROJECT_ROOT / relative
+        below = sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts) if path.is_dir() else [path]
+        files += [p.relative_to(PROJECT_ROOT).as_posix() for p in below]
+    return files
 
 
 @functools.cache
 def code_version() -> dict:
     digest = hashlib.sha256()
-    for relative in TRAINING_SOURCES:
+    for relative in training_source_files():
         digest.update(relative.encode() + b"\0" + (PROJECT_ROOT / relative).read_bytes() + b"\0")
     try:
         git = subprocess.run(

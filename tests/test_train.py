@@ -125,3 +125,14 @@ def test_a_resumed_trial_with_dropout_equals_an_uninterrupted_run(splits, tmp_pa
     resumed = train_trial(spec(epochs=3, **trial), splits, "cpu", checkpoint_dir=tmp_path / "checkpoint")
     assert resumed.resumed_from == 2
     assert all(torch.equal(full.state_dict[k], resumed.state_dict[k]) for k in full.state_dict)
+
+
+def test_every_module_of_the_training_engine_counts_in_the_code_version():
+    """A fix to the packed engine, a schedule, determinism or the checkpoint format changes what a
+    trial trains to, so a rerun must not reuse a model the old code trained (before: of
+    tasks/training only train.py counted)."""
+    from tasks.provenance import PROJECT_ROOT, training_source_files
+
+    engine = {p.relative_to(PROJECT_ROOT).as_posix() for p in (PROJECT_ROOT / "tasks" / "training").rglob("*.py")}
+    assert {"tasks/training/packing.py", "tasks/training/schedules/cosine.py"} <= engine
+    assert engine <= set(training_source_files())
