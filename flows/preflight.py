@@ -85,7 +85,7 @@ def check_model_code(config) -> None:
 def check_model(config, dataset) -> None:
     """The model source builds a network that maps the dataset's images to its classes."""
     from models.sources import check_source
-    from tasks.training.train import input_shape
+    from tasks.training.identity import input_shape
 
     source = ModelConfig.of(config).source()
     try:

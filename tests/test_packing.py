@@ -12,10 +12,11 @@ import torch
 from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.training.checkpoints import CHECKPOINT_FILE
 from tasks.training.determinism import configure_determinism
+from tasks.training.identity import input_shape
 from tasks.training.pack_plan import pack_key, pack_size, plan_packs
 from tasks.training.packed import train_pack
 from tasks.training.packing import PackedTrainer, Unpackable
-from tasks.training.train import init_model, input_shape, train_trial
+from tasks.training.train import init_model, train_trial
 from tests.helpers import trial_spec
 
 # A user model with what packing must carry per member: BatchNorm (running statistics, a

@@ -12,8 +12,9 @@ import torch
 from tasks.data.prepare import load_splits, prepare_dataset
 from tasks.training.checkpoints import CheckpointRefused
 from tasks.training.config import TrainingConfig
+from tasks.training.identity import checkpoint_folder
 from tasks.training.schedules import SCHEDULES, schedule_of
-from tasks.training.train import checkpoint_folder, make_optimizer, train_trial
+from tasks.training.train import make_optimizer, train_trial
 from tests.helpers import trial_spec
 
 

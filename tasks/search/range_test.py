@@ -24,7 +24,8 @@ from tasks.reporting import tracking
 from tasks.reporting.legends import legend_beside
 from tasks.results import TrialSpec
 from tasks.search.checks import check_int, check_lr_range
-from tasks.training.train import epoch_order, init_model, input_shape, make_optimizer
+from tasks.training.identity import input_shape
+from tasks.training.train import epoch_order, init_model, make_optimizer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

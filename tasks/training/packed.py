@@ -25,6 +25,7 @@ from tasks.reporting import tracking
 from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.checkpoints import load_checkpoint, save_checkpoint
 from tasks.training.devices import DeviceSlots, trial_stream
+from tasks.training.identity import checkpoint_folder, input_shape, trial_key
 from tasks.training.packing import (
     MemberResult,
     MemberStart,
@@ -38,12 +39,10 @@ from tasks.training.schedules import schedule_of
 from tasks.training.train import (
     TrainResult,
     TrialDiverged,
-    checkpoint_folder,
     engine_record,
     epoch_reporter,
     failed_outcome,
     init_model,
-    input_shape,
     make_optimizer,
     no_progress,
     notify_ended,
@@ -54,7 +53,6 @@ from tasks.training.train import (
     run_config,
     store_trained,
     train_trial,
-    trial_key,
     trial_lock,
 )
 from tasks.workspace import Workspace

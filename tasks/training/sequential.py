@@ -12,7 +12,8 @@ import torch
 from tasks.data.dataset import Splits
 from tasks.results import TrialSpec
 from tasks.training.checkpoints import checkpointed_history
-from tasks.training.train import TrainResult, TrialDiverged, checkpoint_folder, train_trial
+from tasks.training.identity import checkpoint_folder
+from tasks.training.train import TrainResult, TrialDiverged, train_trial
 
 
 class CheckpointedTrainer:

@@ -27,7 +27,7 @@ from torch import nn
 from models.files import file_lock
 from models.names import inside
 from models.registry import ModelRegistry, RegistryError
-from models.serialization import identity_digest, model_files, write_files
+from models.serialization import model_files, write_files
 from models.sources import InputShape
 from tasks.data.dataset import DatasetRef, Splits
 from tasks.data.prepare import eval_batches, load_splits, train_batches
@@ -40,8 +40,9 @@ from tasks.results import TrialOutcome, TrialSpec
 from tasks.training.checkpoints import checkpointed_history, load_checkpoint, save_checkpoint
 from tasks.training.determinism import RNG_LOCK, deterministic_mode, device_generator, shuffle
 from tasks.training.devices import DeviceSlots, trial_stream
+from tasks.training.identity import checkpoint_folder, input_shape, trial_key
 from tasks.training.packing import AUTOCAST_DTYPES, DIVERGENCE_CHECK_STEPS, DIVERGENCE_LOSS, divergence_message
-from tasks.training.schedules import depends_on_length, schedule_of
+from tasks.training.schedules import schedule_of
 from tasks.workspace import Workspace
 
 
@@ -85,42 +86,9 @@ def make_optimizer(name: str, parameters, learning_rate: float, fused: bool | No
     raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
 
 
-def trial_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's result: same key, same weights. Reuse of stored models goes by it."""
-    identity = {
-        "spec": spec.model_dump(),
-        "model_source": spec.network.source().record(input_shape(dataset)),
-        "dataset": dataset.as_metadata(),
-        "code": code_version()["training_source_sha256"],
-        "torch": torch.__version__,
-    }
-    return identity_digest(identity)
-
-
-def checkpoint_key(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """Identity of a trial's trajectory: everything that shapes its schedule. A schedule whose
-    rates do not depend on the number of steps (constant, step, with a warmup that fits) gives the
-    same key for every number of epochs, so a trial stopped at epoch E of a search, or killed
-    there, continues from its checkpoint to any later epoch with the weights of an uninterrupted
-    run; one that does (cosine, onecycle, a warmup cut to the trial's length) keeps the epochs."""
-    if depends_on_length(spec.training):
-        return trial_key(spec, dataset)
-    # One length stands for all: the shortest the warmup fits in, so that no cut trial shares it.
-    return trial_key(spec.but(epochs=max(1, math.ceil(spec.training.warmup_epochs))), dataset)
-
-
-def checkpoint_folder(spec: TrialSpec, dataset: DatasetRef) -> str:
-    """The name of a trial's checkpoint folder under the checkpoint root."""
-    return checkpoint_key(spec, dataset)[:24]
-
-
 # torch's global RNG is shared by every thread; network initialisation draws from it under a
 # lock right after seeding (as a pack's per-epoch reseeding does).
 _init_lock = RNG_LOCK
-
-
-def input_shape(dataset: DatasetRef) -> InputShape:
-    return InputShape(in_channels=dataset.channels, image_size=dataset.image_size, num_classes=dataset.num_classes)
 
 
 def init_model(spec: TrialSpec, device: str | torch.device, shape: InputShape) -> nn.Module:
