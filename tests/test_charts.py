@@ -8,7 +8,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 
-from tasks.reporting.report import curve_chart, final_accuracy_chart
+from tasks.reporting.charts import curve_chart, final_accuracy_chart
 from tasks.search.range_test import RangeTestResult, range_test_figure
 
 

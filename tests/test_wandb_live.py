@@ -13,7 +13,7 @@ import wandb
 import wandb_workspaces.reports.v2 as wr
 
 from flows.sweep import lr_sweep
-from tasks.reporting.report import CURVES
+from tasks.reporting.charts import CURVES
 from tests.conftest import LIVE_WANDB_API_KEY
 from tests.helpers import smoke_config
 

@@ -10,7 +10,8 @@ from prefect import flow
 from wandb_workspaces.reports.v2 import internal
 
 from tasks.reporting import tracking
-from tasks.reporting.report import CURVES, wandb_lines
+from tasks.reporting.charts import CURVES
+from tasks.reporting.report import wandb_lines
 from tasks.reporting.wandb_report import REPORT_FILE, build_wandb_report, save_wandb_report, save_wandb_report_task
 
 

@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from wandb_workspaces import expr
 
 from models.files import atomic_write
-from tasks.reporting.report import CURVES, aggregates_markdown, header_lines, promotion_lines, search_lines, trials_markdown, verdict
+from tasks.reporting.charts import CURVES
+from tasks.reporting.report import aggregates_markdown, header_lines, promotion_lines, search_lines, trials_markdown, verdict
 from tasks.reporting.tracking import TRAIN_JOB_TYPE
 
 REPORT_FILE = "wandb_report.json"
