@@ -24,7 +24,7 @@ def training_source_files() -> list[str]:
     files = []
     for relative in TRAINING_SOURCES:
         path = PROJECT_ROOT / relative
-        below = sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts) if path.is_dir() else [path]
+        below = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         files += [p.relative_to(PROJECT_ROOT).as_posix() for p in below]
     return files
 
